@@ -1,0 +1,196 @@
+"""`ctt`: the command-line edge. Each command parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Continual learning of text-classification tasks on a frozen tiny transformer.")
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _user_errors():
+    from .backbone import BackboneError
+    from .checkpoint import CheckpointError
+
+    return (ValueError, KeyError, BackboneError, CheckpointError, FileNotFoundError)
+
+
+def _matrix_table(R, names: list[str], title: str) -> Table:
+    from .report import matrix_rows
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("after \\ on", style="bold")
+    for name in names:
+        table.add_column(name, justify="right")
+    for row in matrix_rows(R, names):
+        table.add_row(*row)
+    return table
+
+
+class _RichEvents:
+    """Progress bars and the accuracy matrix after every task."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.train_bar = None
+        self.eval_bar = None
+
+    def task_started(self, index, total, task):
+        self.progress.console.rule(f"task {index + 1}/{total}: {task.name} "
+                                   f"({len(task.labels)} labels, {len(task.train)} train, "
+                                   f"{len(task.test)} test)")
+        self.train_bar = self.progress.add_task(f"train {task.name}", total=None, loss="")
+
+    def train_step(self, done, total, loss):
+        self.progress.update(self.train_bar, completed=done, total=total, loss=f"loss {loss:.3f}")
+
+    def evaluation_started(self, index, tasks):
+        self.eval_bar = self.progress.add_task("evaluate", total=len(tasks), loss="")
+
+    def evaluated(self, task, accuracy):
+        self.progress.advance(self.eval_bar)
+
+    def task_finished(self, index, record, matrix, names):
+        self.progress.remove_task(self.train_bar)
+        self.progress.remove_task(self.eval_bar)
+        kib = record.bytes_added / 1024
+        self.progress.console.print(
+            f"learned [bold]{record.name}[/] in {record.train_seconds:.1f}s; "
+            f"added {record.adapter_parameters:,} scale + {record.head_parameters:,} head "
+            f"parameters ({kib:.1f} KiB)"
+        )
+        self.progress.console.print(_matrix_table(matrix, names, "accuracy matrix so far (%)"))
+
+
+@app.command()
+def run(
+    stream: Optional[Path] = typer.Argument(None, help="Stream file (JSONL or .jsonl.gz); default: the bundled stream."),
+    method: str = typer.Option("ia3", help="Learning method."),
+    out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per task."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of the scale vectors."),
+    head_lr: Optional[float] = typer.Option(None, help="Learning rate of the heads."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
+    max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
+    seed: int = typer.Option(0, help="Random seed: same seed, same numbers."),
+    backbone: str = typer.Option("default", help="'default' (MiniLM-L6), a model folder or a hub id."),
+    max_length: int = typer.Option(128, help="Maximum tokens per text."),
+    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
+):
+    """Learn every task of a stream in order; write the model, report.json and a heatmap."""
+    import torch
+
+    from .config import BackboneConfig, TrainConfig
+    from .data import default_stream_path, describe, load_stream
+    from .experiment import run_stream
+    from .learner import ContinualLearner
+
+    try:
+        stream = stream or default_stream_path()
+        tasks = [t.subsample_train(max_train, seed) for t in load_stream(stream)]
+        overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "head_lr": head_lr,
+                                       "batch_size": batch_size}.items() if v is not None}
+        train = TrainConfig(seed=seed, **overrides)
+        torch.manual_seed(seed)
+        learner = ContinualLearner(BackboneConfig(backbone, max_length=max_length),
+                                   method=method, train=train, device=device)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"stream [bold]{stream}[/]: {len(tasks)} tasks; backbone "
+                  f"{learner.backbone.ref.name} ({learner.backbone_parameters:,} parameters) "
+                  f"on {learner.device}; method {method}")
+    run_config = {"stream": str(stream), "method": method, "seed": seed, "max_train": max_train,
+                  "train": train.to_dict(), "backbone": backbone, "max_length": max_length,
+                  "device": device, "stream_summary": describe(tasks)}
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        report = run_stream(tasks, learner, out, _RichEvents(progress), run_config)
+    _print_summary(report, out)
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    m = report["metrics"]
+    table = Table(title="per task", title_justify="left")
+    for column in ("task", "acc %", "train s", "scale params", "head params", "bytes",
+                   "% of backbone (scales)", "peak RSS MiB"):
+        table.add_column(column, justify="right")
+    final = report["accuracy_matrix"][-1]
+    for j, row in enumerate(report["per_task"]):
+        table.add_row(row["task"], f"{100 * final[j]:.1f}", f"{row['train_seconds']:.1f}",
+                      f"{row['adapter_parameters']:,}", f"{row['head_parameters']:,}",
+                      f"{row['bytes_added']:,}", f"{row['adapter_percent_of_backbone']:.4f}",
+                      f"{row['peak_rss_mb']:.0f}")
+    console.print(table)
+    console.print(
+        f"ACC {100 * m['acc']:.2f}  BWT {100 * m['bwt']:+.2f}  forgetting "
+        f"{100 * m['forgetting']:.2f}  FWT {100 * m['fwt']:+.2f}  "
+        f"total {report['total_seconds']:.1f}s"
+    )
+    console.print(f"wrote {out / 'model'}, {out / 'report.json'}, {out / 'accuracy_matrix.png'}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="Model directory written by `ctt run` (DIR/model)."),
+    texts: List[str] = typer.Argument(..., help="Texts to classify."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Task to predict for."),
+    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+):
+    """Predict labels for texts with a saved model."""
+    from .learner import ContinualLearner
+
+    try:
+        learner = ContinualLearner.load(model, device=device)
+        predictions = learner.predict(texts, task=task)
+    except _user_errors() as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    if as_json:
+        for text, p in zip(texts, predictions):
+            print(json.dumps({"text": text, "task": p.task, "label": p.label,
+                              "probabilities": p.probabilities}))
+        return
+    table = Table()
+    for column in ("text", "task", "label", "p"):
+        table.add_column(column)
+    for text, p in zip(texts, predictions):
+        table.add_row(text[:60], p.task, p.label, f"{p.probabilities[p.label]:.3f}")
+    console.print(table)
+
+
+@app.command()
+def tasks(model: Path = typer.Argument(..., help="Model directory.")):
+    """List the tasks a saved model knows, with labels and footprint."""
+    from .checkpoint import read_manifest
+
+    try:
+        manifest = read_manifest(model)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    table = Table(title=f"{model}: method {manifest['method']['name']}, backbone {manifest['backbone']['name']}")
+    for column in ("task", "labels", "scale params", "head params", "learned at"):
+        table.add_column(column)
+    for t in manifest["tasks"]:
+        table.add_row(t["name"], ", ".join(t["labels"]), f"{t['adapter_parameters']:,}",
+                      f"{t['head_parameters']:,}", t["learned_at"])
+    console.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,204 @@
+"""Streams of tasks: loading and validating JSONL stream files.
+
+A stream file holds one JSON object per line (plain or gzip-compressed):
+
+    {"task": "news", "split": "train", "text": "Stocks fell ...", "label": "business"}
+
+Tasks arrive in the order of their first line. The whole file is validated before anything is
+returned, so nothing is ever trained on a stream that fails validation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+SPLITS = ("train", "test")
+FIELDS = ("task", "split", "text", "label")
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class StreamError(ValueError):
+    """A stream file (or an uploaded task) that cannot be used, with where and why."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """One classification task: its name, its label set and its examples."""
+
+    name: str
+    labels: tuple[str, ...]
+    train: tuple[Example, ...]
+    test: tuple[Example, ...] = ()
+
+    def label_index(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+    def subsample_train(self, max_train: int | None, seed: int) -> "Task":
+        """At most `max_train` training examples, stratified by label, reproducible by seed."""
+        if max_train is None or len(self.train) <= max_train:
+            return self
+        if max_train < len(self.labels):
+            raise ValueError(
+                f"max_train={max_train} is below the {len(self.labels)} labels of task {self.name!r}"
+            )
+        rng = random.Random(f"{seed}:{self.name}")
+        by_label: dict[str, list[Example]] = {label: [] for label in self.labels}
+        for example in self.train:
+            by_label[example.label].append(example)
+        for examples in by_label.values():
+            rng.shuffle(examples)
+        # Round-robin over labels keeps the label proportions as even as the data allows.
+        kept: list[Example] = []
+        depth = 0
+        while len(kept) < max_train:
+            for label in self.labels:
+                if depth < len(by_label[label]) and len(kept) < max_train:
+                    kept.append(by_label[label][depth])
+            depth += 1
+        order = {id(e): i for i, e in enumerate(self.train)}
+        kept.sort(key=lambda e: order[id(e)])
+        return Task(self.name, self.labels, tuple(kept), self.test)
+
+
+def check_task_name(name: object, where: str = "") -> str:
+    prefix = f"{where}: " if where else ""
+    if not isinstance(name, str) or not TASK_NAME.match(name):
+        raise StreamError(
+            f"{prefix}invalid task name {name!r}: use 1-64 letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _open_text(path: Path):
+    with open(path, "rb") as probe:
+        magic = probe.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _parse_line(raw: str, where: str) -> dict:
+    try:
+        row = json.loads(raw.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        raise StreamError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise StreamError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for field in FIELDS:
+        if field not in row:
+            raise StreamError(f"{where}: missing field {field!r}")
+        if not isinstance(row[field], str):
+            raise StreamError(
+                f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} "
+                f"{row[field]!r}"
+            )
+    if row["split"] not in SPLITS:
+        raise StreamError(f"{where}: unknown split {row['split']!r}; expected one of {list(SPLITS)}")
+    if not row["text"].strip():
+        raise StreamError(f"{where}: empty text")
+    if not row["label"].strip():
+        raise StreamError(f"{where}: empty label")
+    check_task_name(row["task"], where)
+    return row
+
+
+def tasks_from_rows(rows: Iterable[tuple[str, dict]], source: str) -> list[Task]:
+    """Group validated rows (each with a location string for messages) into tasks, in order."""
+    order: list[str] = []
+    train: dict[str, list[Example]] = {}
+    test: dict[str, list[tuple[str, Example]]] = {}
+    for where, row in rows:
+        name = row["task"]
+        if name not in train:
+            order.append(name)
+            train[name], test[name] = [], []
+        example = Example(row["text"], row["label"])
+        if row["split"] == "train":
+            train[name].append(example)
+        else:
+            test[name].append((where, example))
+    if not order:
+        raise StreamError(f"{source}: no examples")
+    tasks = []
+    for name in order:
+        labels = sorted({e.label for e in train[name]})
+        if len(labels) < 2:
+            raise StreamError(
+                f"{source}: task {name!r} has {len(labels)} label(s) in its train split "
+                f"{labels}; a task needs at least 2"
+            )
+        if not test[name]:
+            raise StreamError(f"{source}: task {name!r} has no test examples")
+        known = set(labels)
+        for where, example in test[name]:
+            if example.label not in known:
+                raise StreamError(
+                    f"{where}: test label {example.label!r} of task {name!r} never appears in its "
+                    f"train split; train labels: {labels}"
+                )
+        tasks.append(Task(name, tuple(labels), tuple(train[name]), tuple(e for _, e in test[name])))
+    return tasks
+
+
+def load_stream(path: str | Path) -> list[Task]:
+    """Read and validate a whole stream file; raise `StreamError` naming file, line and problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise StreamError(f"{path}: no such stream file")
+
+    def rows():
+        try:
+            with _open_text(path) as handle:
+                for number, raw in enumerate(handle, start=1):
+                    if not raw.strip():
+                        continue
+                    where = f"{path}:{number}"
+                    yield where, _parse_line(raw, where)
+        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as exc:
+            raise StreamError(f"{path}: cannot read stream file: {exc}") from None
+
+    return tasks_from_rows(rows(), str(path))
+
+
+def default_stream_path() -> Path:
+    """The bundled default stream (five English tasks; see data/NOTICE)."""
+    here = Path(__file__).resolve()
+    candidates = [
+        here.parent / "data" / "default_stream.jsonl.gz",  # installed wheel
+        here.parents[2] / "data" / "default_stream.jsonl.gz",  # source checkout
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise StreamError(
+        "the bundled default stream was not found; looked in "
+        + ", ".join(str(c) for c in candidates)
+    )
+
+
+def describe(tasks: list[Task]) -> list[dict]:
+    """Per-task counts, for printing and reports."""
+    return [
+        {
+            "task": t.name,
+            "labels": list(t.labels),
+            "train": len(t.train),
+            "test": len(t.test),
+            "train_label_counts": dict(Counter(e.label for e in t.train)),
+        }
+        for t in tasks
+    ]

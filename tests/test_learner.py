@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from continual_transformer import ContinualLearner, TrainConfig, load_stream
+from continual_transformer.data import Example, Task
+
+
+@pytest.fixture
+def tasks(toy_stream):
+    return load_stream(toy_stream)
+
+
+def make(tiny_config, **train):
+    return ContinualLearner(tiny_config, train=TrainConfig(epochs=2, batch_size=8, **train), device="cpu")
+
+
+def test_learning_a_task_leaves_backbone_and_other_tasks_bit_identical(tiny_config, tasks):
+    learner = make(tiny_config)
+    backbone_before = {k: v.clone() for k, v in learner.backbone.encoder.state_dict().items()
+                       if "scales" not in k}
+    learner.learn(tasks[0])
+    texts = [e.text for e in tasks[0].test]
+    logits_before = torch.stack(learner.logits(texts, tasks[0].name))
+    scales_before = [p.clone() for p in learner.adapter.parameters_of(tasks[0].name)]
+
+    learner.learn(tasks[1])
+
+    logits_after = torch.stack(learner.logits(texts, tasks[0].name))
+    assert torch.equal(logits_before, logits_after)
+    for old, new in zip(scales_before, learner.adapter.parameters_of(tasks[0].name)):
+        assert torch.equal(old, new)
+    for key, value in learner.backbone.encoder.state_dict().items():
+        if "scales" not in key:
+            assert torch.equal(value, backbone_before[key]), key
+
+
+def test_training_moves_only_the_new_tasks_parameters(tiny_config, tasks):
+    learner = make(tiny_config)
+    learner.learn(tasks[0])
+    moved = [p for p in learner.adapter.parameters_of(tasks[0].name) if not torch.all(p == 1)]
+    assert moved, "scale vectors never left their initial value"
+    record = learner.tasks[tasks[0].name]
+    assert record.adapter_parameters == 2 * (32 + 32 + 64)
+    assert record.head_parameters == 32 * 2 + 2
+    assert record.stats["steps"] == 2 * 3  # 24 examples / batch 8, 2 epochs
+
+
+def test_mixed_task_batch_matches_per_task_predictions(tiny_config, tasks):
+    learner = make(tiny_config)
+    for task in tasks:
+        learner.learn(task)
+    texts = [e.text for e in tasks[0].test[:4]] + [e.text for e in tasks[1].test[:4]]
+    names = [tasks[0].name] * 4 + [tasks[1].name] * 4
+    mixed = learner.logits(texts, names)
+    separate = learner.logits(texts[:4], tasks[0].name) + learner.logits(texts[4:], tasks[1].name)
+    for a, b in zip(mixed, separate):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    predictions = learner.predict(texts, names)
+    assert [p.task for p in predictions] == names
+    assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)
+
+
+def test_same_seed_same_numbers(tiny_config, tasks):
+    runs = []
+    for _ in range(2):
+        learner = make(tiny_config)
+        learner.learn(tasks[0])
+        runs.append(torch.stack(learner.logits([e.text for e in tasks[0].test], tasks[0].name)))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_failed_task_leaves_earlier_tasks_intact(tiny_config, tasks):
+    learner = make(tiny_config)
+    learner.learn(tasks[0])
+    texts = [e.text for e in tasks[0].test]
+    before = torch.stack(learner.logits(texts, tasks[0].name))
+
+    def crash(done, total, loss):
+        if done == 2:
+            raise RuntimeError("killed mid-task")
+
+    with pytest.raises(RuntimeError, match="killed mid-task"):
+        learner.learn(tasks[1], progress=crash)
+    assert list(learner.tasks) == [tasks[0].name]
+    assert learner.adapter.entries() == [tasks[0].name]
+    assert tasks[1].name not in learner.heads
+    assert torch.equal(before, torch.stack(learner.logits(texts, tasks[0].name)))
+    learner.learn(tasks[1])  # and the task can be learned afterwards
+    assert list(learner.tasks) == [t.name for t in tasks]
+
+
+def test_errors_name_the_problem(tiny_config, tasks):
+    learner = make(tiny_config)
+    learner.learn(tasks[0])
+    with pytest.raises(ValueError, match="task 'kinds' is already learned; delete it first"):
+        learner.learn(tasks[0])
+    with pytest.raises(KeyError, match="unknown task 'nope'; known: \\['kinds'\\]"):
+        learner.predict(["x"], task="nope")
+    with pytest.raises(ValueError, match="no task given"):
+        learner.predict(["x"])
+    with pytest.raises(ValueError, match="2 texts but 1 task names"):
+        learner.predict(["x", "y"], task=["kinds"])
+    bad = Task("odd", ("a", "b"), (Example("t", "c"),), (Example("t", "a"),))
+    with pytest.raises(ValueError, match="train example 0 has label 'c' outside \\['a', 'b'\\]"):
+        learner.learn(bad)
+
+
+def test_delete_removes_the_task_only(tiny_config, tasks):
+    learner = make(tiny_config)
+    for task in tasks:
+        learner.learn(task)
+    texts = [e.text for e in tasks[1].test]
+    kept = torch.stack(learner.logits(texts, tasks[1].name))
+    learner.delete(tasks[0].name)
+    assert list(learner.tasks) == [tasks[1].name]
+    assert learner.adapter.entries() == [tasks[1].name]
+    assert torch.equal(kept, torch.stack(learner.logits(texts, tasks[1].name)))
+
+
+def test_footprint_reports_share_of_backbone(tiny_config, tasks):
+    learner = make(tiny_config)
+    learner.learn(tasks[0])
+    fp = learner.footprint(tasks[0].name)
+    assert fp["bytes_added"] == 4 * (fp["adapter_parameters"] + fp["head_parameters"])
+    assert fp["adapter_percent_of_backbone"] == pytest.approx(
+        100 * fp["adapter_parameters"] / learner.backbone_parameters)
