@@ -26,11 +26,29 @@ class TrainResult:
     last_loss: float
 
 
-def batch_order(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
-    """Shuffled index batches for one epoch; depends only on (seed, epoch)."""
+BUCKET_BATCHES = 32  # batches per length bucket
+
+
+def batch_order(
+    n: int, batch_size: int, epoch: int, seed: int, lengths: list[int] | None = None
+) -> list[list[int]]:
+    """Shuffled index batches for one epoch; depends only on (seed, epoch).
+
+    With `lengths`, examples are shuffled, cut into buckets of `BUCKET_BATCHES` batches, sorted
+    by length within each bucket and batched, and the batches shuffled: batches hold texts of
+    similar length, so little compute goes to padding, while the order stays random.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=generator).tolist()
-    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is None:
+        return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    bucket = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, n, bucket):
+        chunk = sorted(perm[start : start + bucket], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
 
 
 def warmup_linear(total: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -51,6 +69,7 @@ def fit(
     config: TrainConfig,
     seed: int,
     progress: Progress | None = None,
+    lengths: list[int] | None = None,
 ) -> TrainResult:
     """Minimise `batch_loss(indices)` over `config.epochs` epochs of shuffled batches.
 
@@ -68,7 +87,7 @@ def fit(
     first = last = float("nan")
     step = 0
     for epoch in range(config.epochs):
-        for indices in batch_order(n_examples, config.batch_size, epoch, seed):
+        for indices in batch_order(n_examples, config.batch_size, epoch, seed, lengths):
             loss = batch_loss(indices)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")

@@ -80,6 +80,11 @@ class IA3(nn.Module):
                 f"activation scaling does not know architecture {model_type!r}; "
                 f"known: {sorted(TARGETS)}"
             )
+        if any(isinstance(m, ScaledLinear) for m in encoder.modules()):
+            raise ValueError(
+                "this encoder already carries activation scaling (one Backbone per learner): "
+                "load a fresh Backbone"
+            )
         key_re, value_re, ffn_re = (re.compile(rf"(^|\.){p}$") for p in TARGETS[model_type])
         self._selection = _Selection()
         self.layers = nn.ModuleDict()

@@ -97,7 +97,7 @@ class GradientMethod(Method):
 
         result: TrainResult = fit(
             self.param_groups(learner, task), batch_loss, len(ids), self.train,
-            task_seed(self.train.seed, task.name), progress,
+            task_seed(self.train.seed, task.name), progress, lengths=[len(row) for row in ids],
         )
         self.end_task(learner, task)
         return {"steps": result.steps, "first_loss": result.first_loss,
