@@ -31,17 +31,26 @@ def test_round_trip_gives_identical_predictions(trained, tmp_path):
 
 
 def test_directory_holds_only_json_and_safetensors(trained, tmp_path):
+    from safetensors import safe_open
+
     learner, _ = trained
     learner.save(tmp_path / "m")
     files = sorted(p.relative_to(tmp_path / "m").as_posix() for p in (tmp_path / "m").rglob("*")
                    if p.is_file())
     assert files[0] == "manifest.json"
-    assert all(f.startswith("tasks/") and f.endswith(".safetensors") for f in files[1:])
-    assert len(files) == 3
+    assert files[1].startswith("shared-") and files[1].endswith(".safetensors")
+    assert all(f.startswith("tasks/") and f.endswith(".safetensors") for f in files[2:])
+    assert len(files) == 4
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert set(manifest["files"]) == set(files[1:])
-    total = sum((tmp_path / "m" / f).stat().st_size for f in files)
-    assert total < 100_000  # a reference to the backbone, never a copy of its weights
+    # a reference to the backbone, never a copy of its weights: only router statistics are shared
+    with safe_open(tmp_path / "m" / files[1], "pt") as shared:
+        assert list(shared.keys()) == ["router.gram_upper"]
+    for name in files[2:]:
+        with safe_open(tmp_path / "m" / name, "pt") as task_file:
+            keys = list(task_file.keys())
+        assert all(k.startswith(("adapter.", "head.", "router.")) for k in keys)
+        assert (tmp_path / "m" / name).stat().st_size < 50_000
 
 
 def test_saving_a_new_task_keeps_old_task_files(trained, tmp_path, toy_stream):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -181,8 +183,30 @@ class Backbone(nn.Module):
         # states: (B, T, H)
         if self.config.pooling == "cls":
             return states[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
-        return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+        return masked_mean(states, attention_mask)  # (B, H)
+
+    def embedding_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean over tokens of the embedding layer's output: (B, T) -> (B, H).
+
+        The same values `watch_embeddings` sees inside a full forward pass, at the cost of the
+        embedding layer alone.
+        """
+        return masked_mean(self.encoder.embeddings(input_ids=input_ids), attention_mask)
+
+    @contextmanager
+    def watch_embeddings(self, callback: Callable[[torch.Tensor], None]):
+        """Within the block, every forward pass calls `callback(embedding output (B, T, H))`
+        before the first transformer layer runs, so the callback can still steer those layers."""
+        handle = self.encoder.embeddings.register_forward_hook(lambda _m, _a, out: callback(out))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
 
 
 def _has_pooler(folder: Path | str) -> bool:

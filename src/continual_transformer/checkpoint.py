@@ -84,10 +84,10 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
         files[name] = {"size": len(data), "sha256": digest}
 
     for record in learner.tasks.values():
-        name, data = _tensor_file(f"tasks/{record.name}", learner.method.task_tensors(learner, record.name))
+        name, data = _tensor_file(f"tasks/{record.name}", learner.task_tensors(record.name))
         put(name, data)
         tasks.append({**record.to_dict(), "file": name})
-    shared = learner.method.shared_tensors(learner)
+    shared = learner.shared_tensors()
     shared_file = None
     if shared:
         shared_file, data = _tensor_file("shared", shared)
@@ -101,6 +101,7 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
         "backbone": {**learner.backbone.ref.to_dict(), "config": learner.backbone.config.to_dict(),
                      "parameters": learner.backbone_parameters},
         "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
+        "router": learner.router.hyperparameters() if learner.router is not None else None,
         "shared_file": shared_file,
         "tasks": tasks,
         "files": files,
@@ -168,12 +169,10 @@ def load(directory: Path, device: str | None = None) -> "ContinualLearner":
             f"but this model was trained on {spec['sha256'][:12]}…; refusing to load"
         )
     method = make_method(manifest["method"]["name"], manifest["method"]["hyperparameters"])
-    learner = ContinualLearner(backbone, method=method)
+    learner = ContinualLearner(backbone, method=method, router=manifest.get("router"))
     if manifest.get("shared_file"):
-        method.load_shared_tensors(learner, read_tensors(directory, manifest["shared_file"], manifest))
+        learner.load_shared_tensors(read_tensors(directory, manifest["shared_file"], manifest))
     for entry in manifest["tasks"]:
         record = TaskRecord.from_dict({k: v for k, v in entry.items() if k != "file"})
-        tensors = read_tensors(directory, entry["file"], manifest)
-        method.load_task_tensors(learner, record.name, record.labels, tensors)
-        learner.tasks[record.name] = record
+        learner.load_task_tensors(record, read_tensors(directory, entry["file"], manifest))
     return learner

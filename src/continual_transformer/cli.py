@@ -80,7 +80,7 @@ class _RichEvents:
 @app.command()
 def run(
     stream: Optional[Path] = typer.Argument(None, help="Stream file (JSONL or .jsonl.gz); default: the bundled stream."),
-    method: str = typer.Option("ia3", help="Learning method."),
+    method: str = typer.Option("ia3", help="Learning method: ia3 or analytic."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per task."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of the scale vectors."),
@@ -99,23 +99,32 @@ def run(
     from .data import default_stream_path, describe, load_stream
     from .experiment import run_stream
     from .learner import ContinualLearner
+    from .methods import make_method
 
     try:
         stream = stream or default_stream_path()
         tasks = [t.subsample_train(max_train, seed) for t in load_stream(stream)]
         overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "head_lr": head_lr,
                                        "batch_size": batch_size}.items() if v is not None}
-        train = TrainConfig(seed=seed, **overrides)
+        config = BackboneConfig(backbone, max_length=max_length)
         torch.manual_seed(seed)
-        learner = ContinualLearner(BackboneConfig(backbone, max_length=max_length),
-                                   method=method, train=train, device=device)
+        if method == "analytic":
+            if overrides:
+                raise ValueError(f"method 'analytic' is not trained by gradient; "
+                                 f"{sorted(overrides)} do not apply")
+            train = None
+            learner = ContinualLearner(config, method=make_method("analytic", {"seed": seed}),
+                                       device=device)
+        else:
+            train = TrainConfig(seed=seed, **overrides)
+            learner = ContinualLearner(config, method=method, train=train, device=device)
     except _user_errors() as exc:
         _fail(str(exc))
     console.print(f"stream [bold]{stream}[/]: {len(tasks)} tasks; backbone "
                   f"{learner.backbone.ref.name} ({learner.backbone_parameters:,} parameters) "
                   f"on {learner.device}; method {method}")
     run_config = {"stream": str(stream), "method": method, "seed": seed, "max_train": max_train,
-                  "train": train.to_dict(), "backbone": backbone, "max_length": max_length,
+                  "train": train.to_dict() if train else None, "backbone": backbone, "max_length": max_length,
                   "device": device, "stream_summary": describe(tasks)}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
@@ -126,30 +135,48 @@ def run(
 
 def _print_summary(report: dict, out: Path) -> None:
     m = report["metrics"]
-    table = Table(title="per task", title_justify="left")
-    for column in ("task", "acc %", "train s", "scale params", "head params", "bytes",
-                   "% of backbone (scales)", "peak RSS MiB"):
+    names = report["tasks"]
+    table = Table(title="per task (final model)", title_justify="left")
+    for column in ("task", "acc %", "task-free %", "routed %", "train s", "scale params",
+                   "head params", "bytes", "scales % of backbone", "peak RSS MiB"):
         table.add_column(column, justify="right")
-    final = report["accuracy_matrix"][-1]
+    final, free = report["accuracy_matrix"][-1], report["task_free_accuracy_matrix"][-1]
+    routed = report["routing"]["per_task"]
     for j, row in enumerate(report["per_task"]):
-        table.add_row(row["task"], f"{100 * final[j]:.1f}", f"{row['train_seconds']:.1f}",
+        table.add_row(row["task"], f"{100 * final[j]:.1f}", f"{100 * free[j]:.1f}",
+                      f"{100 * routed[row['task']]:.1f}", f"{row['train_seconds']:.1f}",
                       f"{row['adapter_parameters']:,}", f"{row['head_parameters']:,}",
                       f"{row['bytes_added']:,}", f"{row['adapter_percent_of_backbone']:.4f}",
                       f"{row['peak_rss_mb']:.0f}")
     console.print(table)
+    confusion = Table(title="routing: true task (rows) -> predicted task (columns)",
+                      title_justify="left")
+    confusion.add_column("")
+    for name in names:
+        confusion.add_column(name[:12], justify="right")
+    for name, row in zip(names, report["routing"]["confusion"]):
+        confusion.add_row(name, *[str(v) for v in row])
+    console.print(confusion)
+    fwt = "n/a" if m["fwt"] is None else f"{100 * m['fwt']:+.2f}"
     console.print(
         f"ACC {100 * m['acc']:.2f}  BWT {100 * m['bwt']:+.2f}  forgetting "
-        f"{100 * m['forgetting']:.2f}  FWT {100 * m['fwt']:+.2f}  "
-        f"total {report['total_seconds']:.1f}s"
+        f"{100 * m['forgetting']:.2f}  FWT {fwt}  |  task-free ACC {100 * m['task_free_acc']:.2f}  "
+        f"routing {100 * m['routing_acc']:.2f}%  |  total {report['total_seconds']:.1f}s"
     )
-    console.print(f"wrote {out / 'model'}, {out / 'report.json'}, {out / 'accuracy_matrix.png'}")
+    shared = report["shared_state_numbers"]
+    if any(shared.values()):
+        console.print(f"shared state: router {shared['router']:,} numbers, method "
+                      f"{shared['method']:,} numbers (float64; constant in the number of examples)")
+    console.print(f"wrote {out / 'model'}, {out / 'report.json'}, {out / 'accuracy_matrix.png'}, "
+                  f"{out / 'task_free_accuracy_matrix.png'}")
 
 
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="Model directory written by `ctt run` (DIR/model)."),
     texts: List[str] = typer.Argument(..., help="Texts to classify."),
-    task: Optional[str] = typer.Option(None, "--task", "-t", help="Task to predict for."),
+    task: Optional[str] = typer.Option(None, "--task", "-t",
+                                       help="Task to predict for; without it, the router picks one per text."),
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ):

@@ -25,6 +25,11 @@ FWT_REFERENCE = (
     "the task's freshly initialised head); R[i-1,i] = the same just before learning task i "
     "(GEM, Lopez-Paz & Ranzato 2017)"
 )
+FWT_BY_CONSTRUCTION = (
+    "0 by construction: the method shares no state between tasks, so the model that meets task i "
+    "(R[i-1,i]) is the initial model (b_i)"
+)
+FWT_UNDEFINED = "undefined: the method has no classifier for a task before learning it"
 
 
 class RunEvents:
@@ -75,23 +80,36 @@ def run_stream(
     out = Path(out) if out is not None else None
     names = [t.name for t in tasks]
     T = len(tasks)
-    R = np.full((T, T), np.nan)
+    R = np.full((T, T), np.nan)  # task given
+    F = np.full((T, T), np.nan)  # task-free: routed
+    confusion = np.zeros((T, T), dtype=int)  # after the last task: true task x routed task
     before = np.full(T, np.nan)  # R[i-1, i]
     start = time.perf_counter()
-    # Methods that share nothing meet every new task with the initial model, so the initial
-    # model's accuracy (b_i) is exactly the accuracy just before learning (R[i-1, i]).
-    reference = (
-        np.array([learner.evaluate_unlearned(t) for t in tasks]) if shares_state(learner) else None
-    )
+    # FWT needs the model's accuracy on a task before learning it. Methods that share nothing
+    # meet every task with the initial model, so it is 0 without measuring; methods that
+    # classify over all tasks' labels have nothing to measure it with.
+    if not shares_state(learner):
+        fwt_reference, reference = FWT_BY_CONSTRUCTION, None
+    elif learner.method.routes_itself:
+        fwt_reference, reference = FWT_UNDEFINED, None
+    else:
+        fwt_reference = FWT_REFERENCE
+        reference = np.array([learner.evaluate_unlearned(t) for t in tasks])
+    index = {name: j for j, name in enumerate(names)}
     per_task = []
     for i, task in enumerate(tasks):
         events.task_started(i, T, task)
-        before[i] = learner.evaluate_unlearned(task) if i > 0 else np.nan
+        if reference is not None and i > 0:
+            before[i] = learner.evaluate_unlearned(task)
         record = learner.learn(task, progress=events.train_step)
         events.evaluation_started(i, tasks[: i + 1])
         eval_start = time.perf_counter()
         for j in range(i + 1):
             R[i, j] = learner.evaluate(tasks[j])
+            F[i, j], routed = learner.evaluate_task_free(tasks[j])
+            if i == T - 1:
+                for name in routed:
+                    confusion[j, index[name]] += 1
             events.evaluated(tasks[j], R[i, j])
         eval_seconds = time.perf_counter() - eval_start
         if out is not None:
@@ -104,22 +122,33 @@ def run_stream(
             "train_seconds": record.train_seconds,
             "eval_seconds": round(eval_seconds, 3),
             "accuracy_just_learned": R[i, i],
-            "accuracy_before_learning": None if i == 0 else before[i],
+            "task_free_accuracy_just_learned": F[i, i],
+            "accuracy_before_learning": None if np.isnan(before[i]) else before[i],
             **learner.footprint(task.name),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "train_stats": record.stats,
         })
         events.task_finished(i, record, R[: i + 1, : i + 1], names[: i + 1])
-    if reference is None:
-        reference = before.copy()
-    summary = metrics.summary(R, before, reference)
+    summary = metrics.summary(R, before, reference) if reference is not None else metrics.summary(R)
+    summary["fwt"] = summary.get("fwt", 0.0 if fwt_reference == FWT_BY_CONSTRUCTION else None)
+    routing = metrics.routing_accuracy(confusion)
+    summary.update({
+        "task_free_acc": metrics.average_accuracy(F),
+        "task_free_bwt": metrics.backward_transfer(F),
+        "routing_acc": routing["overall"],
+    })
     report = {
         "tasks": names,
-        "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in R],
+        "accuracy_matrix": _matrix_json(R),
+        "task_free_accuracy_matrix": _matrix_json(F),
+        "routing": {"per_task": dict(zip(names, routing["per_task"])), "overall": routing["overall"],
+                    "confusion": confusion.tolist(),
+                    "confusion_axes": "rows: true task, columns: routed task (final model)"},
         "metrics": summary,
-        "fwt_reference": FWT_REFERENCE,
-        "reference_accuracy": [None if np.isnan(v) else float(v) for v in reference],
+        "fwt_reference": fwt_reference,
+        "reference_accuracy": None if reference is None else [float(v) for v in reference],
         "per_task": per_task,
+        "shared_state_numbers": learner.shared_state_numbers(),
         "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
                      "config": learner.backbone.config.to_dict()},
         "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
@@ -135,7 +164,13 @@ def run_stream(
         (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
         write_heatmap(R, names, out / "accuracy_matrix.png",
                       f"{learner.method.name}: accuracy on task j after learning task i")
+        write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
+                      f"{learner.method.name}: task-free accuracy (task predicted, not given)")
     return report
+
+
+def _matrix_json(M: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in M]
 
 
 def _json_default(value):

@@ -18,12 +18,13 @@ from typing import Sequence
 import torch
 
 from .adapters import IA3
-from .backbone import Backbone
+from .backbone import Backbone, masked_mean
 from .config import BackboneConfig, TrainConfig
 from .data import Task, check_task_name
 from .heads import TaskHeads
-from .methods import Method, make_method
+from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
+from .router import Router
 from .train import Progress
 
 INFERENCE_BATCH = 64
@@ -75,6 +76,7 @@ class ContinualLearner:
         method: str | Method = "ia3",
         train: TrainConfig | None = None,
         device: str | None = None,
+        router: dict | None = None,
     ):
         if isinstance(backbone, Backbone):
             self.backbone = backbone
@@ -85,10 +87,15 @@ class ContinualLearner:
             method = make_method(method, {"train": train.to_dict()} if train else None)
         elif train is not None:
             raise ValueError("pass `train` only with a method name, not with a Method object")
+        if train is not None and not isinstance(method, GradientMethod):
+            raise ValueError(f"method {method.name!r} is not trained by gradient; `train` does not apply")
         self.method = method
         self.backbone_parameters = self.backbone.num_parameters()
         self.adapter = IA3(self.backbone.encoder, self.backbone.ref.model_type)
         self.heads = TaskHeads(self.backbone.hidden_size)
+        # Methods that classify over all tasks' labels route themselves; the others get a router.
+        self.router = None if method.routes_itself else Router(
+            self.backbone.hidden_size, **(router or {}))
         self.tasks: dict[str, TaskRecord] = {}
 
     # -- learning ----------------------------------------------------------------------------
@@ -105,19 +112,23 @@ class ContinualLearner:
         start = time.perf_counter()
         try:
             stats = self.method.learn(self, task, progress)
+            if self.router is not None:
+                self.router.partial_fit(self._embedding_features([e.text for e in task.train]),
+                                        task.name)
         except BaseException:
             self.method.forget(self, task.name)
+            if self.router is not None:
+                self.router.remove(task.name)
             raise
-        key = self.method.adapter_key(task.name)
-        owns_entry = key == task.name
+        adapter_parameters, head_parameters = self.method.footprint(self, task.name)
         record = TaskRecord(
             name=task.name,
             labels=tuple(task.labels),
             learned_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             train_examples=len(task.train),
             train_seconds=round(time.perf_counter() - start, 3),
-            adapter_parameters=self.adapter.num_parameters(key) if owns_entry else 0,
-            head_parameters=self.heads.num_parameters(task.name) if task.name in self.heads else 0,
+            adapter_parameters=adapter_parameters,
+            head_parameters=head_parameters,
             stats=stats,
         )
         self.tasks[task.name] = record
@@ -126,6 +137,8 @@ class ContinualLearner:
     def delete(self, task: str) -> None:
         self._require(task)
         self.method.forget(self, task)
+        if self.router is not None:
+            self.router.remove(task)
         del self.tasks[task]
 
     # -- inference ---------------------------------------------------------------------------
@@ -140,46 +153,88 @@ class ContinualLearner:
                 pooled = self.backbone(**batch)  # (B, H)
         return self.heads(pooled, task)
 
-    def row_logits(self, batch: dict[str, torch.Tensor], tasks: Sequence[str]) -> list[torch.Tensor]:
-        """Logits per row, each row under its own task, in one backbone pass."""
+    def row_logits(
+        self, batch: dict[str, torch.Tensor], tasks: Sequence[str | None]
+    ) -> tuple[list[str], list[torch.Tensor]]:
+        """Logits per row in one backbone pass, each row under its own task.
+
+        Rows whose task is None are routed: their task is predicted from the embedding layer's
+        output inside the same pass (or, for methods that classify over all tasks' labels, from
+        the pooled output), before any task-specific layer runs.
+        """
+        tasks = list(tasks)
+        missing = [i for i, t in enumerate(tasks) if t is None]
+        if missing and not self.tasks:
+            raise ValueError("no task given and no task learned yet")
+        if self.router is None:  # the method classifies over all tasks on the plain backbone
+            pooled = self.backbone(**batch)  # (B, H)
+            if missing:
+                for i, name in zip(missing, self.method.infer_tasks(self, pooled[missing])):
+                    tasks[i] = name
+        elif missing:
+            def route(embedded: torch.Tensor) -> None:  # (B, T, H), before the first layer
+                features = masked_mean(embedded, batch["attention_mask"])[missing]
+                for i, name in zip(missing, self.router.predict(features)):
+                    tasks[i] = name
+                self._route(tasks)
+
+            try:
+                with self.backbone.watch_embeddings(route):
+                    pooled = self.backbone(**batch)  # (B, H)
+            finally:
+                self.adapter.clear()
+        else:
+            pooled = self._pooled(batch, tasks)
+        return tasks, self.method.head_logits(self, pooled, tasks)
+
+    def _route(self, tasks: Sequence[str]) -> None:
         keys = [self.method.adapter_key(t) for t in tasks]
         if all(k is None for k in keys):
-            pooled = self.backbone(**batch)
-        else:
-            if any(k is None for k in keys):
-                raise ValueError("cannot mix adapter-free and adapted tasks in one batch")
-            with self.adapter.select(keys):
-                pooled = self.backbone(**batch)  # (B, H)
-        return self.heads.per_row(pooled, list(tasks))
+            return
+        if any(k is None for k in keys):
+            raise ValueError("cannot mix adapter-free and adapted tasks in one batch")
+        self.adapter.route(keys)
+
+    def _pooled(self, batch: dict[str, torch.Tensor], tasks: Sequence[str]) -> torch.Tensor:
+        try:
+            self._route(tasks)
+            return self.backbone(**batch)  # (B, H)
+        finally:
+            self.adapter.clear()
 
     @torch.inference_mode()
-    def logits(self, texts: Sequence[str], task: str | Sequence[str]) -> list[torch.Tensor]:
-        """Logits for each text under its task (one name for all, or one per text)."""
-        row_tasks = self._row_tasks(texts, task)
+    def _run(self, texts: Sequence[str], row_tasks: list[str | None]) -> tuple[list[str], list[torch.Tensor]]:
         ids = self.backbone.tokenize(list(texts))
+        tasks: list[str | None] = list(row_tasks)
         out: list[torch.Tensor | None] = [None] * len(ids)
         # Length-sorted batches waste little on padding.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), INFERENCE_BATCH):
             chunk = order[start : start + INFERENCE_BATCH]
             batch = self.backbone.collate([ids[i] for i in chunk])
-            for i, row in zip(chunk, self.row_logits(batch, [row_tasks[i] for i in chunk])):
-                out[i] = row.float().cpu()
-        return out  # type: ignore[return-value]
+            resolved, logits = self.row_logits(batch, [row_tasks[i] for i in chunk])
+            for i, name, row in zip(chunk, resolved, logits):
+                tasks[i], out[i] = name, row.float().cpu()
+        return tasks, out  # type: ignore[return-value]
 
-    def predict(self, texts: Sequence[str], task: str | Sequence[str] | None = None) -> list[Prediction]:
-        """Label (and label probabilities) for each text under its task."""
-        if task is None:
-            raise ValueError(
-                f"no task given; name one of {list(self.tasks)} (task-free prediction needs a router)"
-            )
-        row_tasks = self._row_tasks(texts, task)
+    def logits(self, texts: Sequence[str], task: str | Sequence[str]) -> list[torch.Tensor]:
+        """Logits for each text under its task (one name for all, or one per text)."""
+        return self._run(texts, self._row_tasks(texts, task))[1]
+
+    def predict(
+        self, texts: Sequence[str], task: str | Sequence[str | None] | None = None
+    ) -> list[Prediction]:
+        """Label and label probabilities for each text.
+
+        `task` is one task name for all texts, one name (or None) per text, or None: texts
+        without a task are routed to the task the model predicts for them.
+        """
+        tasks, logits = self._run(texts, self._row_tasks(texts, task))
         predictions = []
-        for name, row in zip(row_tasks, self.logits(texts, row_tasks)):
+        for name, row in zip(tasks, logits):
             labels = self.tasks[name].labels
             probs = torch.softmax(row, dim=-1).tolist()
-            best = int(row.argmax())
-            predictions.append(Prediction(name, labels[best], dict(zip(labels, probs))))
+            predictions.append(Prediction(name, labels[int(row.argmax())], dict(zip(labels, probs))))
         return predictions
 
     def evaluate(self, task: Task) -> float:
@@ -188,6 +243,15 @@ class ContinualLearner:
             raise ValueError(f"task {task.name!r} has no test examples")
         predictions = self.predict([e.text for e in task.test], task=task.name)
         return sum(p.label == e.label for p, e in zip(predictions, task.test)) / len(task.test)
+
+    def evaluate_task_free(self, task: Task) -> tuple[float, list[str]]:
+        """Accuracy on the task's test examples *without* naming the task (a label counts only
+        if the row was routed to this task), and the task each row was routed to."""
+        if not task.test:
+            raise ValueError(f"task {task.name!r} has no test examples")
+        predictions = self.predict([e.text for e in task.test], task=None)
+        correct = sum(p.task == task.name and p.label == e.label for p, e in zip(predictions, task.test))
+        return correct / len(task.test), [p.task for p in predictions]
 
     @torch.inference_mode()
     def evaluate_unlearned(self, task: Task) -> float:
@@ -223,16 +287,54 @@ class ContinualLearner:
 
     # -- footprint ---------------------------------------------------------------------------
     def footprint(self, task: str) -> dict:
-        """Parameters and bytes a task added, also as a share of the backbone."""
+        """Numbers and bytes a task added, also as a share of the backbone.
+
+        Scale vectors and heads are float32; routing statistics are float64 sums.
+        """
         record = self._require(task)
         adapter, head = record.adapter_parameters, record.head_parameters
+        router = self.router.state_numbers()["per_class"] if self.router is not None else 0
         return {
             "adapter_parameters": adapter,
             "head_parameters": head,
-            "bytes_added": record.bytes_added,
+            "router_numbers": router,
+            "bytes_added": record.bytes_added + 8 * router,
             "adapter_percent_of_backbone": 100.0 * adapter / self.backbone_parameters,
             "total_percent_of_backbone": 100.0 * (adapter + head) / self.backbone_parameters,
         }
+
+    def shared_state_numbers(self) -> dict:
+        """Numbers every task shares (constant in the number of examples): router, method."""
+        return {
+            "router": self.router.state_numbers()["shared"] if self.router is not None else 0,
+            "method": self.method.shared_numbers(self),
+        }
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def task_tensors(self, task: str) -> dict[str, torch.Tensor]:
+        tensors = dict(self.method.task_tensors(self, task))
+        if self.router is not None:
+            tensors.update(self.router.task_tensors(task))
+        return tensors
+
+    def load_task_tensors(self, record: TaskRecord, tensors: dict[str, torch.Tensor]) -> None:
+        if self.router is not None:
+            self.router.load_task_tensors(record.name, tensors)
+        own = {k: v for k, v in tensors.items() if not k.startswith("router.")}
+        self.method.load_task_tensors(self, record.name, record.labels, own)
+        self.tasks[record.name] = record
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = dict(self.method.shared_tensors(self))
+        if self.router is not None:
+            tensors.update(self.router.shared_tensors())
+        return tensors
+
+    def load_shared_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.router is not None:
+            self.router.load_shared_tensors(tensors)
+        self.method.load_shared_tensors(
+            self, {k: v for k, v in tensors.items() if not k.startswith("router.")})
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -252,15 +354,26 @@ class ContinualLearner:
             raise KeyError(f"unknown task {task!r}; known: {list(self.tasks)}")
         return self.tasks[task]
 
-    def _row_tasks(self, texts: Sequence[str], task: str | Sequence[str]) -> list[str]:
+    def _row_tasks(self, texts: Sequence[str], task: str | Sequence[str | None] | None) -> list[str | None]:
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
-        row_tasks = [task] * len(texts) if isinstance(task, str) else list(task)
+        row_tasks = [task] * len(texts) if task is None or isinstance(task, str) else list(task)
         if len(row_tasks) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(row_tasks)} task names")
         for name in dict.fromkeys(row_tasks):
-            self._require(name)
+            if name is not None:
+                self._require(name)
         return row_tasks
+
+    @torch.inference_mode()
+    def _embedding_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """Router features of texts: (N, H), from the embedding layer only."""
+        ids = self.backbone.tokenize(list(texts))
+        chunks = []
+        for start in range(0, len(ids), INFERENCE_BATCH):
+            batch = self.backbone.collate(ids[start : start + INFERENCE_BATCH])
+            chunks.append(self.backbone.embedding_features(**batch).cpu())
+        return torch.cat(chunks)
 
 
 def _check_task(task: Task) -> None:

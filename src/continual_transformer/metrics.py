@@ -62,6 +62,20 @@ def average_incremental_accuracy(R) -> float:
     return float(np.mean([R[i, : i + 1].mean() for i in range(R.shape[0])]))
 
 
+def routing_accuracy(confusion) -> dict:
+    """Per true task and overall share of inputs routed to their own task.
+
+    `confusion[j, k]` counts task j's inputs routed to task k.
+    """
+    C = np.asarray(confusion, dtype=float)
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"confusion matrix must be square, got shape {C.shape}")
+    totals = C.sum(1)
+    per_task = [float(C[j, j] / totals[j]) if totals[j] else None for j in range(len(C))]
+    overall = float(np.trace(C) / C.sum()) if C.sum() else None
+    return {"per_task": per_task, "overall": overall}
+
+
 def summary(R, before=None, reference=None) -> dict:
     out = {
         "acc": average_accuracy(R),

@@ -157,19 +157,27 @@ class IA3(nn.Module):
             raise KeyError(f"unknown adapter entry {key!r}; known: {self._entries}")
 
     # -- routing rows to entries ---------------------------------------------------------------
-    @contextmanager
-    def select(self, row_keys: list[str]):
-        """Within the block, row i of every forward pass is scaled by entry `row_keys[i]`."""
+    def route(self, row_keys: list[str]) -> None:
+        """Until `clear()`, row i of every forward pass is scaled by entry `row_keys[i]`."""
         distinct = list(dict.fromkeys(row_keys))
         for key in distinct:
             self._require(key)
         self._selection.keys = distinct
+        self._selection.rows = None
         if len(distinct) > 1:
             index = {key: i for i, key in enumerate(distinct)}
             device = next(iter(self.layers.values())).base.weight.device
             self._selection.rows = torch.tensor([index[k] for k in row_keys], device=device)
+
+    def clear(self) -> None:
+        self._selection.keys = None
+        self._selection.rows = None
+
+    @contextmanager
+    def select(self, row_keys: list[str]):
+        """Within the block, row i of every forward pass is scaled by entry `row_keys[i]`."""
+        self.route(row_keys)
         try:
             yield
         finally:
-            self._selection.keys = None
-            self._selection.rows = None
+            self.clear()

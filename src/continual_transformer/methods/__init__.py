@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ..config import TrainConfig
 from .base import GradientMethod, Method
+from .analytic import AnalyticMethod
 from .ia3 import IA3Method
 
-METHODS: dict[str, type[Method]] = {"ia3": IA3Method}
+METHODS: dict[str, type[Method]] = {"ia3": IA3Method, "analytic": AnalyticMethod}
 
 
 def make_method(name: str, hyperparameters: dict | None = None) -> Method:
@@ -15,7 +16,9 @@ def make_method(name: str, hyperparameters: dict | None = None) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     cls = METHODS[name]
     hyperparameters = dict(hyperparameters or {})
-    if issubclass(cls, GradientMethod) and "train" in hyperparameters:
+    if "train" in hyperparameters:
+        if not issubclass(cls, GradientMethod):
+            raise ValueError(f"method {name!r} is not trained by gradient; training options do not apply")
         hyperparameters["train"] = TrainConfig.from_dict(hyperparameters["train"])
     return cls(**hyperparameters)
 

@@ -30,6 +30,11 @@ class Method:
     """
 
     name: ClassVar[str]
+    # True when the method classifies over all tasks' labels and so predicts the task itself;
+    # otherwise the learner routes task-free inputs with its router.
+    routes_itself: ClassVar[bool] = False
+    # True when learning one task can change what another task's inputs meet (shared state).
+    shares_state: ClassVar[bool] = False
 
     def hyperparameters(self) -> dict:
         raise NotImplementedError
@@ -39,6 +44,26 @@ class Method:
 
     def learn(self, learner: "ContinualLearner", task: Task, progress: Progress | None) -> dict:
         raise NotImplementedError
+
+    def head_logits(
+        self, learner: "ContinualLearner", pooled: torch.Tensor, tasks: list[str]
+    ) -> list[torch.Tensor]:
+        """Logits per row from the pooled backbone output (B, H), each under its own task."""
+        return learner.heads.per_row(pooled, tasks)
+
+    def infer_tasks(self, learner: "ContinualLearner", pooled: torch.Tensor) -> list[str]:
+        raise NotImplementedError(f"method {self.name!r} does not predict tasks; use the router")
+
+    def footprint(self, learner: "ContinualLearner", task: str) -> tuple[int, int]:
+        """(scale-vector parameters, head parameters) the task owns."""
+        key = self.adapter_key(task)
+        adapter = learner.adapter.num_parameters(key) if key == task else 0
+        head = learner.heads.num_parameters(task) if task in learner.heads else 0
+        return adapter, head
+
+    def shared_numbers(self, learner: "ContinualLearner") -> int:
+        """Numbers of state shared by all tasks."""
+        return 0
 
     def forget(self, learner: "ContinualLearner", task: str) -> None:
         """Remove everything the task owns; used to delete a task or undo a failed one."""

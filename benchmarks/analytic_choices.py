@@ -1,0 +1,93 @@
+"""Measure the choices behind `analytic` and the router on a stream (default: the bundled one).
+
+For every task it computes, once, the frozen backbone's features of all train and test texts:
+the pooled last layer (what `analytic` classifies) and the embedding layer's mean (what the
+router reads). It then fits the streaming classifier with each solver and feature size and
+prints test accuracy:
+
+- analytic: class-incremental accuracy (label over all tasks' labels) and task-aware accuracy;
+- router: share of test inputs routed to their own task.
+
+    python benchmarks/analytic_choices.py [STREAM] [--features 0,1024,2048,4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from continual_transformer.analytic import AnalyticClassifier
+from continual_transformer.backbone import Backbone
+from continual_transformer.config import BackboneConfig
+from continual_transformer.data import default_stream_path, load_stream
+
+BATCH = 64
+
+
+@torch.inference_mode()
+def features(backbone: Backbone, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = backbone.tokenize(texts)
+    pooled, embedded = [], []
+    for start in range(0, len(ids), BATCH):
+        batch = backbone.collate(ids[start : start + BATCH])
+        pooled.append(backbone(**batch))
+        embedded.append(backbone.embedding_features(**batch))
+    return torch.cat(pooled), torch.cat(embedded)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stream", nargs="?", default=None)
+    parser.add_argument("--features", default="0,1024,2048,4096")
+    args = parser.parse_args()
+    tasks = load_stream(args.stream or default_stream_path())
+    backbone = Backbone.load(BackboneConfig())
+    start = time.perf_counter()
+    data = []
+    for task in tasks:
+        train = features(backbone, [e.text for e in task.train])
+        test = features(backbone, [e.text for e in task.test])
+        data.append((task, train, test))
+    print(f"features of {sum(len(t.train) + len(t.test) for t in tasks)} texts: "
+          f"{time.perf_counter() - start:.1f}s")
+    print(f"{'what':9} {'solver':6} {'D':>5} {'class-inc %':>11} {'task-aware %':>12} "
+          f"{'routed %':>8} {'fit s':>6}")
+    for n_features in [int(x) for x in args.features.split(",")]:
+        for solver in ("ridge", "lda"):
+            for what in ("analytic", "router"):
+                clf = AnalyticClassifier(in_dim=backbone.hidden_size, n_features=n_features,
+                                         solver=solver)
+                start = time.perf_counter()
+                for task, (pooled, embedded), _ in data:
+                    X = pooled if what == "analytic" else embedded
+                    y = ([f"{task.name}/{e.label}" for e in task.train] if what == "analytic"
+                         else [task.name] * len(task.train))
+                    clf.partial_fit(X, y)
+                clf.solution()
+                fit = time.perf_counter() - start
+                right = aware = routed = total = 0
+                for task, _, (pooled, embedded) in data:
+                    X = pooled if what == "analytic" else embedded
+                    scores = clf.decision_function(X)
+                    if what == "analytic":
+                        truth = [f"{task.name}/{e.label}" for e in task.test]
+                        predicted = [clf.classes_[i] for i in scores.argmax(1).tolist()]
+                        right += sum(p == t for p, t in zip(predicted, truth))
+                        columns = [i for i, c in enumerate(clf.classes_) if c.startswith(task.name + "/")]
+                        local = [clf.classes_[columns[i]] for i in scores[:, columns].argmax(1).tolist()]
+                        aware += sum(p == t for p, t in zip(local, truth))
+                        routed += sum(p.split("/")[0] == task.name for p in predicted)
+                    else:
+                        predicted = [clf.classes_[i] for i in scores.argmax(1).tolist()]
+                        routed += sum(p == task.name for p in predicted)
+                    total += len(task.test)
+                inc = f"{100 * right / total:11.2f}" if what == "analytic" else f"{'':11}"
+                ta = f"{100 * aware / total:12.2f}" if what == "analytic" else f"{'':12}"
+                print(f"{what:9} {solver:6} {n_features:5d} {inc} {ta} {100 * routed / total:8.2f} "
+                      f"{fit:6.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Closed-form classifiers learned from streaming sufficient statistics (no gradients).
+
+`AnalyticClassifier` keeps, for expanded features phi(x):
+
+    gram_    sum_i phi_i phi_i^T      (D, D)  shared; its size never changes
+    sums_    sum_i phi_i per class    (K, D)  one row per class
+    counts_  examples per class       (K,)
+
+`partial_fit` only adds to these sums, so after any sequence of calls -- in any order -- the
+statistics equal those of one batch over all data seen, and so does the solution computed from
+them (up to floating-point summation order). The state grows with the number of classes, never
+with the number of examples.
+
+Features are expanded by a fixed random projection with a ReLU (RanPAC's idea): the projection
+is regenerated from its seed, never stored or learned.
+
+Solvers (`solver=`):
+- `"ridge"`: ridge regression onto one-hot targets with an unpenalised intercept. The penalty
+  is chosen by generalised cross-validation (GCV), which is computable exactly from the
+  sufficient statistics, so it is chosen from the training data and stays order-invariant.
+- `"lda"`: class means with a shared within-class covariance, shrunk towards its mean
+  eigenvalue by `shrinkage` (relative, so scale-free), equal class priors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SOLVERS = ("ridge", "lda")
+GCV_GRID = tuple(10.0 ** e for e in np.arange(-4.0, 2.01, 0.25))  # x mean eigenvalue
+
+
+class RandomFeatures:
+    """phi(x) = relu(x / ||x|| @ W), W ~ N(0, 1) of shape (d, D) drawn from `seed`.
+
+    With `n_features=0`, phi(x) is just the unit-normalised input.
+    """
+
+    def __init__(self, in_dim: int, n_features: int, seed: int):
+        self.in_dim, self.n_features, self.seed = in_dim, n_features, seed
+        if n_features:
+            generator = torch.Generator().manual_seed(seed)
+            self.weight = torch.randn(in_dim, n_features, generator=generator, dtype=torch.float64)
+        else:
+            self.weight = None
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_features or self.in_dim
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to("cpu", torch.float64)  # (n, d)
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"features have dimension {x.shape[-1]}, expected {self.in_dim}")
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if self.weight is None:
+            return x
+        return torch.relu(x @ self.weight)  # (n, D)
+
+
+class AnalyticClassifier:
+    """Streaming, exact ridge / LDA classifier over a growing set of classes (sklearn-style)."""
+
+    def __init__(self, *, in_dim: int, n_features: int = 2048, solver: str = "ridge",
+                 shrinkage: float = 0.1, seed: int = 0):
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
+        if n_features < 0:
+            raise ValueError(f"n_features must be >= 0, got {n_features!r}")
+        if not 0 < shrinkage < 10:
+            raise ValueError(f"shrinkage must be in (0, 10), got {shrinkage!r}")
+        self.in_dim, self.n_features, self.solver = in_dim, n_features, solver
+        self.shrinkage, self.seed = shrinkage, seed
+        self.features = RandomFeatures(in_dim, n_features, seed)
+        D = self.features.out_dim
+        self.classes_: list[str] = []
+        self.gram_ = torch.zeros(D, D, dtype=torch.float64)
+        self.sums_ = torch.zeros(0, D, dtype=torch.float64)
+        self.counts_ = torch.zeros(0, dtype=torch.float64)
+        self._solution: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.alpha_: float | None = None
+
+    def hyperparameters(self) -> dict:
+        return {"in_dim": self.in_dim, "n_features": self.n_features, "solver": self.solver,
+                "shrinkage": self.shrinkage, "seed": self.seed}
+
+    # -- learning ----------------------------------------------------------------------------
+    def partial_fit(self, X: torch.Tensor, y: list[str]) -> "AnalyticClassifier":
+        """Add examples `X` (n, d) with class labels `y` to the statistics."""
+        if len(X) != len(y):
+            raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
+        phi = self.features(X)  # (n, D)
+        self.gram_ += phi.T @ phi
+        new = [c for c in dict.fromkeys(y) if c not in self.classes_]
+        if new:
+            D = self.gram_.shape[0]
+            self.sums_ = torch.cat([self.sums_, torch.zeros(len(new), D, dtype=torch.float64)])
+            self.counts_ = torch.cat([self.counts_, torch.zeros(len(new), dtype=torch.float64)])
+            self.classes_ += new
+        index = {c: i for i, c in enumerate(self.classes_)}
+        rows = torch.tensor([index[c] for c in y])
+        self.sums_.index_add_(0, rows, phi)
+        self.counts_.index_add_(0, rows, torch.ones(len(y), dtype=torch.float64))
+        self._solution = None
+        return self
+
+    def remove_classes(self, classes: list[str]) -> None:
+        """Forget classes: their means and counts go; their examples stay in the shared Gram
+        matrix (which no longer identifies them), where they act as background data."""
+        unknown = [c for c in classes if c not in self.classes_]
+        if unknown:
+            raise KeyError(f"unknown classes {unknown}")
+        keep = [i for i, c in enumerate(self.classes_) if c not in set(classes)]
+        self.classes_ = [self.classes_[i] for i in keep]
+        self.sums_, self.counts_ = self.sums_[keep], self.counts_[keep]
+        self._solution = None
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.counts_.sum().item())
+
+    # -- solving -----------------------------------------------------------------------------
+    def solution(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coef (D, K), intercept (K,)), recomputed only after the statistics changed."""
+        if len(self.classes_) < 2:
+            raise ValueError(f"need at least 2 classes to classify, have {self.classes_}")
+        if self._solution is None:
+            self._solution = self._ridge() if self.solver == "ridge" else self._lda()
+        return self._solution
+
+    def _ridge(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_k, n = self.counts_, self.counts_.sum()
+        mean = self.sums_.sum(0) / n  # (D,)
+        gram_c = self.gram_ - n * torch.outer(mean, mean)  # centred Gram
+        cross_c = self.sums_.T - torch.outer(mean, n_k)  # (D, K) centred X^T Y
+        eigvals, eigvecs = torch.linalg.eigh(gram_c)
+        eigvals = eigvals.clamp_min(0.0)
+        projected = eigvecs.T @ cross_c  # (D, K)
+        energy = (projected**2).sum(1)  # (D,)
+        y_ss = float((n_k - n_k**2 / n).sum())  # trace of centred Y^T Y for one-hot targets
+        scale = float(eigvals.mean())
+        best = None
+        for alpha in GCV_GRID:
+            lam = alpha * scale
+            shrink = 1.0 / (eigvals + lam)
+            rss = y_ss - float((energy * (2 * shrink - eigvals * shrink**2)).sum())
+            dof = float((eigvals * shrink).sum()) + 1.0
+            if dof >= n:
+                continue
+            gcv = (max(rss, 0.0) / float(n)) / (1.0 - dof / float(n)) ** 2
+            if best is None or gcv < best[0]:
+                best = (gcv, alpha)
+        if best is None:
+            raise ValueError(f"too few examples ({int(n)}) for {gram_c.shape[0]} features")
+        self.alpha_ = best[1]
+        coef = eigvecs @ (projected / (eigvals + best[1] * scale)[:, None])  # (D, K)
+        intercept = n_k / n - mean @ coef  # (K,)
+        return coef, intercept
+
+    def _lda(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_k, n = self.counts_, self.counts_.sum()
+        means = self.sums_ / n_k[:, None]  # (K, D)
+        within = (self.gram_ - means.T @ (means * n_k[:, None])) / max(float(n) - len(n_k), 1.0)
+        D = within.shape[0]
+        ridge = self.shrinkage * float(torch.trace(within)) / D
+        self.alpha_ = self.shrinkage
+        chol = torch.linalg.cholesky(within + ridge * torch.eye(D, dtype=torch.float64))
+        coef = torch.cholesky_solve(means.T, chol)  # (D, K)
+        intercept = -0.5 * (means * coef.T).sum(1)  # equal priors
+        return coef, intercept
+
+    # -- prediction --------------------------------------------------------------------------
+    def decision_function(self, X: torch.Tensor) -> torch.Tensor:
+        coef, intercept = self.solution()
+        return self.features(X) @ coef + intercept  # (n, K)
+
+    def predict(self, X: torch.Tensor) -> list[str]:
+        return [self.classes_[i] for i in self.decision_function(X).argmax(1).tolist()]
+
+    # -- persistence -------------------------------------------------------------------------
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The Gram matrix, packed as its upper triangle (it is symmetric)."""
+        D = self.gram_.shape[0]
+        rows, cols = torch.triu_indices(D, D)
+        return {"gram_upper": self.gram_[rows, cols].contiguous()}
+
+    def load_shared_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        D = self.gram_.shape[0]
+        packed = tensors["gram_upper"]
+        if packed.shape != (D * (D + 1) // 2,) or packed.dtype != torch.float64:
+            raise ValueError(f"gram_upper has shape {tuple(packed.shape)} and dtype {packed.dtype}, "
+                             f"expected ({D * (D + 1) // 2},) float64")
+        rows, cols = torch.triu_indices(D, D)
+        gram = torch.zeros(D, D, dtype=torch.float64)
+        gram[rows, cols] = packed
+        gram[cols, rows] = packed
+        self.gram_ = gram
+        self._solution = None
+
+    def class_state(self, classes: list[str]) -> dict[str, torch.Tensor]:
+        index = [self.classes_.index(c) for c in classes]
+        return {"sums": self.sums_[index].contiguous(), "counts": self.counts_[index].contiguous()}
+
+    def load_class_state(self, classes: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        sums, counts = tensors["sums"], tensors["counts"]
+        D = self.gram_.shape[0]
+        if sums.shape != (len(classes), D) or counts.shape != (len(classes),):
+            raise ValueError(f"class statistics of shape {tuple(sums.shape)}/{tuple(counts.shape)} "
+                             f"do not fit {len(classes)} classes of dimension {D}")
+        clash = [c for c in classes if c in self.classes_]
+        if clash:
+            raise ValueError(f"classes {clash} already present")
+        self.classes_ += list(classes)
+        self.sums_ = torch.cat([self.sums_, sums.to(torch.float64)])
+        self.counts_ = torch.cat([self.counts_, counts.to(torch.float64)])
+        self._solution = None
+
+    def state_numbers(self) -> dict[str, int]:
+        """Numbers held: shared (Gram, packed) and per class."""
+        D = self.gram_.shape[0]
+        return {"shared": D * (D + 1) // 2, "per_class": D + 1}
+

@@ -1,0 +1,102 @@
+"""`analytic`: no gradient training. The frozen backbone's pooled embedding, expanded by a fixed
+random projection, feeds one streaming ridge classifier over the labels of every task seen.
+
+Learning a task is one backbone forward per training example plus adding to sufficient
+statistics, so the classifier after any sequence of tasks equals the one fitted on all their
+data at once (see `analytic.AnalyticClassifier`). It is class-incremental: without a task it
+predicts over all labels of all tasks; given a task it restricts to that task's labels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..analytic import AnalyticClassifier
+from ..data import Task
+from .base import Method
+
+SEP = "\x1f"  # between task and label in a class key; task names cannot contain it
+INFERENCE_BATCH = 64
+
+
+def class_key(task: str, label: str) -> str:
+    return f"{task}{SEP}{label}"
+
+
+class AnalyticMethod(Method):
+    name = "analytic"
+    routes_itself = True
+    shares_state = True
+
+    def __init__(self, n_features: int = 2048, solver: str = "ridge", shrinkage: float = 0.1,
+                 seed: int = 0):
+        self.options = {"n_features": n_features, "solver": solver, "shrinkage": shrinkage,
+                        "seed": seed}
+        self.classifier: AnalyticClassifier | None = None
+        self.labels: dict[str, tuple[str, ...]] = {}
+
+    def hyperparameters(self) -> dict:
+        return dict(self.options)
+
+    def adapter_key(self, task: str) -> None:
+        return None  # the plain frozen backbone
+
+    def _classifier(self, learner) -> AnalyticClassifier:
+        if self.classifier is None:
+            self.classifier = AnalyticClassifier(in_dim=learner.backbone.hidden_size, **self.options)
+        return self.classifier
+
+    @torch.inference_mode()
+    def learn(self, learner, task: Task, progress) -> dict:
+        classifier = self._classifier(learner)
+        ids = learner.backbone.tokenize([e.text for e in task.train])
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        total = (len(order) + INFERENCE_BATCH - 1) // INFERENCE_BATCH
+        for step, start in enumerate(range(0, len(order), INFERENCE_BATCH), start=1):
+            chunk = order[start : start + INFERENCE_BATCH]
+            pooled = learner.backbone(**learner.backbone.collate([ids[i] for i in chunk]))  # (B, H)
+            classifier.partial_fit(pooled, [class_key(task.name, task.train[i].label) for i in chunk])
+            if progress is not None:
+                progress(step, total, float("nan"))
+        self.labels[task.name] = tuple(task.labels)
+        classifier.solution()  # solve now, so learning time includes it
+        return {"examples": len(ids), "ridge_alpha": classifier.alpha_,
+                "classes": len(classifier.classes_)}
+
+    def _columns(self, task: str) -> list[int]:
+        index = {c: i for i, c in enumerate(self.classifier.classes_)}
+        return [index[class_key(task, label)] for label in self.labels[task]]
+
+    def head_logits(self, learner, pooled: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
+        scores = self.classifier.decision_function(pooled).to(torch.float32)  # (B, K_all)
+        columns = {t: self._columns(t) for t in dict.fromkeys(tasks)}
+        return [scores[i, columns[t]] for i, t in enumerate(tasks)]
+
+    def infer_tasks(self, learner, pooled: torch.Tensor) -> list[str]:
+        """The task of the best class over all labels of all tasks (class-incremental)."""
+        return [key.split(SEP, 1)[0] for key in self.classifier.predict(pooled)]
+
+    def forget(self, learner, task: str) -> None:
+        if task in self.labels:
+            self.classifier.remove_classes([class_key(task, label) for label in self.labels[task]])
+            del self.labels[task]
+
+    def footprint(self, learner, task: str) -> tuple[int, int]:
+        return 0, len(self.labels[task]) * self.classifier.state_numbers()["per_class"]
+
+    def shared_numbers(self, learner) -> int:
+        return self._classifier(learner).state_numbers()["shared"]
+
+    def task_tensors(self, learner, task: str) -> dict[str, torch.Tensor]:
+        keys = [class_key(task, label) for label in self.labels[task]]
+        return self.classifier.class_state(keys)
+
+    def load_task_tensors(self, learner, task: str, labels, tensors) -> None:
+        self._classifier(learner).load_class_state([class_key(task, l) for l in labels], tensors)
+        self.labels[task] = tuple(labels)
+
+    def shared_tensors(self, learner) -> dict[str, torch.Tensor]:
+        return self._classifier(learner).shared_state()
+
+    def load_shared_tensors(self, learner, tensors) -> None:
+        self._classifier(learner).load_shared_state(tensors)

@@ -1,0 +1,65 @@
+"""The router: which task does an input belong to, when the caller does not say?
+
+It classifies the backbone's *embedding-layer* output (mean over tokens), expanded by fixed
+random features, with a streaming shared-covariance classifier over task ids
+(`analytic.AnalyticClassifier`). The embedding layer is the part of the forward pass that no
+task changes, so the router reads it from the prediction pass itself: routing costs no extra
+backbone pass, and the rows of one batch can go to different tasks in that same pass.
+
+It learns as tasks arrive, from the same features of each task's training texts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .analytic import AnalyticClassifier
+
+PREFIX = "router."
+
+
+class Router:
+    def __init__(self, in_dim: int, *, n_features: int = 2048, solver: str = "lda",
+                 shrinkage: float = 0.1, seed: int = 0):
+        self.classifier = AnalyticClassifier(in_dim=in_dim, n_features=n_features, solver=solver,
+                                             shrinkage=shrinkage, seed=seed)
+
+    def hyperparameters(self) -> dict:
+        options = self.classifier.hyperparameters()
+        del options["in_dim"]  # a property of the backbone
+        return options
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.classifier.classes_)
+
+    def partial_fit(self, features: torch.Tensor, task: str) -> None:
+        """Add one task's training features (n, H)."""
+        self.classifier.partial_fit(features, [task] * len(features))
+
+    def predict(self, features: torch.Tensor) -> list[str]:
+        """The most likely task per row (n, H) -> n names."""
+        if len(self.classifier.classes_) == 1:
+            return [self.classifier.classes_[0]] * len(features)
+        return self.classifier.predict(features)
+
+    def remove(self, task: str) -> None:
+        if task in self.classifier.classes_:
+            self.classifier.remove_classes([task])
+
+    def task_tensors(self, task: str) -> dict[str, torch.Tensor]:
+        return {PREFIX + k: v for k, v in self.classifier.class_state([task]).items()}
+
+    def load_task_tensors(self, task: str, tensors: dict[str, torch.Tensor]) -> None:
+        state = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
+        self.classifier.load_class_state([task], state)
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        return {PREFIX + k: v for k, v in self.classifier.shared_state().items()}
+
+    def load_shared_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        state = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
+        self.classifier.load_shared_state(state)
+
+    def state_numbers(self) -> dict[str, int]:
+        return self.classifier.state_numbers()

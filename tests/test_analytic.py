@@ -1,0 +1,116 @@
+"""The analytic classifier: exact streaming statistics, order invariance, GCV, persistence."""
+
+import numpy as np
+import pytest
+import torch
+
+from continual_transformer.analytic import GCV_GRID, AnalyticClassifier
+
+
+def _data(seed=0, n=240, d=12, classes=("a", "b", "c", "d")):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(classes), d)) * 2
+    y = [classes[i % len(classes)] for i in range(n)]
+    X = np.stack([centres[classes.index(c)] + rng.normal(size=d) for c in y])
+    return torch.tensor(X, dtype=torch.float32), y
+
+
+def _batch_ridge(clf: AnalyticClassifier, X, y):
+    """The ridge solution computed directly from all examples at once."""
+    phi = clf.features(X).numpy()
+    classes = clf.classes_
+    Y = np.array([[1.0 if c == k else 0.0 for k in classes] for c in y])
+    mu_x, mu_y = phi.mean(0), Y.mean(0)
+    Xc, Yc = phi - mu_x, Y - mu_y
+    G = Xc.T @ Xc
+    lam = clf.alpha_ * np.linalg.eigvalsh(G).clip(min=0).mean()
+    coef = np.linalg.solve(G + lam * np.eye(len(G)), Xc.T @ Yc)
+    return coef, mu_y - mu_x @ coef
+
+
+@pytest.mark.parametrize("n_features", [0, 64])
+def test_streaming_ridge_equals_batch_solution(n_features):
+    X, y = _data()
+    clf = AnalyticClassifier(in_dim=X.shape[1], n_features=n_features, seed=1)
+    for start in range(0, len(y), 50):  # arbitrary chunks, classes arriving over time
+        clf.partial_fit(X[start:start + 50], y[start:start + 50])
+    coef, intercept = clf.solution()
+    batch_coef, batch_intercept = _batch_ridge(clf, X, y)
+    np.testing.assert_allclose(coef.numpy(), batch_coef, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(intercept.numpy(), batch_intercept, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["ridge", "lda"])
+def test_task_order_does_not_change_the_model(solver):
+    X, y = _data(n=300, classes=("a", "b", "c", "d", "e", "f"))
+    tasks = {"t1": ("a", "b"), "t2": ("c", "d"), "t3": ("e", "f")}
+    rows = {t: [i for i, c in enumerate(y) if c in labels] for t, labels in tasks.items()}
+    models = []
+    for order in (["t1", "t2", "t3"], ["t3", "t1", "t2"], ["t2", "t3", "t1"]):
+        clf = AnalyticClassifier(in_dim=X.shape[1], n_features=32, solver=solver, seed=0)
+        for t in order:
+            clf.partial_fit(X[rows[t]], [y[i] for i in rows[t]])
+        models.append(clf)
+    reference = models[0]
+    for other in models[1:]:
+        assert other.alpha_ is None or other.solution() is not None
+        permutation = [other.classes_.index(c) for c in reference.classes_]
+        coef, intercept = other.solution()
+        np.testing.assert_allclose(coef[:, permutation].numpy(), reference.solution()[0].numpy(),
+                                   rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(intercept[permutation].numpy(), reference.solution()[1].numpy(),
+                                   rtol=1e-8, atol=1e-10)
+        assert other.predict(X) == reference.predict(X)
+
+
+def test_gcv_picks_the_same_penalty_as_explicit_hat_matrix():
+    X, y = _data(n=120, d=6)
+    clf = AnalyticClassifier(in_dim=6, n_features=20, seed=3).partial_fit(X, y)
+    clf.solution()
+    phi = clf.features(X).numpy()
+    Y = np.array([[1.0 if c == k else 0.0 for k in clf.classes_] for c in y])
+    Xc, Yc = phi - phi.mean(0), Y - Y.mean(0)
+    G = Xc.T @ Xc
+    scale = np.linalg.eigvalsh(G).clip(min=0).mean()
+    n = len(y)
+    scores = []
+    for alpha in GCV_GRID:
+        H = Xc @ np.linalg.solve(G + alpha * scale * np.eye(len(G)), Xc.T)
+        rss = ((Yc - H @ Yc) ** 2).sum()
+        dof = np.trace(H) + 1
+        scores.append((rss / n) / (1 - dof / n) ** 2)
+    assert clf.alpha_ == GCV_GRID[int(np.argmin(scores))]
+
+
+def test_state_size_grows_with_classes_not_examples():
+    X, y = _data(n=400)
+    small = AnalyticClassifier(in_dim=X.shape[1], n_features=16).partial_fit(X[:40], y[:40])
+    large = AnalyticClassifier(in_dim=X.shape[1], n_features=16).partial_fit(X, y)
+    assert small.gram_.shape == large.gram_.shape == (16, 16)
+    assert small.sums_.shape == large.sums_.shape == (4, 16)
+    assert large.n_examples == 400
+    more = AnalyticClassifier(in_dim=X.shape[1], n_features=16).partial_fit(X, [c + "x" if i % 8 == 0 else c for i, c in enumerate(y)])
+    assert more.sums_.shape[0] > large.sums_.shape[0]
+
+
+def test_state_round_trip_reproduces_predictions():
+    X, y = _data()
+    clf = AnalyticClassifier(in_dim=X.shape[1], n_features=24, seed=5).partial_fit(X, y)
+    copy = AnalyticClassifier(in_dim=X.shape[1], n_features=24, seed=5)
+    copy.load_shared_state(clf.shared_state())
+    copy.load_class_state(clf.classes_, clf.class_state(clf.classes_))
+    assert torch.equal(copy.decision_function(X), clf.decision_function(X))
+
+
+def test_remove_classes_and_validation():
+    X, y = _data()
+    clf = AnalyticClassifier(in_dim=X.shape[1], n_features=8).partial_fit(X, y)
+    clf.remove_classes(["a"])
+    assert clf.classes_ == ["b", "c", "d"]
+    assert "a" not in set(clf.predict(X))
+    with pytest.raises(KeyError, match="unknown classes \\['zz'\\]"):
+        clf.remove_classes(["zz"])
+    with pytest.raises(ValueError, match="solver must be one of \\['ridge', 'lda'\\], got 'svm'"):
+        AnalyticClassifier(in_dim=3, solver="svm")
+    with pytest.raises(ValueError, match="features have dimension 5, expected 12"):
+        clf.partial_fit(torch.zeros(2, 5), ["a", "b"])

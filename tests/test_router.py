@@ -1,0 +1,135 @@
+"""Task-free prediction: the router (ia3) and the analytic method's class-incremental argmax."""
+
+import pytest
+import torch
+
+from continual_transformer import ContinualLearner, TrainConfig, load_stream
+from continual_transformer.backbone import masked_mean
+
+
+from continual_transformer.methods import make_method
+from conftest import toy_rows, write_jsonl
+
+ROUTER = {"n_features": 256}  # small random-feature maps keep unit tests fast
+
+
+def analytic():
+    return make_method("analytic", {"n_features": 256})
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return load_stream(write_jsonl(tmp_path_factory.mktemp("s") / "toy.jsonl", toy_rows()))
+
+
+@pytest.fixture(scope="module")
+def ia3(tiny_config, tasks):
+    learner = ContinualLearner(tiny_config, train=TrainConfig(epochs=2, batch_size=8), device="cpu",
+                               router=ROUTER)
+    for task in tasks:
+        learner.learn(task)
+    return learner
+
+
+def test_router_reads_the_embedding_layer_of_the_prediction_pass(ia3, tasks):
+    backbone = ia3.backbone
+    batch = backbone.collate(backbone.tokenize([e.text for e in tasks[0].test]))
+    seen = []
+    with backbone.watch_embeddings(lambda out: seen.append(masked_mean(out, batch["attention_mask"]))):
+        backbone(**batch)
+    assert len(seen) == 1  # called once per pass, from inside it
+    assert torch.equal(seen[0], backbone.embedding_features(**batch))
+
+
+def test_task_free_prediction_routes_each_row(ia3, tasks):
+    texts = [e.text for t in tasks for e in t.test]
+    truth = [t.name for t in tasks for e in t.test]
+    predictions = ia3.predict(texts)  # no task
+    routed = [p.task for p in predictions]
+    assert sum(r == t for r, t in zip(routed, truth)) / len(truth) >= 0.9
+    for p in predictions:
+        assert p.label in ia3.tasks[p.task].labels
+
+
+def test_routed_rows_get_the_routed_tasks_logits(ia3, tasks):
+    texts = [e.text for e in tasks[0].test[:4]] + [e.text for e in tasks[1].test[:4]]
+    given = [tasks[0].name, None, None, tasks[0].name, None, tasks[1].name, None, None]
+    predictions = ia3.predict(texts, given)
+    assert [p.task for i, p in enumerate(predictions) if given[i]] == [g for g in given if g]
+    for text, p in zip(texts, predictions):
+        alone = ia3.predict([text], p.task)[0]
+        assert alone.label == p.label
+        for label in p.probabilities:
+            assert p.probabilities[label] == pytest.approx(alone.probabilities[label], abs=1e-5)
+
+
+def test_evaluate_task_free_counts_only_correctly_routed_rows(ia3, tasks):
+    accuracy, routed = ia3.evaluate_task_free(tasks[0])
+    aware = ia3.evaluate(tasks[0])
+    assert len(routed) == len(tasks[0].test)
+    assert accuracy <= aware + 1e-9 or any(r != tasks[0].name for r in routed)
+
+
+def test_router_is_saved_and_deleted_with_its_task(ia3, tasks, tmp_path):
+    texts = [e.text for t in tasks for e in t.test]
+    before = ia3.predict(texts)
+    ia3.save(tmp_path / "m")
+    assert ContinualLearner.load(tmp_path / "m", device="cpu").router.hyperparameters()["n_features"] == 256
+    loaded = ContinualLearner.load(tmp_path / "m", device="cpu")
+    assert loaded.predict(texts) == before
+    loaded.delete(tasks[0].name)
+    assert loaded.router.tasks == [tasks[1].name]
+    assert {p.task for p in loaded.predict(texts)} == {tasks[1].name}
+
+
+def test_failed_task_leaves_router_unchanged(tiny_config, tasks):
+    learner = ContinualLearner(tiny_config, train=TrainConfig(epochs=1, batch_size=8), device="cpu",
+                               router=ROUTER)
+    learner.learn(tasks[0])
+
+    def crash(done, total, loss):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        learner.learn(tasks[1], progress=crash)
+    assert learner.router.tasks == [tasks[0].name]
+
+
+def test_analytic_method_learns_without_gradients_and_routes_itself(tiny_config, tasks, tmp_path):
+    learner = ContinualLearner(tiny_config, method=analytic(), device="cpu")
+    assert learner.router is None
+    for task in tasks:
+        learner.learn(task)
+    assert all(not p.requires_grad or p.grad is None for p in learner.backbone.parameters())
+    for task in tasks:
+        assert learner.evaluate(task) >= 0.75
+        free, routed = learner.evaluate_task_free(task)
+        assert free >= 0.6
+    record = learner.tasks[tasks[0].name]
+    assert record.adapter_parameters == 0 and record.stats["examples"] == len(tasks[0].train)
+    texts = [e.text for t in tasks for e in t.test]
+    learner.save(tmp_path / "a")
+    loaded = ContinualLearner.load(tmp_path / "a", device="cpu")
+    assert loaded.predict(texts) == learner.predict(texts)
+    assert loaded.predict(texts, tasks[0].name) == learner.predict(texts, tasks[0].name)
+
+
+def test_analytic_task_order_gives_the_same_model(tiny_config, tasks):
+    first = ContinualLearner(tiny_config, method=analytic(), device="cpu")
+    second = ContinualLearner(tiny_config, method=analytic(), device="cpu")
+    for task in tasks:
+        first.learn(task)
+    for task in reversed(tasks):
+        second.learn(task)
+    texts = [e.text for t in tasks for e in t.test]
+    a, b = first.method.classifier, second.method.classifier
+    permutation = [b.classes_.index(c) for c in a.classes_]
+    scale = float(a.solution()[0].abs().max())
+    torch.testing.assert_close(b.solution()[0][:, permutation], a.solution()[0], rtol=0,
+                               atol=1e-7 * scale)
+    assert [p.label for p in first.predict(texts)] == [p.label for p in second.predict(texts)]
+
+
+def test_analytic_rejects_training_options(tiny_config):
+    with pytest.raises(ValueError, match="method 'analytic' is not trained by gradient"):
+        ContinualLearner(tiny_config, method="analytic", train=TrainConfig(), device="cpu")
