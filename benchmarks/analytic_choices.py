@@ -8,13 +8,16 @@ prints test accuracy:
 - analytic: class-incremental accuracy (label over all tasks' labels) and task-aware accuracy;
 - router: share of test inputs routed to their own task.
 
-    python benchmarks/analytic_choices.py [STREAM] [--features 0,1024,2048,4096]
+    python benchmarks/analytic_choices.py [STREAM] [--features 0,1024,2048,4096] [--cache F.pt]
+
+Solvers: ridge (penalty by GCV), lda (shrinkage by GCV), lda@0.1 (fixed relative shrinkage).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,24 +44,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("stream", nargs="?", default=None)
     parser.add_argument("--features", default="0,1024,2048,4096")
+    parser.add_argument("--cache", default=None, help="save/load the features here (.pt)")
     args = parser.parse_args()
     tasks = load_stream(args.stream or default_stream_path())
     backbone = Backbone.load(BackboneConfig())
     start = time.perf_counter()
-    data = []
-    for task in tasks:
-        train = features(backbone, [e.text for e in task.train])
-        test = features(backbone, [e.text for e in task.test])
-        data.append((task, train, test))
+    if args.cache and Path(args.cache).is_file():
+        cached = torch.load(args.cache)
+    else:
+        cached = [(features(backbone, [e.text for e in t.train]),
+                   features(backbone, [e.text for e in t.test])) for t in tasks]
+        if args.cache:
+            torch.save(cached, args.cache)
+    data = [(task, train, test) for task, (train, test) in zip(tasks, cached)]
     print(f"features of {sum(len(t.train) + len(t.test) for t in tasks)} texts: "
           f"{time.perf_counter() - start:.1f}s")
-    print(f"{'what':9} {'solver':6} {'D':>5} {'class-inc %':>11} {'task-aware %':>12} "
-          f"{'routed %':>8} {'fit s':>6}")
+    print(f"{'what':9} {'solver':12} {'D':>5} {'class-inc %':>11} {'task-aware %':>12} "
+          f"{'routed %':>8} {'alpha':>7} {'fit s':>6}")
+    variants = [("ridge", None), ("lda", None), ("lda", 0.1)]
     for n_features in [int(x) for x in args.features.split(",")]:
-        for solver in ("ridge", "lda"):
+        for solver, shrinkage in variants:
             for what in ("analytic", "router"):
                 clf = AnalyticClassifier(in_dim=backbone.hidden_size, n_features=n_features,
-                                         solver=solver)
+                                         solver=solver, shrinkage=shrinkage)
                 start = time.perf_counter()
                 for task, (pooled, embedded), _ in data:
                     X = pooled if what == "analytic" else embedded
@@ -85,8 +93,9 @@ def main() -> None:
                     total += len(task.test)
                 inc = f"{100 * right / total:11.2f}" if what == "analytic" else f"{'':11}"
                 ta = f"{100 * aware / total:12.2f}" if what == "analytic" else f"{'':12}"
-                print(f"{what:9} {solver:6} {n_features:5d} {inc} {ta} {100 * routed / total:8.2f} "
-                      f"{fit:6.1f}", flush=True)
+                label = solver if shrinkage is None or solver == "ridge" else f"{solver}@{shrinkage:g}"
+                print(f"{what:9} {label:12} {n_features:5d} {inc} {ta} {100 * routed / total:8.2f} "
+                      f"{clf.alpha_:7.3g} {fit:6.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def _batch_ridge(clf: AnalyticClassifier, X, y):
 @pytest.mark.parametrize("n_features", [0, 64])
 def test_streaming_ridge_equals_batch_solution(n_features):
     X, y = _data()
-    clf = AnalyticClassifier(in_dim=X.shape[1], n_features=n_features, seed=1)
+    clf = AnalyticClassifier(in_dim=X.shape[1], n_features=n_features, solver="ridge", seed=1)
     for start in range(0, len(y), 50):  # arbitrary chunks, classes arriving over time
         clf.partial_fit(X[start:start + 50], y[start:start + 50])
     coef, intercept = clf.solution()
@@ -65,7 +65,7 @@ def test_task_order_does_not_change_the_model(solver):
 
 def test_gcv_picks_the_same_penalty_as_explicit_hat_matrix():
     X, y = _data(n=120, d=6)
-    clf = AnalyticClassifier(in_dim=6, n_features=20, seed=3).partial_fit(X, y)
+    clf = AnalyticClassifier(in_dim=6, n_features=20, solver="ridge", seed=3).partial_fit(X, y)
     clf.solution()
     phi = clf.features(X).numpy()
     Y = np.array([[1.0 if c == k else 0.0 for k in clf.classes_] for c in y])
@@ -114,3 +114,15 @@ def test_remove_classes_and_validation():
         AnalyticClassifier(in_dim=3, solver="svm")
     with pytest.raises(ValueError, match="features have dimension 5, expected 12"):
         clf.partial_fit(torch.zeros(2, 5), ["a", "b"])
+
+
+def test_lda_shrinkage_is_the_gcv_choice_unless_given():
+    X, y = _data(n=160, d=8)
+    ridge = AnalyticClassifier(in_dim=8, n_features=16, solver="ridge").partial_fit(X, y)
+    lda = AnalyticClassifier(in_dim=8, n_features=16, solver="lda").partial_fit(X, y)
+    fixed = AnalyticClassifier(in_dim=8, n_features=16, solver="lda", shrinkage=0.5).partial_fit(X, y)
+    ridge.solution(), lda.solution(), fixed.solution()
+    assert lda.alpha_ == ridge.alpha_
+    assert fixed.alpha_ == 0.5
+    accuracy = np.mean([p == t for p, t in zip(lda.predict(X), y)])
+    assert accuracy > 0.9

@@ -73,3 +73,22 @@ def test_footprint_within_a_tenth_of_a_percent(learned):
         footprint = learner.footprint(name)
         assert footprint["adapter_parameters"] == 6 * (384 + 384 + 1536)
         assert footprint["adapter_percent_of_backbone"] < 0.1
+
+
+def test_router_sends_inputs_to_their_task(learned, slice_tasks):
+    learner, _, _ = learned
+    for task in slice_tasks:
+        free, routed = learner.evaluate_task_free(task)
+        assert sum(r == task.name for r in routed) / len(routed) >= 0.9
+        assert free >= learner.evaluate(task) - 0.1
+
+
+def test_analytic_learns_in_one_pass(slice_tasks):
+    learner = ContinualLearner(method="analytic", device="cpu")
+    for task in slice_tasks:
+        learner.learn(task)
+    wordnet, bible = slice_tasks
+    assert learner.evaluate(wordnet) > 0.75
+    assert learner.evaluate(bible) > 0.40
+    free, _ = learner.evaluate_task_free(wordnet)
+    assert free > 0.6

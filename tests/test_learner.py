@@ -123,3 +123,14 @@ def test_footprint_reports_share_of_backbone(tiny_config, tasks):
     assert fp["router_numbers"] == 2048 + 1  # one class mean and count in the router
     assert fp["adapter_percent_of_backbone"] == pytest.approx(
         100 * fp["adapter_parameters"] / learner.backbone_parameters)
+
+
+def test_bf16_training_learns_and_predicts_in_float32(tiny_config, tasks):
+    learner = make(tiny_config, precision="bf16")
+    learner.learn(tasks[0])
+    logits = learner.logits([e.text for e in tasks[0].test], tasks[0].name)
+    assert logits[0].dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in learner.adapter.parameters_of(tasks[0].name))
+    assert any(not torch.all(p == 1) for p in learner.adapter.parameters_of(tasks[0].name))
+    with pytest.raises(ValueError, match="precision must be one of \\['auto', 'fp32', 'bf16'\\], got 'fp8'"):
+        TrainConfig(precision="fp8")

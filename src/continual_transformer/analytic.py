@@ -19,7 +19,11 @@ Solvers (`solver=`):
   is chosen by generalised cross-validation (GCV), which is computable exactly from the
   sufficient statistics, so it is chosen from the training data and stays order-invariant.
 - `"lda"`: class means with a shared within-class covariance, shrunk towards its mean
-  eigenvalue by `shrinkage` (relative, so scale-free), equal class priors.
+  eigenvalue by a relative amount (scale-free), equal class priors. The amount is
+  `shrinkage` if given; by default it is the penalty GCV picks for the ridge regression of the
+  class indicators on the same statistics (penalised discriminant analysis, Hastie, Buja and
+  Tibshirani 1995: LDA is optimal scoring on that regression), so it too is chosen from the
+  training data and stays order-invariant.
 """
 
 from __future__ import annotations
@@ -62,14 +66,14 @@ class RandomFeatures:
 class AnalyticClassifier:
     """Streaming, exact ridge / LDA classifier over a growing set of classes (sklearn-style)."""
 
-    def __init__(self, *, in_dim: int, n_features: int = 2048, solver: str = "ridge",
-                 shrinkage: float = 0.1, seed: int = 0):
+    def __init__(self, *, in_dim: int, n_features: int = 2048, solver: str = "lda",
+                 shrinkage: float | None = None, seed: int = 0):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
         if n_features < 0:
             raise ValueError(f"n_features must be >= 0, got {n_features!r}")
-        if not 0 < shrinkage < 10:
-            raise ValueError(f"shrinkage must be in (0, 10), got {shrinkage!r}")
+        if shrinkage is not None and not 0 < shrinkage < 10:
+            raise ValueError(f"shrinkage must be None (chosen by GCV) or in (0, 10), got {shrinkage!r}")
         self.in_dim, self.n_features, self.solver = in_dim, n_features, solver
         self.shrinkage, self.seed = shrinkage, seed
         self.features = RandomFeatures(in_dim, n_features, seed)
@@ -129,7 +133,8 @@ class AnalyticClassifier:
             self._solution = self._ridge() if self.solver == "ridge" else self._lda()
         return self._solution
 
-    def _ridge(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gcv(self):
+        """Eigen-decomposition of the centred statistics and the GCV-best relative penalty."""
         n_k, n = self.counts_, self.counts_.sum()
         mean = self.sums_.sum(0) / n  # (D,)
         gram_c = self.gram_ - n * torch.outer(mean, mean)  # centred Gram
@@ -142,8 +147,7 @@ class AnalyticClassifier:
         scale = float(eigvals.mean())
         best = None
         for alpha in GCV_GRID:
-            lam = alpha * scale
-            shrink = 1.0 / (eigvals + lam)
+            shrink = 1.0 / (eigvals + alpha * scale)
             rss = y_ss - float((energy * (2 * shrink - eigvals * shrink**2)).sum())
             dof = float((eigvals * shrink).sum()) + 1.0
             if dof >= n:
@@ -153,9 +157,13 @@ class AnalyticClassifier:
                 best = (gcv, alpha)
         if best is None:
             raise ValueError(f"too few examples ({int(n)}) for {gram_c.shape[0]} features")
-        self.alpha_ = best[1]
-        coef = eigvecs @ (projected / (eigvals + best[1] * scale)[:, None])  # (D, K)
-        intercept = n_k / n - mean @ coef  # (K,)
+        return best[1], mean, eigvals, eigvecs, projected, scale
+
+    def _ridge(self) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha, mean, eigvals, eigvecs, projected, scale = self._gcv()
+        self.alpha_ = alpha
+        coef = eigvecs @ (projected / (eigvals + alpha * scale)[:, None])  # (D, K)
+        intercept = self.counts_ / self.counts_.sum() - mean @ coef  # (K,)
         return coef, intercept
 
     def _lda(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +171,8 @@ class AnalyticClassifier:
         means = self.sums_ / n_k[:, None]  # (K, D)
         within = (self.gram_ - means.T @ (means * n_k[:, None])) / max(float(n) - len(n_k), 1.0)
         D = within.shape[0]
-        ridge = self.shrinkage * float(torch.trace(within)) / D
-        self.alpha_ = self.shrinkage
+        self.alpha_ = self.shrinkage if self.shrinkage is not None else self._gcv()[0]
+        ridge = self.alpha_ * float(torch.trace(within)) / D
         chol = torch.linalg.cholesky(within + ridge * torch.eye(D, dtype=torch.float64))
         coef = torch.cholesky_solve(means.T, chol)  # (D, K)
         intercept = -0.5 * (means * coef.T).sum(1)  # equal priors

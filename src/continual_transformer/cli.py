@@ -86,6 +86,7 @@ def run(
     lr: Optional[float] = typer.Option(None, help="Learning rate of the scale vectors."),
     head_lr: Optional[float] = typer.Option(None, help="Learning rate of the heads."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
+    precision: Optional[str] = typer.Option(None, help="Training precision: auto (bf16 where the hardware has it), fp32 or bf16."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
     seed: int = typer.Option(0, help="Random seed: same seed, same numbers."),
     backbone: str = typer.Option("default", help="'default' (MiniLM-L6), a model folder or a hub id."),
@@ -105,7 +106,8 @@ def run(
         stream = stream or default_stream_path()
         tasks = [t.subsample_train(max_train, seed) for t in load_stream(stream)]
         overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "head_lr": head_lr,
-                                       "batch_size": batch_size}.items() if v is not None}
+                                       "batch_size": batch_size, "precision": precision}.items()
+                     if v is not None}
         config = BackboneConfig(backbone, max_length=max_length)
         torch.manual_seed(seed)
         if method == "analytic":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 POOLINGS = ("mean", "cls")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -52,8 +53,13 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     seed: int = 0
+    # Training forward passes in bfloat16 autocast ("bf16"), float32 ("fp32"), or bf16 where the
+    # hardware computes it natively ("auto"). Prediction always runs in float32.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs!r}")
         _check_positive("lr", self.lr)

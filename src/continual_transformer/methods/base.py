@@ -16,6 +16,24 @@ if TYPE_CHECKING:
     from ..learner import ContinualLearner
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 matrix products in hardware."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:  # not Linux: no cheap way to tell, so stay in float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_autocast(precision: str, device: torch.device):
+    """A context-manager factory for training forward passes in the configured precision."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
 def task_seed(seed: int, task: str) -> int:
     """A seed for one task's random choices that does not depend on the tasks before it."""
     return zlib.crc32(f"{seed}:{task}".encode())
@@ -116,9 +134,12 @@ class GradientMethod(Method):
         index = task.label_index()
         labels = torch.tensor([index[e.label] for e in task.train], device=learner.device)
 
+        autocast = training_autocast(self.train.precision, learner.device)
+
         def batch_loss(indices: list[int]) -> torch.Tensor:
             batch = learner.backbone.collate([ids[i] for i in indices])
-            return self.loss(learner, task, batch, labels[indices])
+            with autocast():
+                return self.loss(learner, task, batch, labels[indices]).float()
 
         result: TrainResult = fit(
             self.param_groups(learner, task), batch_loss, len(ids), self.train,
