@@ -70,9 +70,9 @@ class _RichEvents:
         self.progress.remove_task(self.eval_bar)
         kib = record.bytes_added / 1024
         self.progress.console.print(
-            f"learned [bold]{record.name}[/] in {record.train_seconds:.1f}s; "
-            f"added {record.adapter_parameters:,} scale + {record.head_parameters:,} head "
-            f"parameters ({kib:.1f} KiB)"
+            f"learned [bold]{record.name}[/] in {record.train_seconds:.1f}s; added "
+            f"{record.adapter_parameters:,} scale + {record.head_parameters:,} head numbers "
+            f"({kib:.1f} KiB stored, routing statistics included)"
         )
         self.progress.console.print(_matrix_table(matrix, names, "accuracy matrix so far (%)"))
 

@@ -48,11 +48,8 @@ class TaskRecord:
     train_seconds: float
     adapter_parameters: int
     head_parameters: int
+    bytes_added: int  # the task's own state as stored (scales and heads float32, statistics float64)
     stats: dict = field(default_factory=dict)
-
-    @property
-    def bytes_added(self) -> int:
-        return 4 * (self.adapter_parameters + self.head_parameters)  # float32
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -129,6 +126,8 @@ class ContinualLearner:
             train_seconds=round(time.perf_counter() - start, 3),
             adapter_parameters=adapter_parameters,
             head_parameters=head_parameters,
+            bytes_added=4 * adapter_parameters + self.method.head_number_bytes * head_parameters
+            + (8 * self.router.state_numbers()["per_class"] if self.router is not None else 0),
             stats=stats,
         )
         self.tasks[task.name] = record
@@ -289,7 +288,7 @@ class ContinualLearner:
     def footprint(self, task: str) -> dict:
         """Numbers and bytes a task added, also as a share of the backbone.
 
-        Scale vectors and heads are float32; routing statistics are float64 sums.
+        Scale vectors and heads are float32; class and routing statistics are float64 sums.
         """
         record = self._require(task)
         adapter, head = record.adapter_parameters, record.head_parameters
@@ -298,7 +297,7 @@ class ContinualLearner:
             "adapter_parameters": adapter,
             "head_parameters": head,
             "router_numbers": router,
-            "bytes_added": record.bytes_added + 8 * router,
+            "bytes_added": record.bytes_added,
             "adapter_percent_of_backbone": 100.0 * adapter / self.backbone_parameters,
             "total_percent_of_backbone": 100.0 * (adapter + head) / self.backbone_parameters,
         }

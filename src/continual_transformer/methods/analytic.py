@@ -28,6 +28,7 @@ class AnalyticMethod(Method):
     name = "analytic"
     routes_itself = True
     shares_state = True
+    head_number_bytes = 8  # class sums and counts are float64
 
     # Defaults measured on the bundled stream (benchmarks/analytic_choices.py): LDA beats ridge,
     # and a random expansion (1024-4096 features) adds under a point for 10-200x the state.

@@ -53,6 +53,8 @@ class Method:
     routes_itself: ClassVar[bool] = False
     # True when learning one task can change what another task's inputs meet (shared state).
     shares_state: ClassVar[bool] = False
+    # Bytes per number of the state counted as the task's "head" (float32 weights by default).
+    head_number_bytes: ClassVar[int] = 4
 
     def hyperparameters(self) -> dict:
         raise NotImplementedError
