@@ -124,3 +124,44 @@ def test_footprint_reports_share_of_backbone(tiny_config, tasks):
     assert fp["bytes_added"] == 4 * (fp["adapter_parameters"] + fp["head_parameters"])
     assert fp["adapter_percent_of_backbone"] == pytest.approx(
         100 * fp["adapter_parameters"] / learner.backbone_parameters)
+
+
+def test_task_learned_on_a_separate_learner_imports_exactly(tiny_config, tasks):
+    """The server's learn-while-serving path: train on a copy, import the finished task."""
+    live = make(tiny_config)
+    live.learn(tasks[0])
+    texts = [e.text for e in tasks[0].test]
+    old_logits = torch.stack(live.logits(texts, tasks[0].name))
+
+    side = make(tiny_config)  # its own backbone copy and adapter entries
+    side.learn(tasks[1])
+    record, tensors = side.task_state(tasks[1].name)
+    live.import_task(record, tensors)
+
+    assert list(live.tasks) == [tasks[0].name, tasks[1].name]
+    assert torch.equal(old_logits, torch.stack(live.logits(texts, tasks[0].name)))
+    new_texts = [e.text for e in tasks[1].test]
+    assert torch.equal(torch.stack(side.logits(new_texts, tasks[1].name)),
+                       torch.stack(live.logits(new_texts, tasks[1].name)))
+    # the same task trained in place gives the same numbers: nothing depends on the other tasks
+    in_place = make(tiny_config)
+    in_place.learn(tasks[0])
+    in_place.learn(tasks[1])
+    assert torch.equal(torch.stack(in_place.logits(new_texts, tasks[1].name)),
+                       torch.stack(live.logits(new_texts, tasks[1].name)))
+
+    with pytest.raises(ValueError, match="task 'topics' is already learned; delete it first"):
+        live.import_task(record, tensors)
+
+
+def test_failed_import_leaves_the_learner_as_it_was(tiny_config, tasks):
+    live = make(tiny_config)
+    live.learn(tasks[0])
+    side = make(tiny_config)
+    side.learn(tasks[1])
+    record, tensors = side.task_state(tasks[1].name)
+    broken = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+    with pytest.raises(ValueError, match="head tensors missing"):
+        live.import_task(record, broken)
+    assert list(live.tasks) == [tasks[0].name]
+    assert live.adapter.entries() == [tasks[0].name] and tasks[1].name not in live.heads

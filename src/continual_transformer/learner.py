@@ -128,6 +128,35 @@ class ContinualLearner:
         self.method.forget(self, task)
         del self.tasks[task]
 
+    def task_state(self, task: str) -> tuple[TaskRecord, dict[str, torch.Tensor]]:
+        """A learned task's record and tensors (CPU copies), as `import_task` takes them back."""
+        record = self._require(task)
+        return record, self.method.task_tensors(self, task)
+
+    def import_task(self, record: TaskRecord, tensors: dict[str, torch.Tensor]) -> None:
+        """Add a task learned by another learner on the same backbone and method.
+
+        This is how a server learns while it serves: a separate learner (its own copy of the
+        frozen backbone and its own adapter entries) trains the task, and only its finished
+        tensors come here; nothing another task uses is touched. Only for methods whose tasks
+        own all their state (`ia3`): where tasks share state, a task cannot move alone.
+        On failure the learner is left exactly as it was.
+        """
+        check_task_name(record.name)
+        if record.name in self.tasks:
+            raise ValueError(f"task {record.name!r} is already learned; delete it first")
+        if getattr(self.method, "shares_state", False) or self.method.shared_tensors(self):
+            raise ValueError(
+                f"method {self.method.name!r} shares state between tasks; a task learned "
+                "elsewhere cannot be imported alone"
+            )
+        try:
+            self.method.load_task_tensors(self, record.name, tuple(record.labels), tensors)
+        except BaseException:
+            self.method.forget(self, record.name)
+            raise
+        self.tasks[record.name] = record
+
     # -- inference ---------------------------------------------------------------------------
     def task_logits(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         """Logits of a single-task batch: (B, C_task). Differentiable (used in training)."""
