@@ -126,3 +126,11 @@ def test_uploaded_task_may_come_without_test_examples():
         tasks_from_bytes(data, "u")
     (task,) = tasks_from_bytes(data, "u", require_test=False)
     assert task.test == () and task.labels == ("a", "b")
+
+
+def test_lone_surrogate_is_refused(tmp_path):
+    # valid JSON, but no tokenizer can encode it: refused before anything trains
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"task": "t", "split": "train", "text": "a \\ud800 b", "label": "x"}\n')
+    with pytest.raises(StreamError, match=r"s.jsonl:1: field 'text' is not valid Unicode \(surrogates not allowed at character 2\)"):
+        load_stream(path)

@@ -111,6 +111,12 @@ def check_row(row: object, where: str) -> dict:
                 f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} "
                 f"{row[field]!r}"
             )
+        try:
+            row[field].encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, written as a \\ud800 escape
+            raise StreamError(
+                f"{where}: field {field!r} is not valid Unicode ({exc.reason} at character {exc.start})"
+            ) from None
     if row["split"] not in SPLITS:
         raise StreamError(f"{where}: unknown split {row['split']!r}; expected one of {list(SPLITS)}")
     if not row["text"].strip():

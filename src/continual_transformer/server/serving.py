@@ -1,0 +1,242 @@
+"""The live model: one inference thread with dynamic batching, and the changes made to it.
+
+Why one thread owns every forward pass: the activation-scaling layers read which entry each
+row uses from one selection object shared by the whole encoder (`IA3.select`), so two forward
+passes must never interleave inside one model. Serialising them costs nothing here: concurrent
+requests are grouped into one pass anyway (a batch that mixes tasks is still one pass), which is
+where the throughput comes from.
+
+Why learning does not happen in this model: training a task would hold the model for whole
+training steps and share the selection object with serving. A learning job trains in its own
+process, on its own copy of the frozen backbone (see `jobs.py`), and only the finished task's
+tensors come here (`add_task`). The live model is locked for the few microseconds it takes to
+add a new adapter entry and head; no existing tensor is written, so every old task's
+predictions stay bit-identical (for the same batch: padding a text to a longer batch-mate
+changes float rounding at the 1e-7 level, never the parameters).
+
+A task appears to clients atomically, and only once it is on disk: it is added to the model
+but not yet served, the checkpoint is saved (the manifest's rename is the commit point), then
+the set of served task names is swapped in one assignment. A failed save takes it out again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..learner import ContinualLearner, Prediction, TaskRecord
+    from .metrics import Metrics
+
+
+class UnknownTask(KeyError):
+    """A task name the server does not serve (the message lists the ones it does)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PredictionRefused(ValueError):
+    """The model cannot answer these items (e.g. no task given and no router); a 422."""
+
+
+@dataclass
+class _Pending:
+    texts: list[str]
+    tasks: list[str | None]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    results: list = field(default_factory=list)
+
+
+def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    if future.done():  # the client went away and the request was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class ModelService:
+    """Serves a `ContinualLearner` loaded from `model_dir` and keeps that directory in step."""
+
+    def __init__(self, learner: "ContinualLearner", model_dir: Path, *, batch_max_items: int,
+                 batch_max_wait_s: float, metrics: "Metrics"):
+        self.learner = learner
+        self.model_dir = Path(model_dir)
+        self.batch_max_items = batch_max_items
+        self.batch_max_wait_s = batch_max_wait_s
+        self.metrics = metrics
+        self._model_lock = threading.Lock()  # held by each forward pass and each model change
+        self._write_lock = threading.Lock()  # one change (with its save) at a time
+        self._served: tuple[str, ...] = tuple(learner.tasks)  # replaced whole, never mutated
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve_forever, name="ctt-inference", daemon=True)
+        self._publish()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    @property
+    def ready(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- reading -------------------------------------------------------------------------------
+    def task_names(self) -> tuple[str, ...]:
+        return self._served
+
+    def records(self) -> list["TaskRecord"]:
+        served = self._served
+        return [self.learner.tasks[name] for name in served]
+
+    def check_tasks(self, tasks: list[str | None]) -> None:
+        served = self._served
+        for name in dict.fromkeys(tasks):
+            if name is not None and name not in served:
+                raise UnknownTask(f"unknown task {name!r}; known: {list(served)}")
+
+    # -- predicting ----------------------------------------------------------------------------
+    async def predict(self, texts: list[str], tasks: list[str | None]) -> list["Prediction"]:
+        """Predictions for `texts` (task None: the model routes, or refuses), batched with others."""
+        self.check_tasks(tasks)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(list(texts), list(tasks), loop, loop.create_future())
+        self._queue.put(pending)
+        return await pending.future
+
+    def _serve_forever(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            rows = len(first.texts)
+            deadline = time.monotonic() + self.batch_max_wait_s
+            stop = False
+            # Take what is already waiting, then wait briefly for more: under load the queue
+            # fills while the previous pass runs, so full batches form without any waiting.
+            while rows < self.batch_max_items:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+                rows += len(item.texts)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        start = time.perf_counter()
+        with self._model_lock:
+            known = self.learner.tasks
+            alive: list[_Pending] = []
+            for pending in batch:
+                # A task deleted after the request was checked no longer answers.
+                missing = [t for t in pending.tasks if t is not None and t not in known]
+                if missing:
+                    error = UnknownTask(f"unknown task {missing[0]!r}; known: {list(self._served)}")
+                    pending.loop.call_soon_threadsafe(_settle, pending.future, None, error)
+                else:
+                    pending.results = [None] * len(pending.texts)
+                    alive.append(pending)
+            failed = self._predict_rows(alive, named=True)
+            failed |= self._predict_rows([p for p in alive if id(p) not in failed], named=False)
+        self.metrics.batch_seconds.observe(time.perf_counter() - start)
+        self.metrics.batch_requests.observe(len(batch))
+        for pending in alive:
+            if id(pending) not in failed:
+                pending.loop.call_soon_threadsafe(_settle, pending.future, pending.results)
+
+    def _predict_rows(self, batch: list[_Pending], named: bool) -> set[int]:
+        """One forward pass over every row with (named) or without a task; ids of failed requests.
+
+        Rows without a task go to `learner.predict(task=None)`: the learner routes them when it
+        has a router, and otherwise says why not (a 422 for those requests only).
+        """
+        owners = [(p, i) for p in batch for i, t in enumerate(p.tasks) if (t is not None) == named]
+        if not owners:
+            return set()
+        texts = [p.texts[i] for p, i in owners]
+        self.metrics.batch_rows.observe(len(texts))
+        try:
+            if named:
+                predictions = self.learner.predict(texts, task=[p.tasks[i] for p, i in owners])
+            else:
+                predictions = self.learner.predict(texts, task=None)
+        except (ValueError, KeyError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+            error_type = UnknownTask if isinstance(exc, KeyError) else PredictionRefused
+            return self._fail({id(p): p for p, _ in owners}.values(), error_type(message))
+        except Exception as exc:  # an internal error: every request of the pass gets a 500
+            return self._fail({id(p): p for p, _ in owners}.values(), exc)
+        for (pending, i), prediction in zip(owners, predictions):
+            pending.results[i] = prediction
+        return set()
+
+    @staticmethod
+    def _fail(requests, error: BaseException) -> set[int]:
+        failed = set()
+        for pending in requests:
+            pending.loop.call_soon_threadsafe(_settle, pending.future, None, error)
+            failed.add(id(pending))
+        return failed
+
+    # -- changing the model --------------------------------------------------------------------
+    def add_task(self, record: "TaskRecord", tensors: dict[str, "torch.Tensor"]) -> None:
+        """Add a task trained elsewhere; it is served once it is saved to `model_dir`."""
+        with self._write_lock:
+            with self._model_lock:  # microseconds: new entries only, nothing existing is written
+                self.learner.import_task(record, tensors)
+            try:
+                self.learner.save(self.model_dir)
+            except BaseException:
+                with self._model_lock:
+                    self.learner.delete(record.name)
+                raise
+            self._publish()
+
+    def delete_task(self, name: str) -> None:
+        """Stop answering for `name` at once, remove its state and save; undone if saving fails."""
+        with self._write_lock:
+            self.check_tasks([name])
+            order = list(self.learner.tasks)
+            record, tensors = self.learner.task_state(name)
+            self._served = tuple(t for t in self._served if t != name)
+            with self._model_lock:
+                self.learner.delete(name)
+            try:
+                self.learner.save(self.model_dir)
+            except BaseException:
+                with self._model_lock:
+                    self.learner.import_task(record, tensors)
+                    restored = self.learner.tasks
+                    self.learner.tasks = {t: restored[t] for t in order}
+                self._publish()
+                raise
+            self._publish()
+            self.metrics.predictions.remove(name)
+
+    def _publish(self) -> None:
+        self._served = tuple(self.learner.tasks)
+        self.metrics.tasks_loaded.set(len(self._served))
+        for name in self._served:  # every served task has a series, from 0
+            self.metrics.predictions.labels(name)
+
