@@ -2,6 +2,8 @@
 
 Limits that the operator sets (items per request, characters per text, examples per task) are
 checked in the routes, which name the setting in the message; the schema checks the shapes.
+Uploaded examples are checked by the stream-file rules (`data.check_row`), so that an upload
+gets the same messages as `ctt run`; the schema documents those rules without enforcing them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..data import TASK_NAME
+
+TASK_NAME_RULE = {"pattern": TASK_NAME.pattern}  # documented; checked with the stream message
+NOT_BLANK_RULE = {"minLength": 1, "pattern": r"\S"}
 
 
 class Strict(BaseModel):
@@ -18,7 +25,8 @@ class Strict(BaseModel):
 # -- predict -----------------------------------------------------------------------------------
 class PredictItem(Strict):
     text: str = Field(min_length=1, description="The text to classify.")
-    task: str | None = Field(None, description="Task to answer for; leave out to let the model route.")
+    task: str | None = Field(None, description="Task to answer for; leave out to let the model route.",
+                             json_schema_extra=TASK_NAME_RULE)
 
 
 class PredictRequest(Strict):
@@ -52,12 +60,13 @@ class TasksResponse(BaseModel):
 
 
 class ExampleIn(Strict):
-    text: str
-    label: str
+    text: str = Field(json_schema_extra=NOT_BLANK_RULE)
+    label: str = Field(json_schema_extra=NOT_BLANK_RULE)
 
 
 class TaskUpload(Strict):
-    name: str = Field(description="1-64 letters, digits, '_' or '-', starting with a letter or digit.")
+    name: str = Field(description="1-64 letters, digits, '_' or '-', starting with a letter or digit.",
+                      json_schema_extra=TASK_NAME_RULE)
     train: list[ExampleIn] = Field(min_length=1)
     test: list[ExampleIn] = Field(default_factory=list, description="Optional; gives the task's test accuracy.")
     epochs: int | None = Field(None, ge=1, le=100, description="Overrides the model's epochs for this task.")

@@ -139,7 +139,10 @@ class ModelService:
                     break
                 batch.append(item)
                 rows += len(item.texts)
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # a bug here must answer the batch with a 500, not hang it
+                self._fail(batch, exc)
             if stop:
                 return
 
