@@ -19,7 +19,8 @@ from .settings import Settings
 
 
 def _errors(*codes: int) -> dict:
-    why = {401: "missing or invalid key", 403: "needs the admin key", 404: "not found",
+    why = {400: "the body could not be parsed (not UTF-8 JSON, broken multipart)",
+           401: "missing or invalid key", 403: "needs the admin key", 404: "not found",
            409: "conflicts with a task or job", 413: "over a size limit (named in the message)",
            422: "invalid input (the message names the problem or the limit)",
            429: "rate limited or too many jobs (see Retry-After)", 503: "not ready"}
@@ -57,7 +58,7 @@ async def metrics(_: MetricsReaderDep, metrics: MetricsDep) -> Response:
 predictions = APIRouter(prefix="/v1", tags=["predict"])
 
 
-@predictions.post("/predict", response_model=PredictResponse, responses=_errors(*AUTH, 413, 422))
+@predictions.post("/predict", response_model=PredictResponse, responses=_errors(*AUTH, 400, 413, 422))
 async def predict(body: PredictRequest, _: PredictorDep, service: ServiceDep, settings: SettingsDep,
                   metrics: MetricsDep) -> PredictResponse:
     """Label and label probabilities per item; items may mix tasks (one forward pass)."""
@@ -121,7 +122,7 @@ def _submit(task: Task, epochs: int | None, settings: Settings, jobs, response: 
     return _job_out(job)
 
 
-LEARN_ERRORS = _errors(*AUTH, 403, 409, 413, 422)
+LEARN_ERRORS = _errors(*AUTH, 400, 403, 409, 413, 422)
 
 
 # Learning and deleting: served only with CTT_ENABLE_WRITES=true (the default), admin key only.
