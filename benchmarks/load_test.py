@@ -7,8 +7,9 @@ Starts `ctt serve MODEL_DIR` on a free port of 127.0.0.1 (or uses --url with --k
 client its own API key and connection, and sends prediction requests back to back. Texts come
 from the test splits of the model's tasks in a stream file (default: the bundled stream).
 
-- `single`: every request names the same task.  `mixed`: every item names a random task, so the
-  server's batches mix tasks.
+- `mixed`: items are random (task, text) pairs from every task, so the server's batches mix
+  tasks. `single`: the same texts, all under one task (`--task`, default the model's first), so
+  that the two differ only in whether batches mix tasks, not in text lengths.
 - `--learn` (mixed traffic): before the load, each text is predicted alone (the reference);
   a few seconds into the load a new task is uploaded through the API (POST /v1/tasks); the load
   goes on until the job has ended and at least T seconds have passed. During the load every
@@ -336,6 +337,8 @@ def main() -> None:
     parser.add_argument("--learn-per-label", type=int, default=40)
     parser.add_argument("--learn-epochs", type=int, default=1)
     parser.add_argument("--rate-limit", default="6000", help="CTT_RATE_LIMIT_PER_MINUTE per client key.")
+    parser.add_argument("--set", action="append", default=[], metavar="CTT_NAME=VALUE",
+                        help="A server setting, e.g. --set CTT_INFERENCE_THREADS=1 (repeatable).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
@@ -349,8 +352,13 @@ def main() -> None:
         server = Server(args.url.rstrip("/"), args.key, [args.key] * args.clients)
     elif args.model:
         log = Path(os.environ.get("TMPDIR", "/tmp")) / "ctt-load-test-server.log"
-        server = start_server(args.model, args.clients,
-                              {"CTT_RATE_LIMIT_PER_MINUTE": args.rate_limit}, log)
+        settings = {"CTT_RATE_LIMIT_PER_MINUTE": args.rate_limit}
+        for item in args.set:
+            name, _, value = item.partition("=")
+            if not name.startswith("CTT_") or not value:
+                parser.error(f"--set takes CTT_NAME=VALUE, got {item!r}")
+            settings[name] = value
+        server = start_server(args.model, args.clients, settings, log)
         print(f"ctt serve {args.model} at {server.url} (log: {log})", flush=True)
     else:
         parser.error("give MODEL_DIR or --url")
@@ -371,7 +379,7 @@ def main() -> None:
             results.append(result)
         else:
             for traffic in [t.strip() for t in args.traffic.split(",") if t.strip()]:
-                pool = [(single_task, text) for text in texts[single_task]] if traffic == "single" else mixed_pool
+                pool = [(single_task, text) for _, text in mixed_pool] if traffic == "single" else mixed_pool
                 before = scrape(server.url, server.admin_key)
                 run, seconds = run_load(server, pool, args)
                 result = summarise(traffic, run, seconds, before,

@@ -24,12 +24,12 @@ class Metrics:
         self.predictions = Counter("ctt_predictions_total", "Predicted items by task.", ["task"],
                                    registry=r)
         self.batch_rows = Histogram("ctt_inference_batch_rows",
-                                    "Texts per forward pass (dynamic batching groups requests).",
+                                    "Texts per forward pass (requests are batched, then cut into passes by length).",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("ctt_inference_batch_requests",
-                                        "Requests grouped into one forward pass.",
+                                        "Requests grouped into one batch (dynamic batching).",
                                         buckets=BATCH_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("ctt_inference_batch_seconds", "Time of one batch's forward pass.",
+        self.batch_seconds = Histogram("ctt_inference_batch_seconds", "Time of one batch's forward passes.",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.jobs = Gauge("ctt_learning_jobs", "Learning jobs by state (since the server started).",
                           ["state"], registry=r)

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # -- throughput ----------------------------------------------------------------------------
     batch_max_items: int = Field(64, ge=1, description="Most texts grouped into one forward pass.")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long the first request of a batch waits for others.")
+    batch_max_tokens: int = Field(1024, ge=1, description="Padded tokens (rows x longest) per forward pass; rows are grouped by length.")
+    inference_threads: int | None = Field(None, ge=1, description="CPU threads of the forward passes (default: PyTorch's, one per core).")
     learn_threads: int = Field(1, ge=1, description="CPU threads of a learning job (its own process).")
     learn_nice: int = Field(10, ge=0, le=19, description="Niceness of the learning process, so serving keeps the CPU.")
 
