@@ -153,27 +153,28 @@ def latency_summary(samples: list[Sample]) -> dict:
 
 def scrape(url: str, key: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30).text
-    wanted = ("ctt_inference_batch_rows_sum", "ctt_inference_batch_rows_count",
-              "ctt_inference_batch_requests_sum", "ctt_inference_batch_requests_count")
     values = {}
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
-        if name in wanted:
+        if name in COUNTERS:
             values[name] = float(value)
     return values
 
 
-def run_load(server: Server, pool: list[tuple[str, str]], args, stop_at=None,
-             keep_answers: bool = False, during=None) -> tuple[Run, float]:
-    """Run the clients; `during(t0)` is an optional coroutine run beside them (learn mode)."""
+def run_load(server: Server, pool: list[tuple[str, str]], args, duration: float, warmup: float,
+             stop_at=None, keep_answers: bool = False, during=None) -> tuple[Run, float]:
+    """Run the clients for `warmup` + `duration` seconds (or until `stop_at()`); measure after warm-up.
+
+    `during(t0)` is an optional coroutine run beside the clients (the learning job).
+    """
     run = Run()
     t0 = time.perf_counter()
-    measure_from = t0 + args.warmup
-    fixed_end = measure_from + args.duration
+    measure_from = t0 + warmup
+    fixed_end = measure_from + duration
     stop = stop_at or (lambda: fixed_end)
 
     async def main():
-        rngs = [random.Random(args.seed * 1000 + i) for i in range(args.clients)]
+        rngs = [random.Random(args.seed * 1000 + i + int(t0)) for i in range(args.clients)]
         tasks = [client_loop(server.url, server.keys[i], pool, args.items, stop, measure_from, run,
                              rngs[i], keep_answers) for i in range(args.clients)]
         if during is not None:
@@ -184,11 +185,18 @@ def run_load(server: Server, pool: list[tuple[str, str]], args, stop_at=None,
     return run, time.perf_counter() - measure_from
 
 
-def summarise(name: str, run: Run, seconds: float, before: dict, after: dict) -> dict:
+COUNTERS = ("ctt_inference_batch_rows_sum", "ctt_inference_batch_rows_count",
+            "ctt_inference_batch_requests_sum", "ctt_inference_batch_requests_count")
+
+
+def delta(before: dict, after: dict) -> dict:
+    return {name: after[name] - before[name] for name in COUNTERS}
+
+
+def summarise(name: str, run: Run, seconds: float, counters: dict) -> dict:
     ok = [s for s in run.samples if s.status == 200]
-    rows = after["ctt_inference_batch_rows_sum"] - before["ctt_inference_batch_rows_sum"]
-    passes = after["ctt_inference_batch_rows_count"] - before["ctt_inference_batch_rows_count"]
-    requests = after["ctt_inference_batch_requests_sum"] - before["ctt_inference_batch_requests_sum"]
+    passes = counters["ctt_inference_batch_rows_count"]
+    batches = counters["ctt_inference_batch_requests_count"]
     return {
         "traffic": name,
         "seconds": round(seconds, 1),
@@ -198,8 +206,8 @@ def summarise(name: str, run: Run, seconds: float, before: dict, after: dict) ->
         **latency_summary(run.samples),
         "errors": sum(run.errors.values()),
         "error_kinds": run.errors,
-        "texts_per_forward_pass": round(rows / passes, 1) if passes else None,
-        "requests_per_forward_pass": round(requests / passes, 1) if passes else None,
+        "requests_per_batch": round(counters["ctt_inference_batch_requests_sum"] / batches, 1) if batches else None,
+        "texts_per_forward_pass": round(counters["ctt_inference_batch_rows_sum"] / passes, 1) if passes else None,
     }
 
 
@@ -207,9 +215,8 @@ def print_row(result: dict) -> None:
     print(f"{result['traffic']:>8}: {result['requests_per_s']:7.1f} req/s  {result['items_per_s']:7.1f} items/s  "
           f"p50 {result['p50_ms']:7.1f} ms  p95 {result['p95_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  "
           f"max {result['max_ms']:7.1f} ms  errors {result['errors']}  "
-          f"({result['requests']} requests in {result['seconds']} s; "
-          f"{result['texts_per_forward_pass']} texts, {result['requests_per_forward_pass']} requests "
-          "per forward pass)", flush=True)
+          f"({result['requests']} requests in {result['seconds']} s; {result['requests_per_batch']} "
+          f"requests per batch, {result['texts_per_forward_pass']} texts per forward pass)", flush=True)
 
 
 # -- learn while serving -------------------------------------------------------------------------
@@ -278,8 +285,9 @@ def learn_while_serving(server: Server, pool, model_tasks: list[str], args) -> d
         return max(fixed_end, state["done_at"] + 5.0)
 
     scraped = scrape(server.url, server.admin_key)
-    run, seconds = run_load(server, pool, args, stop_at=stop_at, keep_answers=True, during=learner)
-    result = summarise("learn+mixed", run, seconds, scraped, scrape(server.url, server.admin_key))
+    run, seconds = run_load(server, pool, args, args.duration, args.warmup, stop_at=stop_at,
+                            keep_answers=True, during=learner)
+    result = summarise("learn+mixed", run, seconds, delta(scraped, scrape(server.url, server.admin_key)))
 
     # answers for old tasks during the load: labels must match the reference
     mismatched, max_diff, compared = 0, 0.0, 0
@@ -325,7 +333,9 @@ def main() -> None:
     parser.add_argument("--key", help="API key for --url.")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=60.0, help="Measured seconds per traffic kind.")
-    parser.add_argument("--warmup", type=float, default=5.0, help="Unmeasured seconds before each.")
+    parser.add_argument("--warmup", type=float, default=5.0, help="Unmeasured seconds first.")
+    parser.add_argument("--interleave", type=float, default=10.0,
+                        help="Traffic kinds take turns in windows of this many seconds (0: one after the other).")
     parser.add_argument("--items", type=int, default=1, help="Items per request.")
     parser.add_argument("--traffic", default="single,mixed", help="single, mixed or both (comma).")
     parser.add_argument("--task", help="Task of single-task traffic (default: the model's first).")
@@ -378,17 +388,36 @@ def main() -> None:
             print(json.dumps({k: v for k, v in result.items() if k not in ("traffic",)}, indent=2))
             results.append(result)
         else:
-            for traffic in [t.strip() for t in args.traffic.split(",") if t.strip()]:
-                pool = [(single_task, text) for _, text in mixed_pool] if traffic == "single" else mixed_pool
-                before = scrape(server.url, server.admin_key)
-                run, seconds = run_load(server, pool, args)
-                result = summarise(traffic, run, seconds, before,
-                                   scrape(server.url, server.admin_key))
+            kinds = [t.strip() for t in args.traffic.split(",") if t.strip()]
+            pools = {kind: [(single_task, text) for _, text in mixed_pool] if kind == "single"
+                     else mixed_pool for kind in kinds}
+            run_load(server, pools[kinds[0]], args, 0.0, args.warmup)  # warm-up, not measured
+            # Kinds take turns in windows, so that a change in the machine's other load
+            # affects each kind alike (this machine is shared).
+            window = args.interleave if args.interleave > 0 else args.duration
+            runs = {kind: Run() for kind in kinds}
+            seconds = {kind: 0.0 for kind in kinds}
+            counters = {kind: dict.fromkeys(COUNTERS, 0.0) for kind in kinds}
+            while any(seconds[kind] < args.duration - 1e-6 for kind in kinds):
+                for kind in kinds:
+                    span = min(window, args.duration - seconds[kind])
+                    if span <= 1e-6:
+                        continue
+                    before = scrape(server.url, server.admin_key)
+                    run, took = run_load(server, pools[kind], args, span, 0.0)
+                    change = delta(before, scrape(server.url, server.admin_key))
+                    runs[kind].samples += run.samples
+                    for name, count in run.errors.items():
+                        runs[kind].errors[name] = runs[kind].errors.get(name, 0) + count
+                    seconds[kind] += took
+                    counters[kind] = {k: counters[kind][k] + change[k] for k in COUNTERS}
+            for kind in kinds:
+                result = summarise(kind, runs[kind], seconds[kind], counters[kind])
                 print_row(result)
                 results.append(result)
             if len(results) == 2:
                 ratio = results[1]["requests_per_s"] / results[0]["requests_per_s"]
-                print(f"mixed / single throughput: {100 * ratio:.1f} %")
+                print(f"{results[1]['traffic']} / {results[0]['traffic']} throughput: {100 * ratio:.1f} %")
     finally:
         server.stop()
     if args.json:
