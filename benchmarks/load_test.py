@@ -1,6 +1,6 @@
 """Load test for `ctt serve`: N concurrent clients for T seconds on loopback.
 
-    python benchmarks/load_test.py MODEL_DIR --clients 32 --duration 60             # single, then mixed
+    python benchmarks/load_test.py MODEL_DIR --clients 32 --duration 60             # single and mixed
     python benchmarks/load_test.py MODEL_DIR --clients 32 --duration 60 --learn     # learn while serving
 
 Starts `ctt serve MODEL_DIR` on a free port of 127.0.0.1 (or uses --url with --key), gives each
@@ -10,9 +10,10 @@ from the test splits of the model's tasks in a stream file (default: the bundled
 - `mixed`: items are random (task, text) pairs from every task, so the server's batches mix
   tasks. `single`: the same texts, all under one task (`--task`, default the model's first), so
   that the two differ only in whether batches mix tasks, not in text lengths.
-- `--learn` (mixed traffic): before the load, each text is predicted alone (the reference);
-  a few seconds into the load a new task is uploaded through the API (POST /v1/tasks); the load
-  goes on until the job has ended and at least T seconds have passed. During the load every
+  The two take turns in windows of `--interleave` seconds.
+- `--learn` (mixed traffic, on a copy of MODEL_DIR): before the load, each text is predicted
+  alone (the reference); a few seconds into the load a new task is uploaded through the API
+  (POST /v1/tasks); the load goes on until the job has ended and at least T seconds have passed. During the load every
   answer for an old task is compared with the reference (labels must match; probabilities may
   differ by float rounding when a text is padded to a longer batch-mate); after the load every
   text is predicted alone again and must equal the reference bit for bit.
@@ -29,10 +30,12 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +365,9 @@ def main() -> None:
         server = Server(args.url.rstrip("/"), args.key, [args.key] * args.clients)
     elif args.model:
         log = Path(os.environ.get("TMPDIR", "/tmp")) / "ctt-load-test-server.log"
+        if args.learn:  # learning writes to the served directory: serve a copy
+            copy = Path(tempfile.mkdtemp(prefix="ctt-load-test-")) / "model"
+            args.model = Path(shutil.copytree(args.model, copy))
         settings = {"CTT_RATE_LIMIT_PER_MINUTE": args.rate_limit}
         for item in args.set:
             name, _, value = item.partition("=")
