@@ -13,10 +13,11 @@ from the test splits of the model's tasks in a stream file (default: the bundled
   The two take turns in windows of `--interleave` seconds.
 - `--learn` (mixed traffic, on a copy of MODEL_DIR): before the load, each text is predicted
   alone (the reference); a few seconds into the load a new task is uploaded through the API
-  (POST /v1/tasks); the load goes on until the job has ended and at least T seconds have passed. During the load every
-  answer for an old task is compared with the reference (labels must match; probabilities may
-  differ by float rounding when a text is padded to a longer batch-mate); after the load every
-  text is predicted alone again and must equal the reference bit for bit.
+  (POST /v1/tasks); the load goes on until the job has ended and at least T seconds have
+  passed. During the load every answer for an old task is compared with the reference (labels
+  must match; probabilities may differ by float rounding when a text is padded to a longer
+  batch-mate); after the load every text is predicted alone again and must equal the
+  reference bit for bit.
 
 Prints requests/s, items/s, latency p50/p95/p99/max, errors, and the server's batch sizes; with
 `--json PATH` also writes the figures as JSON. Errors are non-200 answers and transport failures.

@@ -170,6 +170,15 @@ def test_settings_come_from_environment_and_dotenv(model_dir, monkeypatch, tmp_p
     assert ADMIN not in repr(settings) and READER not in repr(settings)
 
 
+def test_importing_the_server_loads_no_model_and_reads_no_settings(tmp_path):
+    code = ("import os, sys; import continual_transformer.server.app as app; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+            "app.create_app  # building the app needs settings; importing it does not")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTT_")}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True)
+
+
 # -- auth ----------------------------------------------------------------------------------------
 # (method, path, body, what a reader gets, what the admin gets). Bodies that pass auth are
 # chosen not to change anything: an unknown task to delete, an invalid task to learn.
