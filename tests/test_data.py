@@ -101,3 +101,36 @@ def test_subsample_below_label_count_is_refused():
     task = Task("t", ("a", "b", "c"), tuple(Example(str(i), "abc"[i % 3]) for i in range(9)))
     with pytest.raises(ValueError, match="max_train=2 is below the 3 labels"):
         task.subsample_train(2, seed=0)
+
+
+def test_stream_bytes_read_like_a_file(tmp_path, toy_stream):
+    from continual_transformer.data import tasks_from_bytes
+
+    data = toy_stream.read_bytes()
+    assert tasks_from_bytes(data, "upload.jsonl") == load_stream(toy_stream)
+    assert tasks_from_bytes(gzip.compress(data), "upload.jsonl") == load_stream(toy_stream)
+    bad = data + b'{"task": "kinds", "split": "dev", "text": "a", "label": "food"}\n'
+    line = data.count(b"\n") + 1
+    with pytest.raises(StreamError, match=rf"^upload.jsonl:{line}: unknown split 'dev'"):
+        tasks_from_bytes(bad, "upload.jsonl")
+    with pytest.raises(StreamError, match="^upload.jsonl: cannot read stream file"):
+        tasks_from_bytes(b"\xff\xfe\x00", "upload.jsonl")
+
+
+def test_uploaded_task_may_come_without_test_examples():
+    from continual_transformer.data import tasks_from_bytes
+
+    rows = [{"task": "t", "split": "train", "text": f"x{i}", "label": "ab"[i % 2]} for i in range(4)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    with pytest.raises(StreamError, match="has no test examples"):
+        tasks_from_bytes(data, "u")
+    (task,) = tasks_from_bytes(data, "u", require_test=False)
+    assert task.test == () and task.labels == ("a", "b")
+
+
+def test_lone_surrogate_is_refused(tmp_path):
+    # valid JSON, but no tokenizer can encode it: refused before anything trains
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"task": "t", "split": "train", "text": "a \\ud800 b", "label": "x"}\n')
+    with pytest.raises(StreamError, match=r"s.jsonl:1: field 'text' is not valid Unicode \(surrogates not allowed at character 2\)"):
+        load_stream(path)

@@ -134,3 +134,47 @@ def test_bf16_training_learns_and_predicts_in_float32(tiny_config, tasks):
     assert any(not torch.all(p == 1) for p in learner.adapter.parameters_of(tasks[0].name))
     with pytest.raises(ValueError, match="precision must be one of \\['auto', 'fp32', 'bf16'\\], got 'fp8'"):
         TrainConfig(precision="fp8")
+
+
+def test_task_learned_on_a_separate_learner_imports_exactly(tiny_config, tasks):
+    """The server's learn-while-serving path: train on a copy, import the finished task."""
+    live = make(tiny_config)
+    live.learn(tasks[0])
+    texts = [e.text for e in tasks[0].test]
+    old_logits = torch.stack(live.logits(texts, tasks[0].name))
+
+    side = make(tiny_config)  # its own backbone copy and adapter entries
+    side.learn(tasks[1])
+    record, tensors = side.task_state(tasks[1].name)
+    live.import_task(record, tensors, side.shared_tensors())
+
+    assert list(live.tasks) == [tasks[0].name, tasks[1].name]
+    assert torch.equal(old_logits, torch.stack(live.logits(texts, tasks[0].name)))
+    new_texts = [e.text for e in tasks[1].test]
+    assert torch.equal(torch.stack(side.logits(new_texts, tasks[1].name)),
+                       torch.stack(live.logits(new_texts, tasks[1].name)))
+    # the same task trained in place gives the same numbers: nothing depends on the other tasks
+    in_place = make(tiny_config)
+    in_place.learn(tasks[0])
+    in_place.learn(tasks[1])
+    assert torch.equal(torch.stack(in_place.logits(new_texts, tasks[1].name)),
+                       torch.stack(live.logits(new_texts, tasks[1].name)))
+    # the router's statistics merge exactly too: task-free predictions are the same
+    assert torch.equal(in_place.router.classifier.gram_, live.router.classifier.gram_)
+    assert in_place.predict(texts + new_texts) == live.predict(texts + new_texts)
+
+    with pytest.raises(ValueError, match="task 'topics' is already learned; delete it first"):
+        live.import_task(record, tensors)
+
+
+def test_failed_import_leaves_the_learner_as_it_was(tiny_config, tasks):
+    live = make(tiny_config)
+    live.learn(tasks[0])
+    side = make(tiny_config)
+    side.learn(tasks[1])
+    record, tensors = side.task_state(tasks[1].name)
+    broken = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+    with pytest.raises(ValueError, match="head tensors missing"):
+        live.import_task(record, broken)
+    assert list(live.tasks) == [tasks[0].name]
+    assert live.adapter.entries() == [tasks[0].name] and tasks[1].name not in live.heads

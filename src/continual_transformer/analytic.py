@@ -95,7 +95,10 @@ class AnalyticClassifier:
         if len(X) != len(y):
             raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
         phi = self.features(X)  # (n, D)
-        self.gram_ += phi.T @ phi
+        gram = phi.T @ phi
+        # Mirror the upper triangle so the matrix is exactly symmetric: a save stores only that
+        # triangle, and a loaded (or merged) model must give the very same numbers.
+        self.gram_ += torch.triu(gram) + torch.triu(gram, 1).T
         new = [c for c in dict.fromkeys(y) if c not in self.classes_]
         if new:
             D = self.gram_.shape[0]
@@ -194,7 +197,18 @@ class AnalyticClassifier:
         return {"gram_upper": self.gram_[rows, cols].contiguous()}
 
     def load_shared_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.gram_ = self._unpack(tensors)
+        self._solution = None
+
+    def add_shared_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Add another classifier's Gram matrix (statistics of other examples) to this one's."""
+        self.gram_ = self.gram_ + self._unpack(tensors)
+        self._solution = None
+
+    def _unpack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         D = self.gram_.shape[0]
+        if "gram_upper" not in tensors:
+            raise ValueError(f"shared state lacks 'gram_upper'; got {sorted(tensors)}")
         packed = tensors["gram_upper"]
         if packed.shape != (D * (D + 1) // 2,) or packed.dtype != torch.float64:
             raise ValueError(f"gram_upper has shape {tuple(packed.shape)} and dtype {packed.dtype}, "
@@ -203,8 +217,7 @@ class AnalyticClassifier:
         gram = torch.zeros(D, D, dtype=torch.float64)
         gram[rows, cols] = packed
         gram[cols, rows] = packed
-        self.gram_ = gram
-        self._solution = None
+        return gram
 
     def class_state(self, classes: list[str]) -> dict[str, torch.Tensor]:
         index = [self.classes_.index(c) for c in classes]

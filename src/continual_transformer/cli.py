@@ -221,5 +221,44 @@ def tasks(model: Path = typer.Argument(..., help="Model directory.")):
     console.print(table)
 
 
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="Model directory written by `ctt run` (DIR/model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    device: Optional[str] = typer.Option(None, help="'auto', 'cpu' or 'cuda[:N]' (default: CTT_DEVICE or auto)."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request."),
+):
+    """Serve every task over HTTP and learn new ones while serving.
+
+    Settings come from CTT_* environment variables or a .env file: CTT_ADMIN_KEY (learn, delete,
+    everything), CTT_API_KEYS (comma-separated; read and predict), CTT_PUBLIC_PREDICT, limits and
+    batching; see docs/serving.md. API documentation: http://HOST:PORT/docs.
+    """
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .checkpoint import read_manifest
+    from .server.app import create_app
+    from .server.settings import Settings
+
+    try:
+        settings = Settings(model_dir=model, **({"device": device} if device else {}))
+        read_manifest(model)
+    except ValidationError as exc:
+        _fail("; ".join(_setting_error(e) for e in exc.errors()))
+    except _user_errors() as exc:
+        _fail(str(exc))
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log,
+                log_level="info", timeout_graceful_shutdown=10)
+
+
+def _setting_error(error: dict) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    if not error.get("loc"):
+        return message
+    return f"CTT_{str(error['loc'][0]).upper()}: {message}"
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

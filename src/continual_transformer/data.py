@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 SPLITS = ("train", "test")
 FIELDS = ("task", "split", "text", "label")
@@ -96,6 +96,11 @@ def _parse_line(raw: str, where: str) -> dict:
         row = json.loads(raw.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
         raise StreamError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    return check_row(row, where)
+
+
+def check_row(row: object, where: str) -> dict:
+    """Check one decoded stream row (fields, types, split, non-empty text and label, task name)."""
     if not isinstance(row, dict):
         raise StreamError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field in FIELDS:
@@ -106,6 +111,12 @@ def _parse_line(raw: str, where: str) -> dict:
                 f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} "
                 f"{row[field]!r}"
             )
+        try:
+            row[field].encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, written as a \\ud800 escape
+            raise StreamError(
+                f"{where}: field {field!r} is not valid Unicode ({exc.reason} at character {exc.start})"
+            ) from None
     if row["split"] not in SPLITS:
         raise StreamError(f"{where}: unknown split {row['split']!r}; expected one of {list(SPLITS)}")
     if not row["text"].strip():
@@ -116,8 +127,23 @@ def _parse_line(raw: str, where: str) -> dict:
     return row
 
 
-def tasks_from_rows(rows: Iterable[tuple[str, dict]], source: str) -> list[Task]:
-    """Group validated rows (each with a location string for messages) into tasks, in order."""
+def rows_from_lines(lines: Iterable[str], source: str) -> Iterator[tuple[str, dict]]:
+    """Checked rows of a stream's lines, each with its `source:line` location; blank lines skip."""
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{source}:{number}"
+        yield where, _parse_line(raw, where)
+
+
+def tasks_from_rows(
+    rows: Iterable[tuple[str, dict]], source: str, *, require_test: bool = True
+) -> list[Task]:
+    """Group validated rows (each with a location string for messages) into tasks, in order.
+
+    Stream files need test examples for every task (they are evaluated); an uploaded task may
+    come without them (`require_test=False`).
+    """
     order: list[str] = []
     train: dict[str, list[Example]] = {}
     test: dict[str, list[tuple[str, Example]]] = {}
@@ -141,7 +167,7 @@ def tasks_from_rows(rows: Iterable[tuple[str, dict]], source: str) -> list[Task]
                 f"{source}: task {name!r} has {len(labels)} label(s) in its train split "
                 f"{labels}; a task needs at least 2"
             )
-        if not test[name]:
+        if require_test and not test[name]:
             raise StreamError(f"{source}: task {name!r} has no test examples")
         known = set(labels)
         for where, example in test[name]:
@@ -163,15 +189,26 @@ def load_stream(path: str | Path) -> list[Task]:
     def rows():
         try:
             with _open_text(path) as handle:
-                for number, raw in enumerate(handle, start=1):
-                    if not raw.strip():
-                        continue
-                    where = f"{path}:{number}"
-                    yield where, _parse_line(raw, where)
+                yield from rows_from_lines(handle, str(path))
         except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as exc:
             raise StreamError(f"{path}: cannot read stream file: {exc}") from None
 
     return tasks_from_rows(rows(), str(path))
+
+
+def tasks_from_bytes(data: bytes, source: str, *, require_test: bool = True) -> list[Task]:
+    """Read and validate a stream held in memory (plain or gzip JSONL), e.g. an uploaded file.
+
+    Messages name `source` and the line, exactly as `load_stream` names a file.
+    """
+    try:
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        text = data.decode("utf-8")
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as exc:
+        raise StreamError(f"{source}: cannot read stream file: {exc}") from None
+    return tasks_from_rows(rows_from_lines(text.split("\n"), source), source,
+                           require_test=require_test)
 
 
 def default_stream_path() -> Path:

@@ -140,6 +140,47 @@ class ContinualLearner:
             self.router.remove(task)
         del self.tasks[task]
 
+    def task_state(self, task: str) -> tuple[TaskRecord, dict[str, torch.Tensor]]:
+        """A learned task's record and tensors (CPU copies), as `import_task` takes them back."""
+        record = self._require(task)
+        return record, self.task_tensors(task)
+
+    def import_task(
+        self,
+        record: TaskRecord,
+        tensors: dict[str, torch.Tensor],
+        shared_increment: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Add a task learned by another learner on the same backbone and method.
+
+        This is how a server learns while it serves: a separate learner (its own copy of the
+        frozen backbone and its own adapter entries) trains the task, and only its finished
+        tensors come here; nothing another task uses is touched. `shared_increment` is what the
+        task added to shared statistics (the router's): the `shared_tensors()` of a learner
+        that learned only this task. It is added, so the result is bit-identical to learning
+        the task here. Only for methods whose tasks own all their learned state (`ia3`).
+        On failure the learner is left exactly as it was.
+        """
+        check_task_name(record.name)
+        if record.name in self.tasks:
+            raise ValueError(f"task {record.name!r} is already learned; delete it first")
+        if self.method.shares_state or self.method.shared_tensors(self):
+            raise ValueError(
+                f"method {self.method.name!r} shares state between tasks; a task learned "
+                "elsewhere cannot be imported alone"
+            )
+        router_before = self.router.snapshot() if self.router is not None else None
+        try:
+            self.load_task_tensors(record, tensors)
+            if shared_increment and self.router is not None:
+                self.router.add_shared_tensors(shared_increment)
+        except BaseException:
+            self.method.forget(self, record.name)
+            self.tasks.pop(record.name, None)
+            if router_before is not None:
+                self.router.restore(router_before)
+            raise
+
     # -- inference ---------------------------------------------------------------------------
     def task_logits(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         """Logits of a single-task batch: (B, C_task). Differentiable (used in training)."""

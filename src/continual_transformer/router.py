@@ -63,5 +63,21 @@ class Router:
         state = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
         self.classifier.load_shared_state(state)
 
+    def add_shared_tensors(self, increment: dict[str, torch.Tensor]) -> None:
+        """Add shared statistics gathered elsewhere (by a router that saw only new data)."""
+        state = {k[len(PREFIX):]: v for k, v in increment.items() if k.startswith(PREFIX)}
+        self.classifier.add_shared_state(state)
+
+    def snapshot(self):
+        """Everything `restore` needs to undo later changes (copies)."""
+        c = self.classifier
+        return list(c.classes_), c.gram_.clone(), c.sums_.clone(), c.counts_.clone()
+
+    def restore(self, snapshot) -> None:
+        c = self.classifier
+        classes, gram, sums, counts = snapshot
+        c.classes_, c.gram_, c.sums_, c.counts_ = list(classes), gram, sums, counts
+        c._solution = None
+
     def state_numbers(self) -> dict[str, int]:
         return self.classifier.state_numbers()

@@ -1,0 +1,209 @@
+"""The HTTP routes: one router per resource. Each parses, calls the model service, formats."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..data import StreamError, Task, check_row, check_task_name, tasks_from_bytes, tasks_from_rows
+from .deps import (AdminDep, JobsDep, MetricsDep, MetricsReaderDep, PredictorDep, ReaderDep,
+                   ServiceDep, SettingsDep)
+from .jobs import Job, JobRejected
+from .schemas import (ErrorOut, Health, JobOut, JobsResponse, PredictionOut, PredictRequest,
+                      PredictResponse, Ready, TaskOut, TasksResponse, TaskUpload)
+from .serving import PredictionRefused, UnknownTask
+from .settings import Settings
+
+
+def _errors(*codes: int) -> dict:
+    why = {400: "the body could not be parsed (not UTF-8 JSON, broken multipart)",
+           401: "missing or invalid key", 403: "needs the admin key", 404: "not found",
+           409: "conflicts with a task or job", 413: "over a size limit (named in the message)",
+           422: "invalid input (the message names the problem or the limit)",
+           429: "rate limited or too many jobs (see Retry-After)", 503: "not ready"}
+    return {code: {"model": ErrorOut, "description": why[code]} for code in codes}
+
+
+AUTH = (401, 429)
+
+# -- operations --------------------------------------------------------------------------------
+ops = APIRouter(tags=["operations"])
+
+
+@ops.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is alive."""
+    return Health(status="ok")
+
+
+@ops.get("/readyz", response_model=Ready, responses=_errors(503))
+async def readyz(service: ServiceDep) -> Ready:
+    """The model is loaded and its inference worker is serving."""
+    if not service.ready:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the inference worker is not running")
+    return Ready(status="ready", tasks=len(service.task_names()))
+
+
+@ops.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}},
+                                                        **_errors(*AUTH)})
+async def metrics(_: MetricsReaderDep, metrics: MetricsDep) -> Response:
+    """Prometheus text format: requests, latency, predictions by task, jobs, tasks loaded."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- predictions -------------------------------------------------------------------------------
+predictions = APIRouter(prefix="/v1", tags=["predict"])
+
+
+@predictions.post("/predict", response_model=PredictResponse, responses=_errors(*AUTH, 400, 413, 422))
+async def predict(body: PredictRequest, _: PredictorDep, service: ServiceDep, settings: SettingsDep,
+                  metrics: MetricsDep) -> PredictResponse:
+    """Label and label probabilities per item; items may mix tasks (one forward pass)."""
+    if len(body.items) > settings.max_items:
+        raise HTTPException(413,
+                            f"{len(body.items)} items, more than the limit of {settings.max_items} "
+                            "per request (CTT_MAX_ITEMS)")
+    for i, item in enumerate(body.items):
+        if len(item.text) > settings.max_text_chars:
+            raise HTTPException(422,
+                                f"items[{i}].text has {len(item.text)} characters, more than the limit "
+                                f"of {settings.max_text_chars} (CTT_MAX_TEXT_CHARS)")
+    try:
+        results = await service.predict([i.text for i in body.items], [i.task for i in body.items])
+    except (UnknownTask, PredictionRefused) as exc:
+        raise HTTPException(422, str(exc)) from None
+    for p in results:
+        metrics.predictions.labels(p.task).inc()
+    return PredictResponse(predictions=[PredictionOut(task=p.task, label=p.label,
+                                                      probabilities=p.probabilities) for p in results])
+
+
+# -- tasks -------------------------------------------------------------------------------------
+tasks = APIRouter(prefix="/v1", tags=["tasks"])
+
+
+@tasks.get("/tasks", response_model=TasksResponse, responses=_errors(*AUTH))
+async def list_tasks(_: ReaderDep, service: ServiceDep) -> TasksResponse:
+    """Tasks served, with labels, footprint, when learned and test accuracy if known."""
+    return TasksResponse(tasks=[
+        TaskOut(name=r.name, labels=list(r.labels), learned_at=r.learned_at,
+                train_examples=r.train_examples, adapter_parameters=r.adapter_parameters,
+                head_parameters=r.head_parameters, bytes_added=r.bytes_added,
+                test_accuracy=r.stats.get("test_accuracy"))
+        for r in service.records()
+    ])
+
+
+def _check_limits(task: Task, settings: Settings) -> None:
+    if len(task.train) > settings.max_train_examples:
+        raise StreamError(f"task {task.name!r} has {len(task.train)} train examples, more than the "
+                          f"limit of {settings.max_train_examples} (CTT_MAX_TRAIN_EXAMPLES)")
+    for split, examples in (("train", task.train), ("test", task.test)):
+        for i, example in enumerate(examples):
+            if len(example.text) > settings.max_text_chars:
+                raise StreamError(f"task {task.name!r}: {split} example {i} has {len(example.text)} "
+                                  f"characters, more than the limit of {settings.max_text_chars} "
+                                  "(CTT_MAX_TEXT_CHARS)")
+
+
+def _submit(task: Task, epochs: int | None, settings: Settings, jobs, response: Response) -> JobOut:
+    try:
+        _check_limits(task, settings)
+        job = jobs.submit(task, epochs)
+    except StreamError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except JobRejected as exc:
+        headers = {"Retry-After": "60"} if exc.status == 429 else None
+        raise HTTPException(exc.status, str(exc), headers=headers) from None
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return _job_out(job)
+
+
+LEARN_ERRORS = _errors(*AUTH, 400, 403, 409, 413, 422)
+
+
+# Learning and deleting: served only with CTT_ENABLE_WRITES=true (the default), admin key only.
+task_writes = APIRouter(prefix="/v1", tags=["tasks"])
+
+
+@task_writes.post("/tasks", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED,
+            responses=LEARN_ERRORS)
+async def learn_task(body: TaskUpload, _: AdminDep, settings: SettingsDep, jobs: JobsDep,
+                     response: Response) -> JobOut:
+    """Learn a new task from JSON examples, in the background; returns the job (see /v1/jobs/{id}).
+
+    Checked like a stream file, with the same messages; locations read `train[i]` / `test[i]`.
+    """
+    try:
+        check_task_name(body.name, "name")
+        rows = [(f"{split}[{i}]", check_row({"task": body.name, "split": split, "text": e.text,
+                                             "label": e.label}, f"{split}[{i}]"))
+                for split, examples in (("train", body.train), ("test", body.test))
+                for i, e in enumerate(examples)]
+        (task,) = tasks_from_rows(rows, "upload", require_test=False)
+    except StreamError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return _submit(task, body.epochs, settings, jobs, response)
+
+
+@task_writes.post("/tasks/file", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED,
+            responses=LEARN_ERRORS)
+async def learn_task_file(file: Annotated[UploadFile, File(description="A stream file (JSONL, "
+                                                           "plain or gzip) holding one task.")],
+                          _: AdminDep, settings: SettingsDep, jobs: JobsDep, response: Response,
+                          epochs: Annotated[int | None, Form(ge=1, le=100)] = None) -> JobOut:
+    """Learn a new task from a JSONL stream file (lines `{task, split, text, label}`).
+
+    Validated exactly like `ctt run` validates a stream; test lines are optional here.
+    """
+    source = (file.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:100] or "upload"
+    data = await file.read()
+    try:
+        found = tasks_from_bytes(data, source, require_test=False)
+    except StreamError as exc:
+        raise HTTPException(422, str(exc)) from None
+    if len(found) != 1:
+        raise HTTPException(422,
+                            f"{source} holds {len(found)} tasks {[t.name for t in found]}; "
+                            "upload one task per request")
+    return _submit(found[0], epochs, settings, jobs, response)
+
+
+@task_writes.delete("/tasks/{name}", status_code=status.HTTP_204_NO_CONTENT,
+              responses=_errors(*AUTH, 403, 404))
+async def delete_task(name: str, _: AdminDep, service: ServiceDep) -> Response:
+    """Remove a task exactly (its vectors and head); it stops answering, other tasks are unchanged."""
+    try:
+        await run_in_threadpool(service.delete_task, name)
+    except UnknownTask as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+jobs_router = APIRouter(prefix="/v1", tags=["jobs"])
+
+
+def _job_out(job: Job) -> JobOut:
+    return JobOut(**vars(job))
+
+
+@jobs_router.get("/jobs", response_model=JobsResponse, responses=_errors(*AUTH))
+async def list_jobs(_: ReaderDep, jobs: JobsDep) -> JobsResponse:
+    """Learning jobs since the server started (the latest 1000 finished ones), oldest first."""
+    return JobsResponse(jobs=[_job_out(j) for j in jobs.list()])
+
+
+@jobs_router.get("/jobs/{job_id}", response_model=JobOut, responses=_errors(*AUTH, 404))
+async def get_job(job_id: str, _: ReaderDep, jobs: JobsDep) -> JobOut:
+    """A learning job's state and progress."""
+    job = jobs.get(job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown job {job_id!r}")
+    return _job_out(job)
+
+
+READ_ROUTERS = (ops, predictions, tasks, jobs_router)

@@ -1,0 +1,108 @@
+"""Request and response bodies of the HTTP API (they are the OpenAPI schema at /docs).
+
+Limits that the operator sets (items per request, characters per text, examples per task) are
+checked in the routes, which name the setting in the message; the schema checks the shapes.
+Uploaded examples are checked by the stream-file rules (`data.check_row`), so that an upload
+gets the same messages as `ctt run`; the schema documents those rules without enforcing them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..data import TASK_NAME
+
+TASK_NAME_RULE = {"pattern": TASK_NAME.pattern}  # documented; checked with the stream message
+NOT_BLANK_RULE = {"minLength": 1, "pattern": r"\S"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- predict -----------------------------------------------------------------------------------
+class PredictItem(Strict):
+    text: str = Field(min_length=1, description="The text to classify.")
+    task: str | None = Field(None, description="Task to answer for; leave out to let the model route.",
+                             json_schema_extra=TASK_NAME_RULE)
+
+
+class PredictRequest(Strict):
+    items: list[PredictItem] = Field(min_length=1, description="Items may name different tasks.")
+
+
+class PredictionOut(BaseModel):
+    task: str
+    label: str
+    probabilities: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    predictions: list[PredictionOut]
+
+
+# -- tasks -------------------------------------------------------------------------------------
+class TaskOut(BaseModel):
+    name: str
+    labels: list[str]
+    learned_at: str
+    train_examples: int
+    adapter_parameters: int
+    head_parameters: int
+    bytes_added: int = Field(description="Footprint: bytes this task added to the model.")
+    test_accuracy: float | None = Field(None, description="On the test examples given when it was learned.")
+
+
+class TasksResponse(BaseModel):
+    tasks: list[TaskOut]
+
+
+class ExampleIn(Strict):
+    text: str = Field(json_schema_extra=NOT_BLANK_RULE)
+    label: str = Field(json_schema_extra=NOT_BLANK_RULE)
+
+
+class TaskUpload(Strict):
+    name: str = Field(description="1-64 letters, digits, '_' or '-', starting with a letter or digit.",
+                      json_schema_extra=TASK_NAME_RULE)
+    train: list[ExampleIn] = Field(min_length=1)
+    test: list[ExampleIn] = Field(default_factory=list, description="Optional; gives the task's test accuracy.")
+    epochs: int | None = Field(None, ge=1, le=100, description="Overrides the model's epochs for this task.")
+
+
+# -- jobs --------------------------------------------------------------------------------------
+class JobOut(BaseModel):
+    id: str
+    task: str
+    state: Literal["queued", "running", "succeeded", "failed"]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    step: int = Field(description="Training steps done.")
+    total_steps: int | None
+    loss: float | None = Field(description="Loss of the last step.")
+    train_examples: int
+    test_examples: int
+    epochs: int | None
+    test_accuracy: float | None
+    error: str | None = Field(description="Why the job failed; the model is then as it was.")
+
+
+class JobsResponse(BaseModel):
+    jobs: list[JobOut]
+
+
+# -- operations --------------------------------------------------------------------------------
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    tasks: int
+
+
+class ErrorOut(BaseModel):
+    detail: str | list[dict]
