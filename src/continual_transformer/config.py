@@ -42,6 +42,9 @@ class TrainConfig:
 
     The defaults are tuned for activation scaling: the scale vectors start at 1 and need a
     learning rate far above full fine-tuning's (3e-2, not 2e-5) to move within a few epochs.
+
+    The guard: after `max_bad_steps` non-finite steps in a row, training goes back to the start
+    of the epoch with half the learning rate; after `max_restores` such restores the task fails.
     """
 
     epochs: int = 3
@@ -52,6 +55,8 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     seed: int = 0
+    max_bad_steps: int = 5
+    max_restores: int = 3
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -65,6 +70,10 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         _check_positive("max_grad_norm", self.max_grad_norm)
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps!r}")
+        if self.max_restores < 0:
+            raise ValueError(f"max_restores must be >= 0, got {self.max_restores!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
