@@ -26,6 +26,7 @@ the backbone found at load time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -86,11 +87,21 @@ def make_dirs(directory: Path) -> None:
         _fsync_dir(folder.parent)
 
 
+@functools.cache
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; give ours the mode open() would (0666 less the umask), which
+    # can only be read by setting it, so it is read once, on the first write.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same directory, fsync, rename, fsync the directory."""
     make_dirs(path.parent)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, _file_mode())
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()
@@ -102,7 +113,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _tensor_file(prefix: str, tensors: dict[str, torch.Tensor]) -> tuple[str, bytes]:
+def tensor_file(prefix: str, tensors: dict[str, torch.Tensor]) -> tuple[str, bytes]:
     data = st_save({k: v.contiguous() for k, v in sorted(tensors.items())})
     return f"{prefix}-{sha256_bytes(data)[:12]}.safetensors", data
 
@@ -155,14 +166,14 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
         files[name] = {"size": len(data), "sha256": digest}
 
     for record in learner.tasks.values():
-        name, data = _tensor_file(f"{TASKS_DIR}/{record.name}",
+        name, data = tensor_file(f"{TASKS_DIR}/{record.name}",
                                   learner.method.task_tensors(learner, record.name))
         put(name, data)
         tasks.append({**record.to_dict(), "file": name})
     shared = learner.method.shared_tensors(learner)
     shared_file = None
     if shared:
-        shared_file, data = _tensor_file("shared", shared)
+        shared_file, data = tensor_file("shared", shared)
         put(shared_file, data)
     manifest = {
         "format": FORMAT,

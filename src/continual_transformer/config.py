@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 POOLINGS = ("mean", "cls")
+DEFAULT_SAVE_EVERY = 50  # training steps between saves of the training state within a task
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -1,8 +1,14 @@
 """Run a stream: learn each task in order, evaluate every task seen so far, write the results.
 
     DIR/model/              the checkpoint (saved after every task)
+    DIR/resume/             what the run has done so far (see runstate.py)
     DIR/report.json         accuracy matrix, metrics, per-task figures, config, versions
     DIR/accuracy_matrix.png labelled heatmap of the accuracy matrix
+
+A run writing to DIR can be killed at any moment and continued by running it again on the same
+DIR: finished tasks are not redone, the interrupted task continues from its last save (every
+`save_every` training steps), and the result equals an uninterrupted run's. A run is continued
+only with the settings it was started with.
 """
 
 from __future__ import annotations
@@ -16,9 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, metrics
+from . import __version__, metrics, runstate
+from .config import DEFAULT_SAVE_EVERY
 from .data import Task
 from .learner import ContinualLearner, TaskRecord
+from .runstate import RunState
+from .train import Checkpointing, TrainState, restore_rng, rng_tensors
+
+# Report fields that measure time or memory: they differ between any two runs.
+TIMING_FIELDS = frozenset({"train_seconds", "eval_seconds", "peak_rss_mb", "total_seconds",
+                           "sessions", "learned_at"})
 
 FWT_REFERENCE = (
     "b_i = test accuracy on task i of the initial model (frozen backbone, untouched shared state, "
@@ -39,6 +52,10 @@ class RunEvents:
     def evaluated(self, task: Task, accuracy: float) -> None: ...
 
     def task_finished(self, index: int, record: TaskRecord, matrix: np.ndarray, names: list[str]) -> None: ...
+
+    def resumed(self, done: list[str], task: str | None, step: int | None) -> None:
+        """A saved run continues: `done` tasks are finished; `task` resumes at `step` (None: the
+        task starts afresh)."""
 
 
 def peak_rss_mb() -> float:
@@ -63,82 +80,213 @@ def shares_state(learner: ContinualLearner) -> bool:
     return bool(getattr(learner.method, "shares_state", False))
 
 
+def run_identity(tasks: list[Task], learner: ContinualLearner) -> dict:
+    """What a run learns: the exact data, the method and its settings, the backbone's weights."""
+    config = learner.backbone.config.to_dict()
+    config.pop("name")  # a moved folder is the same backbone; its hash says whether it is
+    return {
+        "tasks": [t.name for t in tasks],
+        "tasks_sha256": runstate.tasks_digest(tasks),
+        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
+        "backbone": {"sha256": learner.backbone.ref.sha256, "config": config},
+    }
+
+
 def run_stream(
     tasks: list[Task],
     learner: ContinualLearner,
     out: str | Path | None = None,
     events: RunEvents | None = None,
     run_config: dict | None = None,
+    save_every: int = DEFAULT_SAVE_EVERY,
+    resume: bool = False,
 ) -> dict:
-    """Learn `tasks` in order on `learner`, evaluating after each; return (and write) the report."""
+    """Learn `tasks` in order on `learner`, evaluating after each; return (and write) the report.
+
+    With `out`, the model is saved after every task and the training state every `save_every`
+    steps (0: only after tasks). A saved run found in `out` is continued (`resume=True`
+    requires one), after checking that `tasks`, the learner and `run_config` (but for
+    `runstate.NOT_COMPARED`) are those it was started with.
+    """
+    if save_every < 0:
+        raise ValueError(f"save_every must be >= 0 (0: save only after each task), got {save_every!r}")
     events = events or RunEvents()
     out = Path(out) if out is not None else None
     names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names repeat in the stream: {names}")
+    session_start = time.perf_counter()
+    config = json.loads(json.dumps(run_config or {}, default=_json_default))
+    identity = run_identity(tasks, learner)
+    saved = runstate.read(out) if out is not None else None
+    train_state: TrainState | None = None
+    if saved is None:
+        if resume:
+            raise ValueError(f"{out}: no saved run to resume ({runstate.state_dir(out) / runstate.STATE} "
+                             "does not exist)")
+        state = _start(tasks, learner, out, config, identity)
+    else:
+        state, train_state = saved
+        _continue(tasks, learner, out, state, train_state, config, identity)
+        if train_state is None:
+            restore_rng(runstate.decode_rng(state.rng, runstate.state_dir(out)))
+        current = state.current["task"] if state.current else None
+        events.resumed(names[: len(state.completed)], current,
+                       train_state.step if train_state is not None else None)
+    seconds_before = state.seconds
+
+    def write(train: TrainState | None = None) -> None:
+        if out is None:
+            return
+        state.seconds = seconds_before + time.perf_counter() - session_start
+        state.rng = runstate.encode_rng(rng_tensors())
+        runstate.write(out, state, train)
+
+    write(train_state)  # records this session; keeps the interrupted task's training state
     T = len(tasks)
-    R = np.full((T, T), np.nan)
-    before = np.full(T, np.nan)  # R[i-1, i]
-    start = time.perf_counter()
-    # Methods that share nothing meet every new task with the initial model, so the initial
-    # model's accuracy (b_i) is exactly the accuracy just before learning (R[i-1, i]).
-    reference = (
-        np.array([learner.evaluate_unlearned(t) for t in tasks]) if shares_state(learner) else None
-    )
-    per_task = []
-    for i, task in enumerate(tasks):
+    for i in range(len(state.completed), T):
+        task = tasks[i]
         events.task_started(i, T, task)
-        before[i] = learner.evaluate_unlearned(task) if i > 0 else np.nan
-        record = learner.learn(task, progress=events.train_step)
+        current = state.current if state.current and state.current["task"] == task.name else None
+        if task.name in learner.tasks:
+            # Saved to the model by a run killed before it recorded the task as finished.
+            record = learner.tasks[task.name]
+            before = current["before"]
+        else:
+            if current is None:
+                before = learner.evaluate_unlearned(task) if i > 0 else None
+                state.current = {"task": task.name, "before": before}
+                write()
+            else:
+                before = current["before"]
+            resume_from = train_state if current is not None else None
+            checkpointing = Checkpointing(save_every if out is not None else 0, write, resume_from)
+            record = learner.learn(task, progress=events.train_step, checkpointing=checkpointing)
+        train_state = None
         events.evaluation_started(i, tasks[: i + 1])
         eval_start = time.perf_counter()
+        row = []
         for j in range(i + 1):
-            R[i, j] = learner.evaluate(tasks[j])
-            events.evaluated(tasks[j], R[i, j])
+            row.append(learner.evaluate(tasks[j]))
+            events.evaluated(tasks[j], row[j])
         eval_seconds = time.perf_counter() - eval_start
         if out is not None:
             learner.save(out / "model")
-        per_task.append({
+            state.model_manifest_sha256 = _manifest_sha256(out)
+        entry = {
             "task": task.name,
             "labels": list(task.labels),
             "train_examples": len(task.train),
             "test_examples": len(task.test),
             "train_seconds": record.train_seconds,
             "eval_seconds": round(eval_seconds, 3),
-            "accuracy_just_learned": R[i, i],
-            "accuracy_before_learning": None if i == 0 else before[i],
+            "accuracy_just_learned": row[i],
+            "accuracy_before_learning": before,
             **learner.footprint(task.name),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "train_stats": record.stats,
-        })
+        }
+        state.completed.append({"row": row, "before": before, "entry": entry})
+        state.current = None
+        write()
+        R, _ = _matrix(state.completed, T)
         events.task_finished(i, record, R[: i + 1, : i + 1], names[: i + 1])
-    if reference is None:
-        reference = before.copy()
-    summary = metrics.summary(R, before, reference)
-    report = {
-        "tasks": names,
-        "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in R],
-        "metrics": summary,
-        "fwt_reference": FWT_REFERENCE,
-        "reference_accuracy": [None if np.isnan(v) else float(v) for v in reference],
-        "per_task": per_task,
-        "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
-                     "config": learner.backbone.config.to_dict()},
-        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
-        "device": str(learner.device),
-        "config": run_config or {},
-        "versions": library_versions(),
-        "total_seconds": round(time.perf_counter() - start, 2),
-    }
+    report = _report(state, learner, names, time.perf_counter() - session_start + seconds_before)
     if out is not None:
+        from .checkpoint import atomic_write
         from .report import write_heatmap
 
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+        atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
+        R, _ = _matrix(state.completed, T)
         write_heatmap(R, names, out / "accuracy_matrix.png",
                       f"{learner.method.name}: accuracy on task j after learning task i")
     return report
 
 
+def _start(tasks: list[Task], learner: ContinualLearner, out: Path | None, config: dict,
+           identity: dict) -> RunState:
+    if out is not None:
+        if learner.tasks:
+            raise ValueError(f"a run writing to {out} needs a learner without tasks; this one has "
+                             f"{list(learner.tasks)}")
+        if (out / "model").exists():
+            raise ValueError(f"{out / 'model'} exists, but {out} holds no saved run to continue; "
+                             "use a new --out (or remove that directory)")
+    # Methods that share nothing meet every new task with the initial model, so the initial
+    # model's accuracy (b_i) is exactly the accuracy just before learning (R[i-1, i]). Those
+    # that share state need b_i measured now, before anything is learned.
+    reference = [learner.evaluate_unlearned(t) for t in tasks] if shares_state(learner) else None
+    return RunState(config=config, identity=identity, reference=reference)
+
+
+def _continue(tasks: list[Task], learner: ContinualLearner, out: Path, state: RunState,
+              train_state: TrainState | None, config: dict, identity: dict) -> None:
+    """Check that the saved run is this run, and load its finished tasks into `learner`."""
+    from .checkpoint import load_into
+
+    changed = (runstate.differences(state.config, config, runstate.NOT_COMPARED)
+               or runstate.differences(state.identity, identity))
+    if changed:
+        raise ValueError(
+            f"cannot continue the run saved in {out}: it was started with other settings; "
+            + "; ".join(changed) + ". Use the saved settings, or a new --out"
+        )
+    names = [t.name for t in tasks]
+    done = len(state.completed)
+    model = out / "model"
+    if (model / "manifest.json").is_file():
+        load_into(learner, model)
+    have = list(learner.tasks)
+    current = state.current["task"] if state.current else None
+    if have == names[:done]:
+        if done and _manifest_sha256(out) != state.model_manifest_sha256:
+            raise ValueError(f"{model / 'manifest.json'} changed since this run saved it; "
+                             "refusing to continue on a model the run did not write")
+    elif not (have == names[: done + 1] and current == names[done]):
+        raise ValueError(f"{model} holds tasks {have}, but the run in {out} has finished "
+                         f"{names[:done]}; refusing to continue")
+    state.sessions += 1
+
+
+def _manifest_sha256(out: Path) -> str:
+    from .checkpoint import sha256_bytes
+
+    return sha256_bytes((out / "model" / "manifest.json").read_bytes())
+
+
+def _matrix(completed: list[dict], T: int) -> tuple[np.ndarray, np.ndarray]:
+    R = np.full((T, T), np.nan)
+    before = np.full(T, np.nan)  # R[i-1, i]
+    for i, done in enumerate(completed):
+        R[i, : i + 1] = done["row"]
+        before[i] = np.nan if done["before"] is None else done["before"]
+    return R, before
+
+
+def _report(state: RunState, learner: ContinualLearner, names: list[str], seconds: float) -> dict:
+    R, before = _matrix(state.completed, len(names))
+    reference = before.copy() if state.reference is None else np.array(state.reference, dtype=float)
+    return {
+        "tasks": names,
+        "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in R],
+        "metrics": metrics.summary(R, before, reference),
+        "fwt_reference": FWT_REFERENCE,
+        "reference_accuracy": [None if np.isnan(v) else float(v) for v in reference],
+        "per_task": [done["entry"] for done in state.completed],
+        "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
+                     "config": learner.backbone.config.to_dict()},
+        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
+        "device": str(learner.device),
+        "config": state.config,
+        "versions": library_versions(),
+        "sessions": state.sessions,
+        "total_seconds": round(seconds, 2),
+    }
+
+
 def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
+    if isinstance(value, Path):
+        return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -43,7 +43,7 @@ class TrainState:
 
     `tensors` (all on the CPU) holds `param/<group>.<index>` (the trained parameters),
     `optim/<index>/<name>` (the optimizer's per-parameter state), the same two under
-    `snapshot/` (the epoch-start state the guard restores to) and `rng/cpu` (+ `rng/cuda`).
+    `snapshot/` (the epoch-start state the guard restores to) and `rng/cpu` (+ `rng/cuda/<device>`).
     Everything else is plain numbers, saved as JSON by `meta()`.
     """
 
@@ -182,20 +182,23 @@ def _restore_trained(
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """The global torch RNG states (CPU, and each CUDA device once CUDA is in use), as uint8."""
     out = {"rng/cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["rng/cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, state bytes)
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng/cuda/{index}"] = state
     return out
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    if "rng/cpu" in tensors:
-        torch.set_rng_state(tensors["rng/cpu"])
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        states = list(tensors["rng/cuda"])
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    for key, state in tensors.items():
+        if key == "rng/cpu":
+            torch.set_rng_state(state)
+        elif key.startswith("rng/cuda/") and torch.cuda.is_available():
+            index = int(key.rsplit("/", 1)[1])
+            if index < torch.cuda.device_count():  # resumed on fewer GPUs: those states go unused
+                torch.cuda.set_rng_state(state, index)
 
 
 # -- one step -------------------------------------------------------------------------------------
@@ -280,7 +283,7 @@ def fit(
                     if k.startswith("snapshot/")}
         if not snapshot:
             raise ValueError("train state has no epoch-start snapshot")
-        _restore_rng(resume.tensors)
+        restore_rng(resume.tensors)
     else:
         state = TrainState()
         snapshot = _trained_tensors(param_groups, optimizer)
@@ -290,7 +293,7 @@ def fit(
 
     def current_state() -> TrainState:
         state.seconds = seconds_before + time.perf_counter() - start
-        tensors = {**_trained_tensors(param_groups, optimizer), **_rng_tensors(),
+        tensors = {**_trained_tensors(param_groups, optimizer), **rng_tensors(),
                    **{f"snapshot/{k}": v for k, v in snapshot.items()}}
         return TrainState(**{**state.meta(), "tensors": tensors})
 
