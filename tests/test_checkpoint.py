@@ -236,7 +236,7 @@ def _set(manifest, dotted, value):
     ("backbone.sha256", "abc", "field 'backbone.sha256' must be 64 lowercase hex digits, got 'abc'"),
     ("backbone.config", {"pooling": "max"}, "field 'backbone.config' is not a backbone configuration: pooling must be one of"),
     ("method.name", "pickle", "field 'method.name' names unknown method 'pickle'; known: \\['ia3'\\]"),
-    ("method.hyperparameters", {"train": {"lr": 1, "momentum": 0.9}}, "field 'method.hyperparameters' unknown TrainConfig fields \\['momentum'\\]"),
+    ("method.hyperparameters", {"train": {"lr": 1, "momentum": 0.9}}, "field 'method.hyperparameters': unknown TrainConfig fields \\['momentum'\\]"),
     ("tasks", {"kinds": 1}, "field 'tasks' must be list, got dict"),
     ("tasks.0.labels", "animal,food", "field 'tasks\\[0\\].labels' must be list, got str 'animal,food'"),
     ("tasks.0.labels", ["animal"], "field 'tasks\\[0\\].labels' must be 2 or more distinct strings"),

@@ -414,7 +414,7 @@ def load(directory: Path, device: str | None = None) -> "ContinualLearner":
     try:
         method = make_method(manifest["method"]["name"], manifest["method"]["hyperparameters"])
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory / MANIFEST}: field 'method.hyperparameters' {exc}") from None
+        raise CheckpointError(f"{directory / MANIFEST}: field 'method.hyperparameters': {exc}") from None
     learner = ContinualLearner(backbone, method=method)
     _install(learner, directory, manifest)
     return learner
