@@ -44,6 +44,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's library, whatever is installed
 PHASES = ("train", "evaluate", "save-model", "save-state", "report")
 WORDS = {
     "animal": ["cat", "dog", "horse", "cow", "sheep", "tiger", "lion", "wolf"],

@@ -16,8 +16,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))  # kill_test's builders; it puts this checkout's src/ first
 
 from kill_test import build_backbone, build_stream  # noqa: E402
 
