@@ -105,7 +105,7 @@ def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
 
     def event(name: str) -> bool:
         """Log a phase event; True when this is the occurrence to die at."""
-        os.write(handle, f"{name}\n".encode())  # unbuffered: survives SIGKILL
+        os.write(handle, f"{name} {time.time():.4f}\n".encode())  # unbuffered: survives SIGKILL
         counts[name] += 1
         return name == phase and counts[name] == at
 
@@ -119,7 +119,7 @@ def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
             if event(name):
                 die()
             result = original(*args, **kwargs)
-            os.write(handle, f"{name}-done\n".encode())
+            os.write(handle, f"{name}-done {time.time():.4f}\n".encode())
             return result
 
         setattr(owner, attribute, wrapped)
@@ -148,7 +148,7 @@ def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
             original_write(path, data)
             die()  # "after": the file is in place, whatever was to follow it is not
         original_write(path, data)
-        os.write(handle, f"{name}-done\n".encode())
+        os.write(handle, f"{name}-done {time.time():.4f}\n".encode())
 
     checkpoint.atomic_write = atomic_write
     event("start")
@@ -181,6 +181,16 @@ def saver(directory: Path, references: Path) -> None:
 
 
 # -- the parent ---------------------------------------------------------------------------------
+def read_events(log: Path) -> list[tuple[str, float]]:
+    """(phase event, time) pairs the child logged; a line cut by the kill is dropped."""
+    events = []
+    for line in (log.read_text().splitlines() if log.exists() else []):
+        parts = line.split()
+        if len(parts) == 2:
+            events.append((parts[0], float(parts[1])))
+    return events
+
+
 def strip_timings(value, timing: frozenset):
     if isinstance(value, dict):
         return {k: strip_timings(v, timing) for k, v in value.items() if k not in timing}
@@ -231,24 +241,29 @@ class Bench:
 
     @staticmethod
     def wait_for_start(process: subprocess.Popen, log: Path, skip: int) -> None:
-        while "start" not in (log.read_text().split()[skip:] if log.exists() else []):
+        while "start" not in [name for name, _ in read_events(log)[skip:]]:
             if process.poll() is not None:
                 return
             time.sleep(0.005)
+
+    def measure(self, events: list[tuple[str, float]]) -> None:
+        """Length of a run from the CLI's start to its exit: the window random kills aim at
+        (re-measured from every run that was not killed, as the machine's load changes)."""
+        times = dict(events)
+        if "start" in times and "exit" in times:
+            self.duration = times["exit"] - times["start"]
 
     def reference(self, twice: bool) -> None:
         """An uninterrupted run under the logging child (counts the phase events), and a second,
         plain one, to see how far two uninterrupted runs differ (on a CPU: not at all)."""
         out, log = self.work / "ref", self.work / "ref.log"
         process = self.start_child(out, log)
-        self.wait_for_start(process, log, 0)
-        started = time.perf_counter()
         _, err = process.communicate()
         if process.returncode != 0:
             raise SystemExit(f"reference run failed:\n{err.decode()}")
-        self.duration = time.perf_counter() - started  # from the CLI's start to its end
-        lines = log.read_text().split()
-        self.counts = Counter(line for line in lines if line in PHASES)
+        events = read_events(log)
+        self.measure(events)
+        self.counts = Counter(name for name, _ in events if name in PHASES)
         self.ref_tensors = model_tensors(out / "model")
         self.ref_report = json.loads((out / "report.json").read_text())
         self.tolerance = 0.0
@@ -286,18 +301,25 @@ class Bench:
         out, log = self.work / f"t{self.trial}", self.work / f"t{self.trial}.log"
         phases = []
         problem = None
-        for _ in range(kills):
-            started = len(log.read_text().split()) if log.exists() else 0
-            process = self.start_child(out, log, kill)
-            if kill is None:  # a random moment of the run, from when the CLI starts
-                self.wait_for_start(process, log, started)
-                time.sleep(self.rng.uniform(0, self.duration))
-                process.send_signal(signal.SIGKILL)
-            _, err = process.communicate()
+        for k in range(kills):
+            for attempt in range(4):
+                started = len(read_events(log))
+                process = self.start_child(out, log, kill)
+                if kill is None:  # a random moment of the run, from when the CLI starts
+                    self.wait_for_start(process, log, started)
+                    time.sleep(self.rng.uniform(0, self.duration))
+                    process.send_signal(signal.SIGKILL)
+                _, err = process.communicate()
+                events = read_events(log)[started:]
+                if process.returncode == 0:
+                    self.measure(events)
+                if kill is None and k == 0 and process.returncode == 0 and attempt < 3:
+                    shutil.rmtree(out)  # finished before the kill: try again, from scratch
+                    continue
+                break
             if process.returncode not in (0, -signal.SIGKILL):
                 problem = problem or f"child failed ({process.returncode}): {err.decode().strip()[-400:]}"
-            events = log.read_text().split()[started:] if log.exists() else []
-            last = events[-1] if events else "start"
+            last = events[-1][0] if events else "start"
             phases.append(last.removesuffix("-done") + ("(after)" if last.endswith("-done") else "")
                           if process.returncode == -signal.SIGKILL else "finished")
             try:
