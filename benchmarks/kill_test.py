@@ -13,10 +13,10 @@ report equal an uninterrupted run's (tensors bit for bit; the report but for tim
 Kinds of trial:
 
 - random: killed at a uniformly random moment of the run (one or two kills in a row); the
-  phase it was in (train / evaluate / save-model / save-state / report) is read from a log
-  the child writes as it goes.
-- targeted: killed at a chosen occurrence (drawn at random) of one phase: a training step,
-  an evaluation, a file write of the model, of the run state or of the report; writes are
+  phase it was in (startup / train / evaluate / save-model / save-state / report; "(after)":
+  just after that phase's last event) is read from a log the child writes as it goes.
+- targeted: killed at a chosen occurrence (drawn at random) of one phase: a batch's forward
+  pass, an evaluation, a file write of the model, of the run state or of the report; writes are
   either cut in half (a torn temporary file, as a kill during `write` leaves it) or completed
   and then killed (e.g. a task file written but not yet the manifest, the manifest written but
   stale files not yet removed).
@@ -97,6 +97,7 @@ def env() -> dict:
 def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
     from continual_transformer import checkpoint, cli
     from continual_transformer.learner import ContinualLearner
+    from continual_transformer.methods import GradientMethod
 
     handle = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     counts: Counter = Counter()
@@ -126,14 +127,14 @@ def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
 
     wrap(ContinualLearner, "evaluate", "evaluate")
     wrap(ContinualLearner, "evaluate_unlearned", "evaluate")
-    original_step = cli._RichEvents.train_step
+    original_loss = GradientMethod.loss
 
-    def train_step(self, done, total, loss):
+    def loss(self, *args, **kwargs):  # every batch's forward pass: the training phase
         if event("train"):
             die()
-        original_step(self, done, total, loss)
+        return original_loss(self, *args, **kwargs)
 
-    cli._RichEvents.train_step = train_step
+    GradientMethod.loss = loss
     original_write = checkpoint.atomic_write
 
     def atomic_write(path: Path, data: bytes) -> None:
@@ -320,8 +321,9 @@ class Bench:
             if process.returncode not in (0, -signal.SIGKILL):
                 problem = problem or f"child failed ({process.returncode}): {err.decode().strip()[-400:]}"
             last = events[-1][0] if events else "start"
-            phases.append(last.removesuffix("-done") + ("(after)" if last.endswith("-done") else "")
-                          if process.returncode == -signal.SIGKILL else "finished")
+            phase = "startup" if last == "start" else last.removesuffix("-done") + (
+                "(after)" if last.endswith("-done") else "")
+            phases.append(phase if process.returncode == -signal.SIGKILL else "finished")
             try:
                 problem = problem or self.check_on_disk(out)
             except Exception as exc:  # a load failure is the result being measured
