@@ -119,3 +119,193 @@ def test_different_backbone_weights_are_refused(trained, tmp_path, tiny_backbone
     model.save_pretrained(copy)
     with pytest.raises(BackboneError, match="refusing to load"):
         ContinualLearner.load(tmp_path / "m", device="cpu")
+
+
+# -- verified loading: one tampering per test case, each refused with the file and the problem --
+@pytest.fixture(scope="module")
+def saved_once(tiny_config, tmp_path_factory):
+    """A saved two-task checkpoint, trained once for the module (copy it before changing it)."""
+    from conftest import toy_rows, write_jsonl
+
+    stream = write_jsonl(tmp_path_factory.mktemp("stream") / "toy.jsonl", toy_rows())
+    learner = ContinualLearner(tiny_config, train=TrainConfig(epochs=1, batch_size=8), device="cpu")
+    for task in load_stream(stream):
+        learner.learn(task)
+    return learner.save(tmp_path_factory.mktemp("saved") / "m")
+
+
+@pytest.fixture
+def saved(saved_once, tmp_path):
+    import shutil
+
+    directory = shutil.copytree(saved_once, tmp_path / "m")
+    return directory, json.loads((directory / "manifest.json").read_text())
+
+
+def _saved(trained, tmp_path):
+    learner, _ = trained
+    directory = learner.save(tmp_path / "m")
+    return directory, json.loads((directory / "manifest.json").read_text())
+
+
+def _task_file(directory, task="kinds"):
+    return next((directory / "tasks").glob(f"{task}-*.safetensors"))
+
+
+def test_missing_file_is_refused(saved):
+    directory, _ = saved
+    target = _task_file(directory)
+    target.unlink()
+    with pytest.raises(CheckpointError, match=f"{target}: missing"):
+        ContinualLearner.load(directory, device="cpu")
+
+
+def test_foreign_files_are_refused_and_never_read(saved):
+    directory, _ = saved
+    for name in ("notes.txt", "tasks/kinds.pt", "pytorch_model.bin", "extra/"):
+        path = directory / name
+        path.mkdir() if name.endswith("/") else path.write_bytes(b"\x80\x04K\x01.")  # a pickle
+        with pytest.raises(CheckpointError, match=f"{directory / name.rstrip('/')}: foreign file in "
+                                                  "a checkpoint directory"):
+            ContinualLearner.load(directory, device="cpu")
+        path.rmdir() if name.endswith("/") else path.unlink()
+    assert ContinualLearner.load(directory, device="cpu").tasks
+
+
+def test_saving_into_a_directory_with_foreign_files_is_refused(trained, tmp_path):
+    learner, _ = trained
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    with pytest.raises(CheckpointError, match="thesis.tex: foreign file"):
+        learner.save(tmp_path / "home")
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["thesis.tex"]
+
+
+def test_leftovers_of_an_interrupted_save_load_and_are_cleaned_up(trained, tmp_path):
+    learner, tasks = trained
+    directory, _ = _saved(trained, tmp_path)
+    kept = ContinualLearner.load(directory, device="cpu")
+    # An interrupted save: a new task file written, the manifest not yet switched; a torn
+    # temporary manifest; a file an interrupted clean-up did not delete.
+    (directory / "tasks" / "kinds-0123456789ab.safetensors").write_bytes(b"half a file")
+    (directory / ".manifest.json.k2j4_x9a.tmp").write_bytes(b'{"format": "contin')
+    (directory / "tasks" / ".topics-9d2ed0fa88a5.safetensors.abcd1234.tmp").write_bytes(b"x")
+    loaded = ContinualLearner.load(directory, device="cpu")
+    assert list(loaded.tasks) == list(kept.tasks)
+    texts = [e.text for e in tasks[0].test]
+    assert torch.equal(torch.stack(loaded.logits(texts, "kinds")), torch.stack(kept.logits(texts, "kinds")))
+    learner.save(directory)
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    assert names == ["manifest.json"] + sorted(json.loads((directory / "manifest.json").read_text())["files"])
+
+
+def test_a_listed_file_that_is_not_safetensors_is_refused(saved):
+    from continual_transformer.checkpoint import sha256_bytes
+
+    directory, manifest = saved
+    data = b"\x80\x04\x95 not safetensors, perhaps a pickle"
+    name = f"tasks/kinds-{sha256_bytes(data)[:12]}.safetensors"
+    (directory / name).write_bytes(data)
+    _task_file(directory).unlink()
+    old = manifest["tasks"][0]["file"]
+    manifest["files"][name] = {"size": len(data), "sha256": sha256_bytes(data)}
+    del manifest["files"][old]
+    manifest["tasks"][0]["file"] = name
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"{directory / name}: not a safetensors file"):
+        ContinualLearner.load(directory, device="cpu")
+
+
+def test_manifest_that_is_not_json_or_not_ours_is_refused(saved):
+    directory, manifest = saved
+    path = directory / "manifest.json"
+    path.write_text(json.dumps(manifest)[:-20])
+    with pytest.raises(CheckpointError, match=f"{path}: not valid JSON"):
+        ContinualLearner.load(directory, device="cpu")
+    path.write_text(json.dumps({**manifest, "format": "someone-else/checkpoint"}))
+    with pytest.raises(CheckpointError, match=f"{path}: not a continual-tiny-transformer/checkpoint manifest"):
+        ContinualLearner.load(directory, device="cpu")
+
+
+def _set(manifest, dotted, value):
+    """Set (or with value=KeyError, delete) a field given as 'a.b' or 'tasks.0.labels'."""
+    *parents, last = dotted.split(".")
+    target = manifest
+    for key in parents:
+        target = target[int(key)] if isinstance(target, list) else target[key]
+    key = int(last) if isinstance(target, list) else last
+    if value is KeyError:
+        del target[key]
+    else:
+        target[key] = value
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("backbone.sha256", KeyError, "field 'backbone.sha256' is missing"),
+    ("backbone.sha256", "abc", "field 'backbone.sha256' must be 64 lowercase hex digits, got 'abc'"),
+    ("backbone.config", {"pooling": "max"}, "field 'backbone.config' is not a backbone configuration: pooling must be one of"),
+    ("method.name", "pickle", "field 'method.name' names unknown method 'pickle'; known: \\[.*'ia3'.*\\]"),
+    ("method.hyperparameters", {"train": {"lr": 1, "momentum": 0.9}}, "field 'method.hyperparameters': unknown TrainConfig fields \\['momentum'\\]"),
+    ("tasks", {"kinds": 1}, "field 'tasks' must be list, got dict"),
+    ("tasks.0.labels", "animal,food", "field 'tasks\\[0\\].labels' must be list, got str 'animal,food'"),
+    ("tasks.0.labels", ["animal"], "field 'tasks\\[0\\].labels' must be 2 or more distinct strings"),
+    ("tasks.0.name", "../../etc", "field 'tasks\\[0\\].name' is not a valid task name"),
+    ("tasks.1.name", "kinds", "field 'tasks\\[1\\].name' repeats task 'kinds'"),
+    ("tasks.0.train_examples", True, "field 'tasks\\[0\\].train_examples' must be int, got bool True"),
+    ("tasks.0.head_parameters", -1, "field 'tasks\\[0\\].head_parameters' must be >= 0, got -1"),
+    ("tasks.0.owner", "me", "field 'tasks\\[0\\]' has unknown keys \\['owner'\\]"),
+    ("tasks.0.file", "tasks/topics-0123456789ab.safetensors", "field 'tasks\\[0\\].file' names 'tasks/topics-0123456789ab.safetensors', which is not a listed file of task 'kinds'"),
+    ("files.tasks/model.pkl", {"size": 1, "sha256": "0" * 64}, "lists foreign file 'tasks/model.pkl'"),
+    ("files.../x-0123456789ab.safetensors", {"size": 1, "sha256": "0" * 64}, "lists foreign file '../x-0123456789ab.safetensors'"),
+    ("shared_file", "shared-0123456789ab.safetensors", "field 'shared_file' names 'shared-0123456789ab.safetensors', which is not a listed shared file"),
+])
+def test_malformed_manifest_fields_are_refused(saved, field, value, message):
+    directory, manifest = saved
+    if field.startswith("files."):
+        manifest["files"][field[len("files."):]] = value
+    else:
+        _set(manifest, field, value)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"{directory / 'manifest.json'}: {message}"):
+        ContinualLearner.load(directory, device="cpu")
+
+
+def test_file_entries_must_agree_with_names_and_be_used(saved):
+    import copy
+
+    directory, original = saved
+    manifest = copy.deepcopy(original)
+    name = manifest["tasks"][0]["file"]
+    manifest["files"][name]["sha256"] = "f" * 64
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="hash prefix is not its SHA-256 ffffffffffff"):
+        ContinualLearner.load(directory, device="cpu")
+    manifest = copy.deepcopy(original)
+    del manifest["tasks"][1]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="field 'files' lists files no task uses once: \\['tasks/topics-"):
+        ContinualLearner.load(directory, device="cpu")
+
+
+def test_save_rewrites_a_damaged_file_of_the_same_name(trained, tmp_path):
+    learner, _ = trained
+    directory, _ = _saved(trained, tmp_path)
+    target = _task_file(directory)
+    good = target.read_bytes()
+    target.write_bytes(bytes(b ^ 1 for b in good))  # same name, same size, wrong bytes
+    learner.save(directory)
+    assert target.read_bytes() == good
+    assert ContinualLearner.load(directory, device="cpu").tasks
+
+
+def test_load_into_checks_the_method(saved, tiny_config):
+    from continual_transformer.checkpoint import load_into
+
+    directory, _ = saved
+    other = ContinualLearner(tiny_config, train=TrainConfig(epochs=2, batch_size=8), device="cpu")
+    with pytest.raises(CheckpointError, match="saved with method 'ia3'"):
+        load_into(other, directory)
+    assert not other.tasks
+    same = ContinualLearner(tiny_config, train=TrainConfig(epochs=1, batch_size=8), device="cpu")
+    load_into(same, directory)
+    assert list(same.tasks) == ["kinds", "topics"]

@@ -65,3 +65,51 @@ def test_predict_unknown_task_is_a_clear_error(tiny_backbone_dir, toy_stream, tm
     result = _run(["predict", str(out / "model"), "--task", "spam", "hello"])
     assert result.exit_code == 2
     assert "unknown task 'spam'; known: ['kinds', 'topics']" in result.output.replace("\n", "")
+
+
+def _base(tiny_backbone_dir, stream, out):
+    return ["run", str(stream), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+            "--backbone", str(tiny_backbone_dir), "--max-length", "32", "--device", "cpu",
+            "--save-every", "2"]
+
+
+def test_run_again_continues_and_resume_takes_the_saved_options(tiny_backbone_dir, toy_stream, tmp_path):
+    from continual_transformer.runstate import read
+
+    reference = tmp_path / "reference"
+    assert _run(_base(tiny_backbone_dir, toy_stream, reference)).exit_code == 0
+
+    out = tmp_path / "run"
+    result = _run(_base(tiny_backbone_dir, toy_stream, out)[:-2] + ["--save-every", "0", "--seed", "3"])
+    assert result.exit_code == 0
+    # same --out, another seed: refused, naming the field
+    result = _run(_base(tiny_backbone_dir, toy_stream, out))
+    assert result.exit_code == 2
+    message = result.output.replace("\n", "")
+    assert "it was started with other settings; seed: saved 3, now 0;" in message
+    assert "train.seed: saved 3, now 0" in message
+
+    # `--resume --out DIR` alone runs with the saved options (here: all done already)
+    result = _run(["run", "--resume", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    words = " ".join(result.output.split())
+    assert "continuing the run in" in words and "2 task(s) already learned ['kinds', 'topics']" in words
+    state, _ = read(out)
+    assert state.sessions == 2 and state.config["seed"] == 3 and state.config["train"]["epochs"] == 1
+
+    result = _run(["run", "--resume", "--out", str(tmp_path / "nothing")])
+    assert result.exit_code == 2
+    assert "no saved run to resume" in result.output
+
+
+def test_a_task_that_cannot_be_learned_is_a_clear_error(tiny_backbone_dir, toy_stream, tmp_path):
+    # A learning rate this high overflows the scale vectors: every step after the first is
+    # non-finite, so the guard restores and halves the rate until it gives up.
+    out = tmp_path / "run"
+    result = _run(_base(tiny_backbone_dir, toy_stream, out) + ["--lr", "1e30", "--head-lr", "1e30"])
+    assert result.exit_code == 2
+    message = result.output.replace("\n", "")
+    assert "loss or gradients not finite in 5 steps in a row" in message
+    assert "after 3 restore(s) with the learning rate lowered to 0.125x" in message
+    assert f"The model in {out / 'model'} keeps the 0 task(s) learned before: []" in message
+    assert not (out / "model").exists()

@@ -23,6 +23,8 @@ _EXPORTS = {
     "load_stream": "data",
     "default_stream_path": "data",
     "run_stream": "experiment",
+    "CheckpointError": "checkpoint",
+    "TrainingError": "train",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -37,5 +39,7 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     from .config import BackboneConfig, TrainConfig
     from .data import Example, StreamError, Task, default_stream_path, load_stream
+    from .checkpoint import CheckpointError
     from .experiment import run_stream
     from .learner import ContinualLearner, Prediction, TaskRecord
+    from .train import TrainingError

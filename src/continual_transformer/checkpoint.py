@@ -5,23 +5,39 @@
       tasks/<task>-<hash12>.safetensors  one per task: its scale vectors and head
       shared-<hash12>.safetensors        state shared by all tasks (only for methods that share)
 
-File names carry a prefix of their content hash, so a save never rewrites a file an older
-manifest points to: a directory is always the complete old state or the complete new state,
-and the switch between them is the atomic rename of `manifest.json`. Nothing is pickled, and
-the backbone is stored as a reference (package, path or hub id) plus the hash of its weights.
+Saving. Every file is written to a temporary file in its own directory, flushed, fsynced and
+renamed into place (then the directory is fsynced). File names carry a prefix of their content
+hash, so a save never rewrites a file that an older manifest points to; the manifest is written
+last, and its rename is the one moment the directory switches from the complete old state to
+the complete new state. Only then are files the new manifest does not list deleted.
+
+What loading accepts. The manifest is the whole truth: every file it lists must be present with
+the listed size and SHA-256, and must be named like a file this module writes. A process killed
+during a save can leave files the manifest does not list: files written for a manifest that was
+never switched in, files an interrupted clean-up did not delete yet, and temporary files
+(`.<name>.<random>.tmp`). Those carry names this module writes, are never read, and are removed
+by the next save. Any other file or folder in the directory is foreign (nothing here wrote it,
+so something else is changing the model) and loading refuses it, naming the file; so does saving.
+
+Nothing is pickled: only the manifest (JSON) and safetensors files are read, and the backbone is
+stored as a reference (package, path or hub id) plus the hash of its weights, which must match
+the backbone found at load time.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -35,6 +51,13 @@ if TYPE_CHECKING:
 FORMAT = "continual-tiny-transformer/checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TASKS_DIR = "tasks"
+
+# Names this module writes (relative to the checkpoint directory).
+TASK_FILE = re.compile(r"^tasks/([A-Za-z0-9][A-Za-z0-9_-]{0,63})-([0-9a-f]{12})\.safetensors$")
+SHARED_FILE = re.compile(r"^shared-([0-9a-f]{12})\.safetensors$")
+TEMP_FILE = re.compile(r"^(tasks/)?\.[^/]+\.[a-z0-9_]+\.tmp$")  # see `atomic_write`
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(RuntimeError):
@@ -45,11 +68,40 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _fsync_dir(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def make_dirs(directory: Path) -> None:
+    """Create `directory` (and parents) so that the new entries survive a power cut too."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        _fsync_dir(folder.parent)
+
+
+@functools.cache
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; give ours the mode open() would (0666 less the umask), which
+    # can only be read by setting it, so it is read once, on the first write.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same directory, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, _file_mode())
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()
@@ -58,39 +110,69 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    _fsync_dir(path.parent)
 
 
-def _tensor_file(prefix: str, tensors: dict[str, torch.Tensor]) -> tuple[str, bytes]:
+def tensor_file(prefix: str, tensors: dict[str, torch.Tensor]) -> tuple[str, bytes]:
     data = st_save({k: v.contiguous() for k, v in sorted(tensors.items())})
     return f"{prefix}-{sha256_bytes(data)[:12]}.safetensors", data
 
 
+def _is_own_name(name: str) -> bool:
+    return bool(name == MANIFEST or TASK_FILE.match(name) or SHARED_FILE.match(name)
+                or TEMP_FILE.match(name))
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """Entries of a checkpoint directory that this module never writes (relative names)."""
+    foreign = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name == TASKS_DIR and entry.is_dir() and not entry.is_symlink():
+            for inner in sorted(entry.iterdir()):
+                name = f"{TASKS_DIR}/{inner.name}"
+                if not (inner.is_file() and not inner.is_symlink() and _is_own_name(name)):
+                    foreign.append(name + ("/" if inner.is_dir() else ""))
+        elif not (entry.is_file() and not entry.is_symlink() and _is_own_name(entry.name)):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def _refuse_foreign(directory: Path) -> None:
+    foreign = foreign_entries(directory)
+    if foreign:
+        raise CheckpointError(
+            f"{directory / foreign[0]}: foreign file in a checkpoint directory (a checkpoint "
+            f"holds only {MANIFEST}, {TASKS_DIR}/*.safetensors and shared-*.safetensors); "
+            f"{len(foreign)} such entr{'y' if len(foreign) == 1 else 'ies'}: {foreign[:5]}"
+        )
+
+
 def save(learner: "ContinualLearner", directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists():
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: exists and is not a directory")
+        _refuse_foreign(directory)
     files: dict[str, dict] = {}
     tasks = []
 
     def put(name: str, data: bytes) -> None:
         target = directory / name
         digest = sha256_bytes(data)
-        # Content-addressed: an existing file with this name already holds exactly these bytes.
-        if not (target.is_file() and target.stat().st_size == len(data)):
+        # Content-addressed: a file with this name normally holds exactly these bytes already;
+        # rewrite it only if it does not (a damaged copy must not end up listed).
+        if not (target.is_file() and target.stat().st_size == len(data)
+                and sha256_bytes(target.read_bytes()) == digest):
             atomic_write(target, data)
         files[name] = {"size": len(data), "sha256": digest}
 
     for record in learner.tasks.values():
-        name, data = _tensor_file(f"tasks/{record.name}", learner.task_tensors(record.name))
+        name, data = tensor_file(f"{TASKS_DIR}/{record.name}", learner.task_tensors(record.name))
         put(name, data)
         tasks.append({**record.to_dict(), "file": name})
     shared = learner.shared_tensors()
     shared_file = None
     if shared:
-        shared_file, data = _tensor_file("shared", shared)
+        shared_file, data = tensor_file("shared", shared)
         put(shared_file, data)
     manifest = {
         "format": FORMAT,
@@ -112,20 +194,139 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
 
 
 def _remove_unlisted(directory: Path, files: dict[str, dict]) -> None:
-    """Delete tensor files the new manifest no longer lists (deleted or re-learned tasks)."""
-    for path in list(directory.glob("*.safetensors")) + list(directory.glob("tasks/*.safetensors")):
-        if path.relative_to(directory).as_posix() not in files:
+    """Delete our files the new manifest no longer lists (deleted or re-learned tasks, files of
+    an interrupted save, temporary files). Assumes one writer per directory."""
+    candidates = [p for p in directory.iterdir() if p.is_file()]
+    if (directory / TASKS_DIR).is_dir():
+        candidates += [p for p in (directory / TASKS_DIR).iterdir() if p.is_file()]
+    for path in candidates:
+        name = path.relative_to(directory).as_posix()
+        if name != MANIFEST and name not in files and _is_own_name(name):
             path.unlink(missing_ok=True)
 
 
+# -- reading --------------------------------------------------------------------------------------
+class _Fields:
+    """Checks one manifest's fields; every error names the manifest and the field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: field {field!r} {problem}")
+
+    def get(self, data: dict, key: str, kind, where: str = ""):
+        field = f"{where}.{key}" if where else key
+        if key not in data:
+            raise self.fail(field, "is missing")
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int to Python, never to a manifest.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise self.fail(field, f"must be {names}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+    def count(self, data: dict, key: str, where: str) -> int:
+        value = self.get(data, key, int, where)
+        if value < 0:
+            raise self.fail(f"{where}.{key}", f"must be >= 0, got {value}")
+        return value
+
+    def digest(self, data: dict, key: str, where: str) -> str:
+        value = self.get(data, key, str, where)
+        if not SHA256.match(value):
+            raise self.fail(f"{where}.{key}", f"must be 64 lowercase hex digits, got {value!r:.70}")
+        return value
+
+
+def validate_manifest(manifest: object, path: Path) -> dict:
+    """Check every field loading relies on; raise `CheckpointError` naming the first bad one."""
+    from .data import TASK_NAME
+    from .learner import TaskRecord
+    from .methods import METHODS
+
+    check = _Fields(path)
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    backbone = check.get(manifest, "backbone", dict)
+    check.get(backbone, "name", str, "backbone")
+    check.digest(backbone, "sha256", "backbone")
+    config = check.get(backbone, "config", dict, "backbone")
+    try:
+        BackboneConfig(**{**config, "name": backbone["name"]})
+    except (TypeError, ValueError) as exc:
+        raise check.fail("backbone.config", f"is not a backbone configuration: {exc}") from None
+    method = check.get(manifest, "method", dict)
+    if check.get(method, "name", str, "method") not in METHODS:
+        raise check.fail("method.name", f"names unknown method {method['name']!r}; known: {sorted(METHODS)}")
+    check.get(method, "hyperparameters", dict, "method")
+
+    files = check.get(manifest, "files", dict)
+    for name, entry in files.items():
+        where = f"files[{name!r}]"
+        if not (TASK_FILE.match(name) or SHARED_FILE.match(name)):
+            raise CheckpointError(
+                f"{path}: lists foreign file {name!r} (expected {TASKS_DIR}/<task>-<hash>.safetensors "
+                "or shared-<hash>.safetensors)")
+        if not isinstance(entry, dict):
+            raise check.fail(where, f"must be an object, got {type(entry).__name__}")
+        check.count(entry, "size", where)
+        digest = check.digest(entry, "sha256", where)
+        if not name.endswith(f"-{digest[:12]}.safetensors"):
+            raise check.fail(where, f"names a file whose hash prefix is not its SHA-256 {digest[:12]}…")
+
+    used: list[str] = []
+    shared = check.get(manifest, "shared_file", (str, type(None)))
+    if shared is not None:
+        if not SHARED_FILE.match(shared) or shared not in files:
+            raise check.fail("shared_file", f"names {shared!r}, which is not a listed shared file")
+        used.append(shared)
+    tasks = check.get(manifest, "tasks", list)
+    record_fields = {f for f in TaskRecord.__dataclass_fields__}
+    seen: set[str] = set()
+    for i, task in enumerate(tasks):
+        where = f"tasks[{i}]"
+        if not isinstance(task, dict):
+            raise check.fail(where, f"must be an object, got {type(task).__name__}")
+        name = check.get(task, "name", str, where)
+        if not TASK_NAME.match(name):
+            raise check.fail(f"{where}.name", f"is not a valid task name: {name!r:.70}")
+        if name in seen:
+            raise check.fail(f"{where}.name", f"repeats task {name!r}")
+        seen.add(name)
+        labels = check.get(task, "labels", list, where)
+        if len(labels) < 2 or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
+            raise check.fail(f"{where}.labels", f"must be 2 or more distinct strings, got {labels!r:.70}")
+        check.get(task, "learned_at", str, where)
+        check.count(task, "train_examples", where)
+        check.get(task, "train_seconds", (int, float), where)
+        check.count(task, "adapter_parameters", where)
+        check.count(task, "head_parameters", where)
+        check.get(task, "stats", dict, where)
+        unknown = sorted(set(task) - record_fields - {"file"})
+        if unknown:
+            raise check.fail(where, f"has unknown keys {unknown}")
+        file = check.get(task, "file", str, where)
+        match = TASK_FILE.match(file)
+        if not match or match.group(1) != name or file not in files:
+            raise check.fail(f"{where}.file", f"names {file!r}, which is not a listed file of task {name!r}")
+        used.append(file)
+    unused = sorted(set(files) - set(used))
+    if unused or len(used) != len(set(used)):
+        raise check.fail("files", f"lists files no task uses once: {unused or sorted(used)}")
+    return manifest
+
+
 def read_manifest(directory: Path) -> dict:
+    """The validated manifest of a checkpoint directory (the tensor files are not read)."""
     path = directory / MANIFEST
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {directory} is not a checkpoint directory")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -135,15 +336,11 @@ def read_manifest(directory: Path) -> dict:
             f"{path}: format version {manifest.get('format_version')!r} is not supported "
             f"(this library reads version {FORMAT_VERSION})"
         )
-    return manifest
+    return validate_manifest(manifest, path)
 
 
-def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.Tensor]:
-    """Read one listed safetensors file after checking its size and SHA-256."""
-    entry = manifest["files"].get(name)
-    if entry is None:
-        raise CheckpointError(f"{directory / MANIFEST}: file {name!r} is not listed")
-    path = directory / name
+def read_verified(path: Path, entry: dict) -> bytes:
+    """A file's bytes after checking them against its manifest entry (size, SHA-256)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     data = path.read_bytes()
@@ -151,11 +348,59 @@ def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.
         raise CheckpointError(f"{path}: size {len(data)} bytes, manifest says {entry['size']} (truncated?)")
     if sha256_bytes(data) != entry["sha256"]:
         raise CheckpointError(f"{path}: SHA-256 does not match the manifest (file altered)")
-    return st_load(data)
+    return data
+
+
+def parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a safetensors file ({exc})") from None
+
+
+def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.Tensor]:
+    """Read one listed safetensors file after checking its size and SHA-256."""
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise CheckpointError(f"{directory / MANIFEST}: file {name!r} is not listed")
+    return parse_tensors(directory / name, read_verified(directory / name, entry))
+
+
+def _read_all(directory: Path, manifest: dict) -> tuple[dict | None, list[dict]]:
+    """Every listed file, verified and parsed, before anything is installed in a learner."""
+    _refuse_foreign(directory)
+    shared = manifest["shared_file"]
+    shared_tensors = read_tensors(directory, shared, manifest) if shared else None
+    return shared_tensors, [read_tensors(directory, t["file"], manifest) for t in manifest["tasks"]]
+
+
+def _install(learner: "ContinualLearner", directory: Path, manifest: dict) -> None:
+    from .learner import TaskRecord
+
+    shared_tensors, task_tensors = _read_all(directory, manifest)
+    try:
+        if shared_tensors is not None:
+            learner.load_shared_tensors(shared_tensors)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{directory / manifest['shared_file']}: {exc}") from None
+    for entry, tensors in zip(manifest["tasks"], task_tensors):
+        record = TaskRecord.from_dict({k: v for k, v in entry.items() if k != "file"})
+        try:
+            learner.load_task_tensors(record, tensors)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{directory / entry['file']}: {exc}") from None
+
+
+def _check_backbone(directory: Path, spec: dict, backbone: Backbone) -> None:
+    if backbone.ref.sha256 != spec["sha256"]:
+        raise BackboneError(
+            f"{directory / MANIFEST}: backbone {spec['name']!r} has SHA-256 {backbone.ref.sha256[:12]}…, "
+            f"but this model was trained on {spec['sha256'][:12]}…; refusing to load"
+        )
 
 
 def load(directory: Path, device: str | None = None) -> "ContinualLearner":
-    from .learner import ContinualLearner, TaskRecord
+    from .learner import ContinualLearner
     from .methods import make_method
 
     manifest = read_manifest(directory)
@@ -163,16 +408,35 @@ def load(directory: Path, device: str | None = None) -> "ContinualLearner":
     # The stored reference: the package name for the default, else the folder or hub id.
     config = BackboneConfig(**{**spec["config"], "name": spec["name"]})
     backbone = Backbone.load(config, device)
-    if backbone.ref.sha256 != spec["sha256"]:
-        raise BackboneError(
-            f"{directory / MANIFEST}: backbone {spec['name']!r} has SHA-256 {backbone.ref.sha256[:12]}…, "
-            f"but this model was trained on {spec['sha256'][:12]}…; refusing to load"
-        )
-    method = make_method(manifest["method"]["name"], manifest["method"]["hyperparameters"])
+    _check_backbone(directory, spec, backbone)
+    try:
+        method = make_method(manifest["method"]["name"], manifest["method"]["hyperparameters"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / MANIFEST}: field 'method.hyperparameters': {exc}") from None
     learner = ContinualLearner(backbone, method=method, router=manifest.get("router"))
-    if manifest.get("shared_file"):
-        learner.load_shared_tensors(read_tensors(directory, manifest["shared_file"], manifest))
-    for entry in manifest["tasks"]:
-        record = TaskRecord.from_dict({k: v for k, v in entry.items() if k != "file"})
-        learner.load_task_tensors(record, read_tensors(directory, entry["file"], manifest))
+    _install(learner, directory, manifest)
     return learner
+
+
+def load_into(learner: "ContinualLearner", directory: Path) -> dict:
+    """Load a checkpoint's tasks into `learner`, which must know no tasks yet and must have the
+    checkpoint's backbone and method; return the manifest."""
+    manifest = read_manifest(directory)
+    if learner.tasks:
+        raise ValueError(f"load_into needs a learner without tasks; this one has {list(learner.tasks)}")
+    _check_backbone(directory, manifest["backbone"], learner.backbone)
+    saved = manifest["method"]
+    now = {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()}
+    if json.loads(json.dumps(now)) != saved:
+        raise CheckpointError(
+            f"{directory / MANIFEST}: saved with method {saved['name']!r} {saved['hyperparameters']}, "
+            f"but the learner has {now['name']!r} {now['hyperparameters']}"
+        )
+    router = learner.router.hyperparameters() if learner.router is not None else None
+    if json.loads(json.dumps(router)) != manifest.get("router"):
+        raise CheckpointError(
+            f"{directory / MANIFEST}: saved with router {manifest.get('router')}, "
+            f"but the learner has {router}"
+        )
+    _install(learner, directory, manifest)
+    return manifest

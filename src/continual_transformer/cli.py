@@ -12,6 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .config import DEFAULT_SAVE_EVERY
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continual learning of text-classification tasks on a frozen tiny transformer.")
 console = Console()
@@ -45,10 +47,17 @@ def _matrix_table(R, names: list[str], title: str) -> Table:
 class _RichEvents:
     """Progress bars and the accuracy matrix after every task."""
 
-    def __init__(self, progress: Progress):
+    def __init__(self, progress: Progress, out: Path):
         self.progress = progress
+        self.out = out
         self.train_bar = None
         self.eval_bar = None
+
+    def resumed(self, done, task, step):
+        where = (f"; task {task!r} continues from step {step}" if step is not None
+                 else f"; task {task!r} starts again" if task else "")
+        self.progress.console.print(f"continuing the run in {self.out}: {len(done)} task(s) "
+                                    f"already learned {done}{where}")
 
     def task_started(self, index, total, task):
         self.progress.console.rule(f"task {index + 1}/{total}: {task.name} "
@@ -80,7 +89,7 @@ class _RichEvents:
 @app.command()
 def run(
     stream: Optional[Path] = typer.Argument(None, help="Stream file (JSONL or .jsonl.gz); default: the bundled stream."),
-    method: str = typer.Option("ia3", help="Learning method: ia3 or analytic."),
+    method: Optional[str] = typer.Option(None, help="Learning method: ia3, analytic [default: ia3]."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per task."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of the scale vectors."),
@@ -88,12 +97,18 @@ def run(
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
     precision: Optional[str] = typer.Option(None, help="Training precision: auto (bf16 where the hardware has it), fp32 or bf16."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
-    seed: int = typer.Option(0, help="Random seed: same seed, same numbers."),
-    backbone: str = typer.Option("default", help="'default' (MiniLM-L6), a model folder or a hub id."),
-    max_length: int = typer.Option(128, help="Maximum tokens per text."),
+    seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same numbers [default: 0]."),
+    backbone: Optional[str] = typer.Option(None, help="'default' (MiniLM-L6), a model folder or a hub id [default: default]."),
+    max_length: Optional[int] = typer.Option(None, help="Maximum tokens per text [default: 128]."),
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
+    save_every: int = typer.Option(DEFAULT_SAVE_EVERY, help="Save the training state every K steps within a task (0: only after each task)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out; options not given take its saved values."),
 ):
-    """Learn every task of a stream in order; write the model, report.json and a heatmap."""
+    """Learn every task of a stream in order; write the model, report.json and a heatmap.
+
+    Killed runs continue: run the same command again (or `--resume --out DIR`), and finished
+    tasks are kept, the interrupted one continues from its last save.
+    """
     import torch
 
     from .config import BackboneConfig, TrainConfig
@@ -101,9 +116,22 @@ def run(
     from .experiment import run_stream
     from .learner import ContinualLearner
     from .methods import make_method
+    from .runstate import read_config
+    from .train import TrainingError
 
     try:
-        stream = stream or default_stream_path()
+        saved = read_config(out) if resume else None
+        if resume and saved is None:
+            _fail(f"{out}: no saved run to resume")
+        saved = saved or {}
+
+        def given(value, key, default):
+            return value if value is not None else saved.get(key, default)
+
+        stream = stream or (Path(saved["stream"]) if "stream" in saved else default_stream_path())
+        method, seed = given(method, "method", "ia3"), given(seed, "seed", 0)
+        backbone, max_length = given(backbone, "backbone", "default"), given(max_length, "max_length", 128)
+        max_train = given(max_train, "max_train", None)
         tasks = [t.subsample_train(max_train, seed) for t in load_stream(stream)]
         overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "head_lr": head_lr,
                                        "batch_size": batch_size, "precision": precision}.items()
@@ -118,20 +146,29 @@ def run(
             learner = ContinualLearner(config, method=make_method("analytic", {"seed": seed}),
                                        device=device)
         else:
-            train = TrainConfig(seed=seed, **overrides)
+            train = TrainConfig.from_dict({**(saved.get("train") or {}), **overrides, "seed": seed})
             learner = ContinualLearner(config, method=method, train=train, device=device)
     except _user_errors() as exc:
         _fail(str(exc))
     console.print(f"stream [bold]{stream}[/]: {len(tasks)} tasks; backbone "
                   f"{learner.backbone.ref.name} ({learner.backbone_parameters:,} parameters) "
                   f"on {learner.device}; method {method}")
-    run_config = {"stream": str(stream), "method": method, "seed": seed, "max_train": max_train,
-                  "train": train.to_dict() if train else None, "backbone": backbone, "max_length": max_length,
-                  "device": device, "stream_summary": describe(tasks)}
+    run_config = {"stream": str(Path(stream).resolve()), "method": method, "seed": seed,
+                  "max_train": max_train, "train": train.to_dict() if train else None,
+                  "backbone": backbone, "max_length": max_length, "device": device,
+                  "save_every": save_every, "stream_summary": describe(tasks)}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
-        report = run_stream(tasks, learner, out, _RichEvents(progress), run_config)
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            report = run_stream(tasks, learner, out, _RichEvents(progress, out), run_config,
+                                save_every=save_every, resume=resume)
+    except TrainingError as exc:
+        kept = list(learner.tasks)
+        _fail(f"{exc}. The model in {out / 'model'} keeps the {len(kept)} task(s) learned "
+              f"before: {kept}")
+    except _user_errors() as exc:
+        _fail(str(exc))
     _print_summary(report, out)
 
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 POOLINGS = ("mean", "cls")
 PRECISIONS = ("auto", "fp32", "bf16")
+DEFAULT_SAVE_EVERY = 50  # training steps between saves of the training state within a task
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -43,6 +44,9 @@ class TrainConfig:
 
     The defaults are tuned for activation scaling: the scale vectors start at 1 and need a
     learning rate far above full fine-tuning's (3e-2, not 2e-5) to move within a few epochs.
+
+    The guard: after `max_bad_steps` non-finite steps in a row, training goes back to the start
+    of the epoch with half the learning rate; after `max_restores` such restores the task fails.
     """
 
     epochs: int = 3
@@ -56,6 +60,8 @@ class TrainConfig:
     # Training forward passes in bfloat16 autocast ("bf16"), float32 ("fp32"), or bf16 where the
     # hardware computes it natively ("auto"). Prediction always runs in float32.
     precision: str = "auto"
+    max_bad_steps: int = 5
+    max_restores: int = 3
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -71,6 +77,10 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         _check_positive("max_grad_norm", self.max_grad_norm)
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps!r}")
+        if self.max_restores < 0:
+            raise ValueError(f"max_restores must be >= 0, got {self.max_restores!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

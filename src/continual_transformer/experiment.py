@@ -1,8 +1,14 @@
 """Run a stream: learn each task in order, evaluate every task seen so far, write the results.
 
     DIR/model/              the checkpoint (saved after every task)
+    DIR/resume/             what the run has done so far (see runstate.py)
     DIR/report.json         accuracy matrix, metrics, per-task figures, config, versions
     DIR/accuracy_matrix.png labelled heatmap of the accuracy matrix
+
+A run writing to DIR can be killed at any moment and continued by running it again on the same
+DIR: finished tasks are not redone, the interrupted task continues from its last save (every
+`save_every` training steps), and the result equals an uninterrupted run's. A run is continued
+only with the settings it was started with.
 """
 
 from __future__ import annotations
@@ -16,9 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, metrics
+from . import __version__, metrics, runstate
+from .config import DEFAULT_SAVE_EVERY
 from .data import Task
 from .learner import ContinualLearner, TaskRecord
+from .runstate import RunState
+from .train import Checkpointing, TrainState, restore_rng, rng_tensors
+
+# Report fields that measure time or memory: they differ between any two runs.
+TIMING_FIELDS = frozenset({"train_seconds", "eval_seconds", "peak_rss_mb", "total_seconds",
+                           "sessions", "learned_at"})
 
 FWT_REFERENCE = (
     "b_i = test accuracy on task i of the initial model (frozen backbone, untouched shared state, "
@@ -45,6 +58,10 @@ class RunEvents:
 
     def task_finished(self, index: int, record: TaskRecord, matrix: np.ndarray, names: list[str]) -> None: ...
 
+    def resumed(self, done: list[str], task: str | None, step: int | None) -> None:
+        """A saved run continues: `done` tasks are finished; `task` resumes at `step` (None: the
+        task starts afresh)."""
+
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
@@ -68,76 +85,236 @@ def shares_state(learner: ContinualLearner) -> bool:
     return bool(getattr(learner.method, "shares_state", False))
 
 
+def run_identity(tasks: list[Task], learner: ContinualLearner) -> dict:
+    """What a run learns: the exact data, the method and its settings, the backbone's weights."""
+    config = learner.backbone.config.to_dict()
+    config.pop("name")  # a moved folder is the same backbone; its hash says whether it is
+    return {
+        "tasks": [t.name for t in tasks],
+        "tasks_sha256": runstate.tasks_digest(tasks),
+        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
+        "backbone": {"sha256": learner.backbone.ref.sha256, "config": config},
+    }
+
+
 def run_stream(
     tasks: list[Task],
     learner: ContinualLearner,
     out: str | Path | None = None,
     events: RunEvents | None = None,
     run_config: dict | None = None,
+    save_every: int = DEFAULT_SAVE_EVERY,
+    resume: bool = False,
 ) -> dict:
-    """Learn `tasks` in order on `learner`, evaluating after each; return (and write) the report."""
+    """Learn `tasks` in order on `learner`, evaluating after each; return (and write) the report.
+
+    With `out`, the model is saved after every task and the training state every `save_every`
+    steps (0: only after tasks). A saved run found in `out` is continued (`resume=True`
+    requires one), after checking that `tasks`, the learner and `run_config` (but for
+    `runstate.NOT_COMPARED`) are those it was started with.
+    """
+    if save_every < 0:
+        raise ValueError(f"save_every must be >= 0 (0: save only after each task), got {save_every!r}")
     events = events or RunEvents()
     out = Path(out) if out is not None else None
     names = [t.name for t in tasks]
-    T = len(tasks)
-    R = np.full((T, T), np.nan)  # task given
-    F = np.full((T, T), np.nan)  # task-free: routed
-    confusion = np.zeros((T, T), dtype=int)  # after the last task: true task x routed task
-    before = np.full(T, np.nan)  # R[i-1, i]
-    start = time.perf_counter()
-    # FWT needs the model's accuracy on a task before learning it. Methods that share nothing
-    # meet every task with the initial model, so it is 0 without measuring; methods that
-    # classify over all tasks' labels have nothing to measure it with.
-    if not shares_state(learner):
-        fwt_reference, reference = FWT_BY_CONSTRUCTION, None
-    elif learner.method.routes_itself:
-        fwt_reference, reference = FWT_UNDEFINED, None
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names repeat in the stream: {names}")
+    session_start = time.perf_counter()
+    config = json.loads(json.dumps(run_config or {}, default=_json_default))
+    identity = run_identity(tasks, learner)
+    saved = runstate.read(out) if out is not None else None
+    train_state: TrainState | None = None
+    if saved is None:
+        if resume:
+            raise ValueError(f"{out}: no saved run to resume ({runstate.state_dir(out) / runstate.STATE} "
+                             "does not exist)")
+        state = _start(tasks, learner, out, config, identity)
     else:
-        fwt_reference = FWT_REFERENCE
-        reference = np.array([learner.evaluate_unlearned(t) for t in tasks])
+        state, train_state = saved
+        _continue(tasks, learner, out, state, train_state, config, identity)
+        if train_state is None:
+            restore_rng(runstate.decode_rng(state.rng, runstate.state_dir(out)))
+        current = state.current["task"] if state.current else None
+        events.resumed(names[: len(state.completed)], current,
+                       train_state.step if train_state is not None else None)
+    seconds_before = state.seconds
+
+    def write(train: TrainState | None = None) -> None:
+        if out is None:
+            return
+        state.seconds = seconds_before + time.perf_counter() - session_start
+        state.rng = runstate.encode_rng(rng_tensors())
+        runstate.write(out, state, train)
+
+    write(train_state)  # records this session; keeps the interrupted task's training state
+    T = len(tasks)
     index = {name: j for j, name in enumerate(names)}
-    per_task = []
-    for i, task in enumerate(tasks):
+    measure_before = state.reference is not None
+    for i in range(len(state.completed), T):
+        task = tasks[i]
         events.task_started(i, T, task)
-        if reference is not None and i > 0:
-            before[i] = learner.evaluate_unlearned(task)
-        record = learner.learn(task, progress=events.train_step)
+        current = state.current if state.current and state.current["task"] == task.name else None
+        if task.name in learner.tasks:
+            # Saved to the model by a run killed before it recorded the task as finished.
+            record = learner.tasks[task.name]
+            before = current["before"]
+        else:
+            if current is None:
+                before = learner.evaluate_unlearned(task) if measure_before and i > 0 else None
+                state.current = {"task": task.name, "before": before}
+                write()
+            else:
+                before = current["before"]
+            resume_from = train_state if current is not None else None
+            checkpointing = Checkpointing(save_every if out is not None else 0, write, resume_from)
+            record = learner.learn(task, progress=events.train_step, checkpointing=checkpointing)
+        train_state = None
         events.evaluation_started(i, tasks[: i + 1])
         eval_start = time.perf_counter()
+        row, free_row = [], []
+        confusion = np.zeros((T, T), dtype=int)  # true task x routed task; kept for the last model
         for j in range(i + 1):
-            R[i, j] = learner.evaluate(tasks[j])
-            F[i, j], routed = learner.evaluate_task_free(tasks[j])
-            if i == T - 1:
-                for name in routed:
-                    confusion[j, index[name]] += 1
-            events.evaluated(tasks[j], R[i, j])
+            row.append(learner.evaluate(tasks[j]))
+            free, routed = learner.evaluate_task_free(tasks[j])
+            free_row.append(free)
+            for name in routed:
+                confusion[j, index[name]] += 1
+            events.evaluated(tasks[j], row[j])
         eval_seconds = time.perf_counter() - eval_start
         if out is not None:
             learner.save(out / "model")
-        per_task.append({
+            state.model_manifest_sha256 = _manifest_sha256(out)
+        entry = {
             "task": task.name,
             "labels": list(task.labels),
             "train_examples": len(task.train),
             "test_examples": len(task.test),
             "train_seconds": record.train_seconds,
             "eval_seconds": round(eval_seconds, 3),
-            "accuracy_just_learned": R[i, i],
-            "task_free_accuracy_just_learned": F[i, i],
-            "accuracy_before_learning": None if np.isnan(before[i]) else before[i],
+            "accuracy_just_learned": row[i],
+            "task_free_accuracy_just_learned": free_row[i],
+            "accuracy_before_learning": before,
             **learner.footprint(task.name),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "train_stats": record.stats,
-        })
+        }
+        state.completed.append({"row": row, "free_row": free_row, "before": before,
+                                "confusion": confusion.tolist(), "entry": entry})
+        state.current = None
+        write()
+        R, _, _ = _matrices(state.completed, T)
         events.task_finished(i, record, R[: i + 1, : i + 1], names[: i + 1])
-    summary = metrics.summary(R, before, reference) if reference is not None else metrics.summary(R)
-    summary["fwt"] = summary.get("fwt", 0.0 if fwt_reference == FWT_BY_CONSTRUCTION else None)
+    report = _report(state, learner, names, time.perf_counter() - session_start + seconds_before)
+    if out is not None:
+        from .checkpoint import atomic_write
+        from .report import write_heatmap
+
+        atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
+        R, F, _ = _matrices(state.completed, T)
+        write_heatmap(R, names, out / "accuracy_matrix.png",
+                      f"{learner.method.name}: accuracy on task j after learning task i")
+        write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
+                      f"{learner.method.name}: task-free accuracy (task predicted, not given)")
+    return report
+
+
+def _fwt_reference(learner: ContinualLearner) -> str:
+    # FWT needs the model's accuracy on a task before learning it. Methods that share nothing
+    # meet every task with the initial model, so it is 0 without measuring; methods that
+    # classify over all tasks' labels have nothing to measure it with.
+    if not shares_state(learner):
+        return FWT_BY_CONSTRUCTION
+    if learner.method.routes_itself:
+        return FWT_UNDEFINED
+    return FWT_REFERENCE
+
+
+def _start(tasks: list[Task], learner: ContinualLearner, out: Path | None, config: dict,
+           identity: dict) -> RunState:
+    if out is not None:
+        if learner.tasks:
+            raise ValueError(f"a run writing to {out} needs a learner without tasks; this one has "
+                             f"{list(learner.tasks)}")
+        if (out / "model").exists():
+            raise ValueError(f"{out / 'model'} exists, but {out} holds no saved run to continue; "
+                             "use a new --out (or remove that directory)")
+    # Only methods with a measured FWT need b_i, measured now, before anything is learned.
+    reference = ([learner.evaluate_unlearned(t) for t in tasks]
+                 if _fwt_reference(learner) == FWT_REFERENCE else None)
+    return RunState(config=config, identity=identity, reference=reference)
+
+
+def _continue(tasks: list[Task], learner: ContinualLearner, out: Path, state: RunState,
+              train_state: TrainState | None, config: dict, identity: dict) -> None:
+    """Check that the saved run is this run, and load its finished tasks into `learner`."""
+    from .checkpoint import load_into
+
+    changed = (runstate.differences(state.config, config, runstate.NOT_COMPARED)
+               or runstate.differences(state.identity, identity))
+    if changed:
+        raise ValueError(
+            f"cannot continue the run saved in {out}: it was started with other settings; "
+            + "; ".join(changed) + ". Use the saved settings, or a new --out"
+        )
+    names = [t.name for t in tasks]
+    done = len(state.completed)
+    model = out / "model"
+    if (model / "manifest.json").is_file():
+        load_into(learner, model)
+    have = list(learner.tasks)
+    current = state.current["task"] if state.current else None
+    if have == names[:done]:
+        if done and _manifest_sha256(out) != state.model_manifest_sha256:
+            raise ValueError(f"{model / 'manifest.json'} changed since this run saved it; "
+                             "refusing to continue on a model the run did not write")
+    elif not (have == names[: done + 1] and current == names[done]):
+        raise ValueError(f"{model} holds tasks {have}, but the run in {out} has finished "
+                         f"{names[:done]}; refusing to continue")
+    state.sessions += 1
+
+
+def _manifest_sha256(out: Path) -> str:
+    from .checkpoint import sha256_bytes
+
+    return sha256_bytes((out / "model" / "manifest.json").read_bytes())
+
+
+def _matrices(completed: list[dict], T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """R (task given), F (task-free: routed) and R[i-1, i] from the finished tasks' rows."""
+    R = np.full((T, T), np.nan)
+    F = np.full((T, T), np.nan)
+    before = np.full(T, np.nan)
+    for i, done in enumerate(completed):
+        R[i, : i + 1] = done["row"]
+        F[i, : i + 1] = done["free_row"]
+        before[i] = np.nan if done["before"] is None else done["before"]
+    return R, F, before
+
+
+def _matrix_json(M: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in M]
+
+
+def _report(state: RunState, learner: ContinualLearner, names: list[str], seconds: float) -> dict:
+    T = len(names)
+    R, F, before = _matrices(state.completed, T)
+    fwt_reference = _fwt_reference(learner)
+    if state.reference is not None:
+        reference = np.array(state.reference, dtype=float)
+        summary = metrics.summary(R, before, reference)
+    else:
+        reference = None
+        summary = metrics.summary(R)
+        summary["fwt"] = 0.0 if fwt_reference == FWT_BY_CONSTRUCTION else None
+    confusion = np.array(state.completed[-1]["confusion"]) if state.completed else np.zeros((T, T), int)
     routing = metrics.routing_accuracy(confusion)
     summary.update({
         "task_free_acc": metrics.average_accuracy(F),
         "task_free_bwt": metrics.backward_transfer(F),
         "routing_acc": routing["overall"],
     })
-    report = {
+    return {
         "tasks": names,
         "accuracy_matrix": _matrix_json(R),
         "task_free_accuracy_matrix": _matrix_json(F),
@@ -147,33 +324,22 @@ def run_stream(
         "metrics": summary,
         "fwt_reference": fwt_reference,
         "reference_accuracy": None if reference is None else [float(v) for v in reference],
-        "per_task": per_task,
+        "per_task": [done["entry"] for done in state.completed],
         "shared_state_numbers": learner.shared_state_numbers(),
         "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
                      "config": learner.backbone.config.to_dict()},
         "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
         "device": str(learner.device),
-        "config": run_config or {},
+        "config": state.config,
         "versions": library_versions(),
-        "total_seconds": round(time.perf_counter() - start, 2),
+        "sessions": state.sessions,
+        "total_seconds": round(seconds, 2),
     }
-    if out is not None:
-        from .report import write_heatmap
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-        write_heatmap(R, names, out / "accuracy_matrix.png",
-                      f"{learner.method.name}: accuracy on task j after learning task i")
-        write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
-                      f"{learner.method.name}: task-free accuracy (task predicted, not given)")
-    return report
-
-
-def _matrix_json(M: np.ndarray) -> list[list[float | None]]:
-    return [[None if np.isnan(v) else float(v) for v in row] for row in M]
 
 
 def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
+    if isinstance(value, Path):
+        return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

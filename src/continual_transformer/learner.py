@@ -25,7 +25,7 @@ from .heads import TaskHeads
 from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
 from .router import Router
-from .train import Progress
+from .train import Checkpointing, Progress
 
 INFERENCE_BATCH = 64
 
@@ -100,15 +100,23 @@ class ContinualLearner:
     def device(self) -> torch.device:
         return self.backbone.device
 
-    def learn(self, task: Task, progress: Progress | None = None) -> TaskRecord:
-        """Learn one task. On any failure the learner is left exactly as it was before."""
+    def learn(
+        self, task: Task, progress: Progress | None = None,
+        checkpointing: Checkpointing | None = None,
+    ) -> TaskRecord:
+        """Learn one task. On any failure the learner is left exactly as it was before.
+
+        With `checkpointing`, a gradient method saves its training state every
+        `checkpointing.every` steps and, given `checkpointing.resume_from`, continues from it.
+        """
         check_task_name(task.name)
         if task.name in self.tasks:
             raise ValueError(f"task {task.name!r} is already learned; delete it first")
         _check_task(task)
-        start = time.perf_counter()
+        resumed = checkpointing.resume_from if checkpointing else None
+        start = time.perf_counter() - (resumed.seconds if resumed else 0.0)
         try:
-            stats = self.method.learn(self, task, progress)
+            stats = self.method.learn(self, task, progress, checkpointing)
             if self.router is not None:
                 self.router.partial_fit(self._embedding_features([e.text for e in task.train]),
                                         task.name)

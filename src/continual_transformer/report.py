@@ -8,7 +8,12 @@ import numpy as np
 
 
 def write_heatmap(R, names: list[str], path: Path, title: str) -> Path:
-    """A labelled heatmap of an accuracy matrix; cells above the diagonal stay blank."""
+    """A labelled heatmap of an accuracy matrix; cells above the diagonal stay blank.
+
+    Written atomically: a killed process leaves the old picture or the new one, never half.
+    """
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,9 +35,12 @@ def write_heatmap(R, names: list[str], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from .checkpoint import atomic_write
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
     plt.close(fig)
+    atomic_write(path, buffer.getvalue())
     return path
 
 

@@ -51,7 +51,8 @@ class AnalyticMethod(Method):
         return self.classifier
 
     @torch.inference_mode()
-    def learn(self, learner, task: Task, progress) -> dict:
+    def learn(self, learner, task: Task, progress, checkpointing=None) -> dict:
+        del checkpointing  # one pass, no steps: nothing to save within the task
         classifier = self._classifier(learner)
         ids = learner.backbone.tokenize([e.text for e in task.train])
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

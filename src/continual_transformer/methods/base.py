@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from ..config import TrainConfig
 from ..data import Task
-from ..train import Progress, TrainResult, fit
+from ..train import Checkpointing, Progress, TrainResult, fit
 
 if TYPE_CHECKING:
     from ..learner import ContinualLearner
@@ -62,7 +62,12 @@ class Method:
     def adapter_key(self, task: str) -> str | None:
         raise NotImplementedError
 
-    def learn(self, learner: "ContinualLearner", task: Task, progress: Progress | None) -> dict:
+    def learn(
+        self, learner: "ContinualLearner", task: Task, progress: Progress | None,
+        checkpointing: Checkpointing | None = None,
+    ) -> dict:
+        """Learn the task; return its stats. Methods that train in steps save and resume through
+        `checkpointing`; the others learn a task in one go and ignore it."""
         raise NotImplementedError
 
     def head_logits(
@@ -130,7 +135,10 @@ class GradientMethod(Method):
     def end_task(self, learner: "ContinualLearner", task: Task) -> None:
         pass
 
-    def learn(self, learner: "ContinualLearner", task: Task, progress: Progress | None) -> dict:
+    def learn(
+        self, learner: "ContinualLearner", task: Task, progress: Progress | None,
+        checkpointing: Checkpointing | None = None,
+    ) -> dict:
         self.begin_task(learner, task)
         ids = learner.backbone.tokenize([e.text for e in task.train])
         index = task.label_index()
@@ -146,7 +154,7 @@ class GradientMethod(Method):
         result: TrainResult = fit(
             self.param_groups(learner, task), batch_loss, len(ids), self.train,
             task_seed(self.train.seed, task.name), progress, lengths=[len(row) for row in ids],
+            checkpointing=checkpointing,
         )
         self.end_task(learner, task)
-        return {"steps": result.steps, "first_loss": result.first_loss,
-                "last_loss": result.last_loss}
+        return result.stats()

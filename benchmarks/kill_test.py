@@ -1,0 +1,457 @@
+"""Kill `ctt run` with SIGKILL at random and at chosen moments; check that it always resumes.
+
+    python benchmarks/kill_test.py                     # 38 trials, ~10 minutes on 2 cores
+    python benchmarks/kill_test.py --quick             # 5 trials (the slow test in CI)
+    python benchmarks/kill_test.py --json results.json
+
+Every trial runs `ctt run` on a small stream (three tasks, a tiny random BERT, so a run takes
+seconds) in a subprocess, kills it with SIGKILL, checks what is on disk at that moment (the
+model directory, if any, loads and holds a prefix of the stream equal to the uninterrupted
+run's), then runs the same command again to the end and checks that the final model and
+report equal an uninterrupted run's (tensors bit for bit; the report but for timings).
+
+Kinds of trial:
+
+- random: killed at a uniformly random moment of the run (one or two kills in a row); the
+  phase it was in (startup / train / evaluate / save-model / save-state / report; "(after)":
+  just after that phase's last event) is read from a log the child writes as it goes.
+- targeted: killed at a chosen occurrence (drawn at random) of one phase: a batch's forward
+  pass, an evaluation, a file write of the model, of the run state or of the report; writes are
+  either cut in half (a torn temporary file, as a kill during `write` leaves it) or completed
+  and then killed (e.g. a task file written but not yet the manifest, the manifest written but
+  stale files not yet removed).
+- saver: a process that saves three different models into one directory in a loop, killed at
+  a random moment; the directory must load and equal one of the three.
+
+The child is this file run with `child`: it wraps a few library functions to log the phase
+(and, for targeted trials, to SIGKILL itself at the chosen point) and then runs the real CLI.
+The library has no kill hooks of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's library, whatever is installed
+PHASES = ("train", "evaluate", "save-model", "save-state", "report")
+WORDS = {
+    "animal": ["cat", "dog", "horse", "cow", "sheep", "tiger", "lion", "wolf"],
+    "food": ["bread", "cheese", "apple", "soup", "rice", "pasta", "cake", "salad"],
+    "color": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"],
+    "sport": ["football", "tennis", "golf", "hockey", "rugby", "cricket", "boxing", "rowing"],
+    "tool": ["hammer", "saw", "drill", "wrench", "chisel", "pliers", "spade", "axe"],
+    "weather": ["rain", "snow", "wind", "fog", "hail", "storm", "sun", "frost"],
+}
+TASKS = (("kinds", ("animal", "food")), ("topics", ("color", "sport")), ("things", ("tool", "weather")))
+
+
+# -- setup --------------------------------------------------------------------------------------
+def build_backbone(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer (as tests/conftest.py)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from continual_transformer.backbone import default_model_dir
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(default_model_dir() / name, folder / name)
+    return folder
+
+
+def build_stream(path: Path, n_train: int = 32, n_test: int = 16) -> Path:
+    rng = random.Random(0)
+    rows = []
+    for task, labels in TASKS:
+        for split, n in (("train", n_train), ("test", n_test)):
+            for i in range(n):
+                label = labels[i % 2]
+                a, b, c = rng.sample(WORDS[label], 3)
+                rows.append({"task": task, "split": split, "label": label,
+                             "text": f"{a} and {b} with {c}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# -- the child: the real CLI, with phase logging and an optional self-kill ---------------------------
+def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
+    from continual_transformer import checkpoint, cli
+    from continual_transformer.learner import ContinualLearner
+    from continual_transformer.methods import GradientMethod
+
+    handle = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    counts: Counter = Counter()
+    phase, at, mode = (kill.split(":") + ["", ""])[:3] if kill else (None, 0, "")
+    at = int(at or 0)
+
+    def event(name: str) -> bool:
+        """Log a phase event; True when this is the occurrence to die at."""
+        os.write(handle, f"{name} {time.time():.4f}\n".encode())  # unbuffered: survives SIGKILL
+        counts[name] += 1
+        return name == phase and counts[name] == at
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(owner, attribute: str, name: str):
+        original = getattr(owner, attribute)
+
+        def wrapped(*args, **kwargs):
+            if event(name):
+                die()
+            result = original(*args, **kwargs)
+            os.write(handle, f"{name}-done {time.time():.4f}\n".encode())
+            return result
+
+        setattr(owner, attribute, wrapped)
+
+    wrap(ContinualLearner, "evaluate", "evaluate")
+    wrap(ContinualLearner, "evaluate_unlearned", "evaluate")
+    original_loss = GradientMethod.loss
+
+    def loss(self, *args, **kwargs):  # every batch's forward pass: the training phase
+        if event("train"):
+            die()
+        return original_loss(self, *args, **kwargs)
+
+    GradientMethod.loss = loss
+    original_write = checkpoint.atomic_write
+
+    def atomic_write(path: Path, data: bytes) -> None:
+        where = Path(path).resolve().relative_to(out.resolve()).parts[0]
+        name = {"model": "save-model", "resume": "save-state"}.get(where, "report")
+        if event(name):
+            if mode == "torn":  # what a kill during write() leaves: a half-written temp file
+                checkpoint.make_dirs(Path(path).parent)
+                fd, _ = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+                os.write(fd, data[: len(data) // 2])
+                die()
+            original_write(path, data)
+            die()  # "after": the file is in place, whatever was to follow it is not
+        original_write(path, data)
+        os.write(handle, f"{name}-done {time.time():.4f}\n".encode())
+
+    checkpoint.atomic_write = atomic_write
+    event("start")
+    try:
+        cli.app(args=ctt_args, prog_name="ctt")
+    finally:
+        event("exit")
+
+
+def saver(directory: Path, references: Path) -> None:
+    """Save three different models into `directory` in a loop, until killed."""
+    from continual_transformer import ContinualLearner, TrainConfig, load_stream
+    from continual_transformer.config import BackboneConfig
+
+    stream = load_stream(references / "stream.jsonl")
+    config = BackboneConfig(str(references / "tiny"), max_length=32)
+    states = []
+    for seed, count in ((0, 1), (0, 2), (1, 3)):
+        learner = ContinualLearner(config, train=TrainConfig(epochs=1, batch_size=8, seed=seed), device="cpu")
+        for task in stream[:count]:
+            learner.learn(task)
+        learner.save(references / f"state{len(states)}")
+        states.append(learner)
+    log = os.open(references / "saver.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.write(log, b"start\n")
+    for i in range(10**9):
+        os.write(log, f"save {i % 3}\n".encode())
+        states[i % 3].save(directory)
+        os.write(log, b"saved\n")
+
+
+# -- the parent ---------------------------------------------------------------------------------
+def read_events(log: Path) -> list[tuple[str, float]]:
+    """(phase event, time) pairs the child logged; a line cut by the kill is dropped."""
+    events = []
+    for line in (log.read_text().splitlines() if log.exists() else []):
+        parts = line.split()
+        if len(parts) == 2:
+            events.append((parts[0], float(parts[1])))
+    return events
+
+
+def strip_timings(value, timing: frozenset):
+    if isinstance(value, dict):
+        return {k: strip_timings(v, timing) for k, v in value.items() if k not in timing}
+    if isinstance(value, list):
+        return [strip_timings(v, timing) for v in value]
+    return value
+
+
+def model_tensors(directory: Path) -> dict:
+    from continual_transformer import ContinualLearner
+
+    learner = ContinualLearner.load(directory, device="cpu")
+    return {name: learner.method.task_tensors(learner, name) for name in learner.tasks}
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    return list(a) == list(b) and all(
+        a[t].keys() == b[t].keys() and all(torch.equal(a[t][k], b[t][k]) for k in a[t]) for t in a)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max((float((a[t][k] - b[t][k]).abs().max()) for t in a if t in b for k in a[t]), default=0.0)
+
+
+class Bench:
+    def __init__(self, work: Path, seed: int):
+        self.work = work
+        self.rng = random.Random(seed)
+        self.tiny = build_backbone(work / "tiny")
+        self.stream = build_stream(work / "stream.jsonl")
+        self.trial = 0
+
+    def args(self, out: Path) -> list[str]:
+        return ["run", str(self.stream), "--out", str(out), "--backbone", str(self.tiny),
+                "--max-length", "32", "--batch-size", "4", "--epochs", "2", "--device", "cpu",
+                "--save-every", "3"]
+
+    def start_child(self, out: Path, log: Path, kill: str | None = None) -> subprocess.Popen:
+        command = [sys.executable, __file__, "child", "--log", str(log), "--out", str(out)]
+        command += (["--kill", kill] if kill else []) + ["--"] + self.args(out)
+        return subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def plain_run(self, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "continual_transformer.cli", *self.args(out)],
+                              env=env(), capture_output=True, text=True)
+
+    @staticmethod
+    def wait_for_start(process: subprocess.Popen, log: Path, skip: int) -> None:
+        while "start" not in [name for name, _ in read_events(log)[skip:]]:
+            if process.poll() is not None:
+                return
+            time.sleep(0.005)
+
+    def measure(self, events: list[tuple[str, float]]) -> None:
+        """Length of a run from the CLI's start to its exit: the window random kills aim at
+        (re-measured from every run that was not killed, as the machine's load changes)."""
+        times = dict(events)
+        if "start" in times and "exit" in times:
+            self.duration = times["exit"] - times["start"]
+
+    def reference(self, twice: bool) -> None:
+        """An uninterrupted run under the logging child (counts the phase events), and a second,
+        plain one, to see how far two uninterrupted runs differ (on a CPU: not at all)."""
+        out, log = self.work / "ref", self.work / "ref.log"
+        process = self.start_child(out, log)
+        _, err = process.communicate()
+        if process.returncode != 0:
+            raise SystemExit(f"reference run failed:\n{err.decode()}")
+        events = read_events(log)
+        self.measure(events)
+        self.counts = Counter(name for name, _ in events if name in PHASES)
+        self.ref_tensors = model_tensors(out / "model")
+        self.ref_report = json.loads((out / "report.json").read_text())
+        self.tolerance = 0.0
+        self.references_identical = None
+        if twice:
+            again = self.work / "ref2"
+            result = self.plain_run(again)
+            if result.returncode != 0:
+                raise SystemExit(f"second reference run failed:\n{result.stderr}")
+            other = model_tensors(again / "model")
+            self.references_identical = (same_tensors(other, self.ref_tensors)
+                                         and self.report_matches(again / "report.json"))
+            self.tolerance = max_difference(other, self.ref_tensors)
+
+    def report_matches(self, path: Path) -> bool:
+        from continual_transformer.experiment import TIMING_FIELDS
+
+        report = json.loads(path.read_text())
+        return strip_timings(report, TIMING_FIELDS) == strip_timings(self.ref_report, TIMING_FIELDS)
+
+    def check_on_disk(self, out: Path) -> str | None:
+        """After a kill: the model (if any) loads and is a prefix of the reference run."""
+        from continual_transformer import runstate
+
+        if (out / "model" / "manifest.json").is_file():
+            tensors = model_tensors(out / "model")
+            names = list(self.ref_tensors)[: len(tensors)]
+            if list(tensors) != names or not same_tensors(tensors, {n: self.ref_tensors[n] for n in names}):
+                return f"model after the kill holds {list(tensors)}, not a prefix of the reference"
+        runstate.read(out)  # raises if the run state does not verify
+        return None
+
+    def run_trial(self, kind: str, kill: str | None, kills: int = 1) -> dict:
+        self.trial += 1
+        out, log = self.work / f"t{self.trial}", self.work / f"t{self.trial}.log"
+        phases = []
+        problem = None
+        for k in range(kills):
+            for attempt in range(4):
+                started = len(read_events(log))
+                process = self.start_child(out, log, kill)
+                if kill is None:  # a random moment of the run, from when the CLI starts
+                    self.wait_for_start(process, log, started)
+                    time.sleep(self.rng.uniform(0, self.duration))
+                    process.send_signal(signal.SIGKILL)
+                _, err = process.communicate()
+                events = read_events(log)[started:]
+                if process.returncode == 0:
+                    self.measure(events)
+                if kill is None and k == 0 and process.returncode == 0 and attempt < 3:
+                    shutil.rmtree(out)  # finished before the kill: try again, from scratch
+                    continue
+                break
+            if process.returncode not in (0, -signal.SIGKILL):
+                problem = problem or f"child failed ({process.returncode}): {err.decode().strip()[-400:]}"
+            last = events[-1][0] if events else "start"
+            phase = "startup" if last == "start" else last.removesuffix("-done") + (
+                "(after)" if last.endswith("-done") else "")
+            phases.append(phase if process.returncode == -signal.SIGKILL else "finished")
+            try:
+                problem = problem or self.check_on_disk(out)
+            except Exception as exc:  # a load failure is the result being measured
+                problem = f"after the kill: {type(exc).__name__}: {exc}"
+        result = self.plain_run(out)
+        matched = False
+        if result.returncode != 0:
+            problem = problem or f"rerun failed ({result.returncode}): {result.stderr.strip()[-400:]}"
+        else:
+            try:
+                tensors = model_tensors(out / "model")
+                matched = same_tensors(tensors, self.ref_tensors) and self.report_matches(out / "report.json")
+                if not matched:
+                    problem = problem or (f"differs from the uninterrupted run (max |diff| "
+                                          f"{max_difference(tensors, self.ref_tensors):.3g})")
+            except Exception as exc:
+                problem = problem or f"final model: {type(exc).__name__}: {exc}"
+        ok = matched and problem is None
+        shutil.rmtree(out, ignore_errors=True)
+        return {"kind": kind, "kill": kill, "phases": phases, "ok": ok, "problem": problem}
+
+    def saver_trial(self) -> dict:
+        self.trial += 1
+        directory = self.work / f"saver{self.trial}"
+        log = self.work / "saver.log"
+        log.unlink(missing_ok=True)
+        process = subprocess.Popen([sys.executable, __file__, "saver", str(directory), str(self.work)],
+                                   env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while not (log.exists() and "start" in log.read_text()):
+            if process.poll() is not None:
+                raise SystemExit(f"saver failed:\n{process.stderr.read().decode()}")
+            time.sleep(0.01)
+        time.sleep(self.rng.uniform(0.05, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        lines = log.read_text().splitlines()
+        phase = "between-saves" if lines[-1] in ("saved", "start") else "during-save"
+        problem = None
+        try:
+            tensors = model_tensors(directory)
+            if not any(same_tensors(tensors, model_tensors(self.work / f"state{i}")) for i in range(3)):
+                problem = "loads, but equals none of the three saved states"
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        saves = sum(line.startswith("save ") for line in lines)
+        shutil.rmtree(directory, ignore_errors=True)
+        return {"kind": "saver", "kill": None, "phases": [phase], "saves_before_kill": saves,
+                "ok": problem is None, "problem": problem}
+
+
+def plan(bench: Bench, random_trials: int, per_phase: int, phases: tuple[str, ...],
+         rng: random.Random) -> list[tuple]:
+    trials = [("random", None, rng.choice((1, 2))) for _ in range(random_trials)]
+    for p, phase in enumerate(phases):
+        modes = ("torn", "after") if phase.startswith("save") or phase == "report" else ("",)
+        for k in range(per_phase):
+            at = rng.randint(1, bench.counts[phase])
+            mode = modes[(k + p + 1) % len(modes)]
+            trials.append((f"targeted:{phase}" + (f"/{mode}" if mode else ""),
+                           f"{phase}:{at}" + (f":{mode}" if mode else ""), 1))
+    return trials
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--random", type=int, default=12, help="random-moment trials")
+    parser.add_argument("--per-phase", type=int, default=4, help="targeted trials per phase")
+    parser.add_argument("--saver", type=int, default=6, help="kill-a-saving-process trials")
+    parser.add_argument("--phases", default=",".join(PHASES), help="phases for targeted trials")
+    parser.add_argument("--quick", action="store_true", help="5 trials, for CI")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.random, args.per_phase, args.saver = 1, 1, 1
+        args.phases = "train,save-model,save-state"
+    phases = tuple(args.phases.split(","))
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}; known: {list(PHASES)}")
+    rng = random.Random(args.seed)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ctt-kill-") as tmp:
+        bench = Bench(Path(tmp), args.seed)
+        bench.reference(twice=not args.quick)
+        print(f"uninterrupted run: {bench.duration:.1f}s; phase events {dict(bench.counts)}; "
+              f"two uninterrupted runs identical: {bench.references_identical} "
+              f"(max |diff| {bench.tolerance:g})", flush=True)
+        results = []
+        for kind, kill, kills in plan(bench, args.random, args.per_phase, phases, rng):
+            result = bench.run_trial(kind, kill, kills)
+            results.append(result)
+            print(f"{len(results):3d} {kind:24s} {str(kill or ''):22s} killed in {','.join(result['phases']):32s} "
+                  f"{'ok' if result['ok'] else 'FAIL: ' + str(result['problem'])}", flush=True)
+        for _ in range(args.saver):
+            result = bench.saver_trial()
+            results.append(result)
+            print(f"{len(results):3d} saver{'':19s} {'':22s} killed {result['phases'][0]:14s} after "
+                  f"{result['saves_before_kill']} saves: {'ok' if result['ok'] else 'FAIL: ' + str(result['problem'])}",
+                  flush=True)
+    by_phase: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for result in results:
+        key = result["kind"] if result["kind"] != "random" else f"random (killed in {result['phases'][0]})"
+        by_phase[key][0] += 1
+        by_phase[key][1] += result["ok"]
+    print("\ntrials per phase (matched / trials):")
+    for key in sorted(by_phase):
+        print(f"  {key:40s} {by_phase[key][1]:3d} / {by_phase[key][0]}")
+    total, matched = len(results), sum(r["ok"] for r in results)
+    print(f"  {'all':40s} {matched:3d} / {total}   ({time.perf_counter() - started:.0f}s)")
+    summary = {"trials": total, "matched": matched, "by_phase": dict(by_phase), "results": results,
+               "references_identical": bench.references_identical, "tolerance": bench.tolerance}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--log", type=Path, required=True)
+        parser.add_argument("--out", type=Path, required=True)
+        parser.add_argument("--kill")
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        options = parser.parse_args(sys.argv[2:])
+        child(options.log, options.out, options.kill, [a for a in options.rest if a != "--"])
+    elif len(sys.argv) > 1 and sys.argv[1] == "saver":
+        saver(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        summary = main()
+        sys.exit(0 if summary["matched"] == summary["trials"] else 1)
