@@ -4,6 +4,7 @@
       manifest.json                      written last; lists every file with size and SHA-256
       tasks/<task>-<hash12>.safetensors  one per task: its scale vectors and head
       shared-<hash12>.safetensors        state shared by all tasks (only for methods that share)
+      shared-<hash12>.json               shared state that is not tensors (replay's stored texts)
 
 File names carry a prefix of their content hash, so a save never rewrites a file an older
 manifest points to: a directory is always the complete old state or the complete new state,
@@ -92,6 +93,12 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
     if shared:
         shared_file, data = _tensor_file("shared", shared)
         put(shared_file, data)
+    shared_json = learner.method.shared_json(learner)
+    shared_json_file = None
+    if shared_json is not None:
+        data = json.dumps(shared_json, sort_keys=True).encode()
+        shared_json_file = f"shared-{sha256_bytes(data)[:12]}.json"
+        put(shared_json_file, data)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -103,6 +110,7 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
         "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
         "router": learner.router.hyperparameters() if learner.router is not None else None,
         "shared_file": shared_file,
+        "shared_json_file": shared_json_file,
         "tasks": tasks,
         "files": files,
     }
@@ -113,7 +121,8 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
 
 def _remove_unlisted(directory: Path, files: dict[str, dict]) -> None:
     """Delete tensor files the new manifest no longer lists (deleted or re-learned tasks)."""
-    for path in list(directory.glob("*.safetensors")) + list(directory.glob("tasks/*.safetensors")):
+    for path in (list(directory.glob("*.safetensors")) + list(directory.glob("tasks/*.safetensors"))
+                 + list(directory.glob("shared-*.json"))):
         if path.relative_to(directory).as_posix() not in files:
             path.unlink(missing_ok=True)
 
@@ -140,6 +149,11 @@ def read_manifest(directory: Path) -> dict:
 
 def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.Tensor]:
     """Read one listed safetensors file after checking its size and SHA-256."""
+    return st_load(read_listed(directory, name, manifest))
+
+
+def read_listed(directory: Path, name: str, manifest: dict) -> bytes:
+    """The bytes of one listed file after checking its size and SHA-256."""
     entry = manifest["files"].get(name)
     if entry is None:
         raise CheckpointError(f"{directory / MANIFEST}: file {name!r} is not listed")
@@ -151,7 +165,7 @@ def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.
         raise CheckpointError(f"{path}: size {len(data)} bytes, manifest says {entry['size']} (truncated?)")
     if sha256_bytes(data) != entry["sha256"]:
         raise CheckpointError(f"{path}: SHA-256 does not match the manifest (file altered)")
-    return st_load(data)
+    return data
 
 
 def load(directory: Path, device: str | None = None) -> "ContinualLearner":
@@ -172,6 +186,9 @@ def load(directory: Path, device: str | None = None) -> "ContinualLearner":
     learner = ContinualLearner(backbone, method=method, router=manifest.get("router"))
     if manifest.get("shared_file"):
         learner.load_shared_tensors(read_tensors(directory, manifest["shared_file"], manifest))
+    if manifest.get("shared_json_file"):
+        data = read_listed(directory, manifest["shared_json_file"], manifest)
+        learner.method.load_shared_json(learner, json.loads(data))
     for entry in manifest["tasks"]:
         record = TaskRecord.from_dict({k: v for k, v in entry.items() if k != "file"})
         learner.load_task_tensors(record, read_tensors(directory, entry["file"], manifest))
