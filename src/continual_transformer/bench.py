@@ -8,7 +8,7 @@
     DIR/bench_first_task.png          accuracy on the first task after each task, per method
     DIR/<method>/                     that method's own run: report.json, heatmaps, model
 
-Each method runs in a fresh process, so the peak resident memory reported for it is its own
+Each method runs in a fresh Python process, so the peak resident memory reported for it is its own
 (a process's peak never goes down: measured in one process, every method after the largest
 would report the largest). The processes run one after another, never side by side, so their
 times are comparable.
@@ -17,8 +17,9 @@ times are comparable.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import queue as queue_module
+import os
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,6 @@ from typing import Callable
 
 DEFAULT_METHODS = ("ia3", "analytic", "finetune", "ewc", "lwf", "replay", "joint")
 JOINT = "joint"
-POLL_SECONDS = 0.5
 
 
 class BenchError(RuntimeError):
@@ -97,8 +97,13 @@ def load_tasks(config: BenchConfig) -> list:
     return [t.subsample_train(config.max_train, config.seed) for t in load_stream(stream)]
 
 
-def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None = None) -> dict:
-    """Run every method of `config` on the same stream; write and return the comparison."""
+def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None = None,
+              resume: bool = False) -> dict:
+    """Run every method of `config` on the same stream; write and return the comparison.
+
+    With `resume`, a method whose run in `out` finished under the same settings is not run
+    again (a long bench that was interrupted goes on where it stopped).
+    """
     from .data import describe
 
     events = events or BenchEvents()
@@ -110,10 +115,14 @@ def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None =
     for index, method in enumerate(config.methods):
         events.method_started(index, len(config.methods), method)
         spec = {"config": config.to_dict(), "method": method, "out": str(out / method)}
-        if config.isolate:
-            result = _run_isolated(spec, events)
-        else:
-            result = run_method(spec, _dispatch(events))
+        finished = out / method / RESULT
+        result = _finished_result(finished, spec) if resume else None
+        if result is None:
+            if config.isolate:
+                result = _run_isolated(spec, events)
+            else:
+                result = run_method(spec, _dispatch(events))
+            finished.write_text(json.dumps({"spec": spec, "result": result}, indent=2))
         report = json.loads((out / method / "report.json").read_text())
         row = summarize(method, report, result)
         rows.append(row)
@@ -137,6 +146,22 @@ def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None =
 
     write_bench_plots(bench, out)
     return bench
+
+
+RESULT = "bench_result.json"  # in DIR/<method>/, written when the method's run has finished
+
+
+def _finished_result(path: Path, spec: dict) -> dict | None:
+    """The figures of a finished run of `spec`, or None if it has not finished."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    compared = [k for k in spec["config"] if k != "methods"]
+    differing = [k for k in compared if saved["spec"]["config"].get(k) != spec["config"][k]]
+    if differing:
+        raise ValueError(f"{path}: that run used other settings ({', '.join(differing)}); "
+                         "use another --out directory or run without --resume")
+    return saved["result"]
 
 
 NOTES = {
@@ -284,42 +309,56 @@ def run_method(spec: dict, send: Send) -> dict:
             "peak_rss_mb": round(peak_rss_mb(), 1) if config.isolate else None}
 
 
-def _worker(spec: dict, messages) -> None:
-    """Entry point of a method's fresh process: run it, report events and the result."""
-    try:
-        result = run_method(spec, lambda kind, *args: messages.put((kind, *args)))
-    except BaseException:
-        messages.put(("error", traceback.format_exc()))
-        raise SystemExit(1)
-    messages.put(("done", result))
+_WORKER = "import sys; from continual_transformer.bench import _worker_main; _worker_main(int(sys.argv[1]))"
+
+
+def _worker_main(channel_fd: int) -> None:
+    """Entry point of a method's fresh process: the spec arrives as JSON on stdin; events and
+    the result leave as JSON lines on `channel_fd` (stdout stays free for libraries' prints)."""
+    spec = json.loads(sys.stdin.read())
+    with os.fdopen(channel_fd, "w", buffering=1) as channel:
+        def send(kind: str, *args) -> None:
+            channel.write(json.dumps([kind, *args]) + "\n")
+
+        try:
+            result = run_method(spec, send)
+        except BaseException:
+            send("error", traceback.format_exc())
+            raise SystemExit(1)
+        send("done", result)
 
 
 def _run_isolated(spec: dict, events: BenchEvents) -> dict:
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited
-    messages = context.Queue()
-    process = context.Process(target=_worker, args=(spec, messages),
-                              name=f"ctt-bench-{spec['method']}")
-    process.start()
+    """Run one method in a fresh interpreter (not a fork: nothing of this process is shared)."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    read_fd, write_fd = os.pipe()
+    process = subprocess.Popen([sys.executable, "-c", _WORKER, str(write_fd)], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, pass_fds=(write_fd,), env=env)
+    os.close(write_fd)
     dispatch = _dispatch(events)
+    result = error = None
     try:
-        while True:
-            try:
-                kind, *args = messages.get(timeout=POLL_SECONDS)
-            except queue_module.Empty:
-                if process.is_alive():
-                    continue
-                try:  # it may have exited just after its last message
-                    kind, *args = messages.get(timeout=5)
-                except queue_module.Empty:
-                    raise BenchError(f"method {spec['method']!r}: its process exited with code "
-                                     f"{process.exitcode} without a result") from None
-            if kind == "done":
-                return args[0]
-            if kind == "error":
-                raise BenchError(f"method {spec['method']!r} failed:\n{args[0]}")
-            dispatch(kind, *args)
+        process.stdin.write(json.dumps(spec).encode())
+        process.stdin.close()
+        with os.fdopen(read_fd) as channel:
+            for line in channel:  # ends when the process exits
+                kind, *args = json.loads(line)
+                if kind == "done":
+                    result = args[0]
+                elif kind == "error":
+                    error = args[0]
+                else:
+                    dispatch(kind, *args)
+        code = process.wait()
     finally:
-        process.join(timeout=30)
-        if process.is_alive():
+        if process.poll() is None:
             process.terminate()
-            process.join()
+            process.wait()
+    if error is not None:
+        raise BenchError(f"method {spec['method']!r} failed:\n{error}")
+    if result is None:
+        raise BenchError(f"method {spec['method']!r}: its process exited with code {code} "
+                         "without a result")
+    return result

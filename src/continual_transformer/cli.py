@@ -236,6 +236,7 @@ def bench(
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
     isolate: bool = typer.Option(True, "--isolate/--in-process",
                                  help="Run each method in a fresh process (honest peak memory)."),
+    resume: bool = typer.Option(False, help="Keep methods that already finished in --out with the same settings."),
 ):
     """Run every method on the same stream, backbone, seed and epochs; write a comparison."""
     from .bench import BenchConfig, BenchError, run_bench, table_rows
@@ -253,7 +254,7 @@ def bench(
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            result = run_bench(config, out, _BenchProgress(progress))
+            result = run_bench(config, out, _BenchProgress(progress), resume=resume)
     except (*_user_errors(), BenchError) as exc:
         _fail(str(exc))
     header, rows = table_rows(result)
