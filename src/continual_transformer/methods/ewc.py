@@ -14,10 +14,12 @@ Per-example gradients come from one batched pass: every row of a batch gets a te
 of the shared entry of its own (the adapter gathers one entry per row), so the gradient of
 the summed loss with respect to row i's copy is exactly example i's gradient.
 
-Defaults: lambda = 1000 (about the number of training examples per task, the weight of the
-previous tasks' likelihood in the Bayesian reading of EWC; larger values kept old tasks better
-but blocked new ones on the default stream), decay = 1 (every task counts fully), Fisher from
-up to 512 examples per task; training as `finetune`.
+Defaults: lambda = 1000, decay = 1 (every task counts fully), Fisher from up to 512 examples
+per task; training as `finetune`. lambda was chosen on the first three tasks of the default
+stream (240 training examples each, 2 epochs): mean final accuracy 61.6 / 60.3 / 59.8 / 50.1 %
+for lambda = 0 / 1e3 / 1e4 / 1e5, first task 90.0 / 91.5 / 92.2 / 92.0 %: 1e5 blocks the later
+tasks; 1e3 protects the first task at the smallest cost. On this stream the shared scale entry
+forgets little even unprotected, which limits what any penalty can win.
 """
 
 from __future__ import annotations
