@@ -393,3 +393,24 @@ def test_baseline_options_are_validated():
         make_method("lwf", {"temperature": 0})
     with pytest.raises(ValueError, match="replay_batch_size must be >= 1, got 0"):
         make_method("replay", {"replay_batch_size": 0})
+
+
+def test_ctt_run_with_a_baseline_and_with_joint(tiny_backbone_dir, toy_stream, tmp_path):
+    from typer.testing import CliRunner
+
+    from continual_transformer.cli import app
+
+    common = ["--epochs", "1", "--backbone", str(tiny_backbone_dir), "--max-length", "32",
+              "--device", "cpu"]
+    result = CliRunner().invoke(app, ["run", str(toy_stream), "--method", "joint", "--out",
+                                      str(tmp_path / "joint"), *common], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "BWT n/a" in result.output and "forgetting n/a" in result.output
+    report = json.loads((tmp_path / "joint" / "report.json").read_text())
+    assert report["method"]["name"] == "joint" and report["accuracy_matrix"][0] == [None, None]
+    result = CliRunner().invoke(app, ["run", str(toy_stream), "--method", "lwf", "--out",
+                                      str(tmp_path / "lwf"), *common], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "lwf" / "report.json").read_text())
+    assert report["method"]["hyperparameters"]["temperature"] == 2.0
+    assert report["fwt_reference"].startswith("b_i")  # shared state: FWT is measured
