@@ -4,6 +4,7 @@
       manifest.json                      written last; lists every file with size and SHA-256
       tasks/<task>-<hash12>.safetensors  one per task: its scale vectors and head
       shared-<hash12>.safetensors        state shared by all tasks (only for methods that share)
+      shared-<hash12>.json               shared state that is not tensors (replay's stored texts)
 
 Saving. Every file is written to a temporary file in its own directory, flushed, fsynced and
 renamed into place (then the directory is fsynced). File names carry a prefix of their content
@@ -56,6 +57,7 @@ TASKS_DIR = "tasks"
 # Names this module writes (relative to the checkpoint directory).
 TASK_FILE = re.compile(r"^tasks/([A-Za-z0-9][A-Za-z0-9_-]{0,63})-([0-9a-f]{12})\.safetensors$")
 SHARED_FILE = re.compile(r"^shared-([0-9a-f]{12})\.safetensors$")
+SHARED_JSON_FILE = re.compile(r"^shared-([0-9a-f]{12})\.json$")
 TEMP_FILE = re.compile(r"^(tasks/)?\.[^/]+\.[a-z0-9_]+\.tmp$")  # see `atomic_write`
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -120,6 +122,7 @@ def tensor_file(prefix: str, tensors: dict[str, torch.Tensor]) -> tuple[str, byt
 
 def _is_own_name(name: str) -> bool:
     return bool(name == MANIFEST or TASK_FILE.match(name) or SHARED_FILE.match(name)
+                or SHARED_JSON_FILE.match(name)
                 or TEMP_FILE.match(name))
 
 
@@ -174,6 +177,12 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
     if shared:
         shared_file, data = tensor_file("shared", shared)
         put(shared_file, data)
+    shared_json = learner.method.shared_json(learner)
+    shared_json_file = None
+    if shared_json is not None:
+        data = json.dumps(shared_json, sort_keys=True).encode()
+        shared_json_file = f"shared-{sha256_bytes(data)[:12]}.json"
+        put(shared_json_file, data)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -185,6 +194,7 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
         "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
         "router": learner.router.hyperparameters() if learner.router is not None else None,
         "shared_file": shared_file,
+        "shared_json_file": shared_json_file,
         "tasks": tasks,
         "files": files,
     }
@@ -265,15 +275,15 @@ def validate_manifest(manifest: object, path: Path) -> dict:
     files = check.get(manifest, "files", dict)
     for name, entry in files.items():
         where = f"files[{name!r}]"
-        if not (TASK_FILE.match(name) or SHARED_FILE.match(name)):
+        if not (TASK_FILE.match(name) or SHARED_FILE.match(name) or SHARED_JSON_FILE.match(name)):
             raise CheckpointError(
-                f"{path}: lists foreign file {name!r} (expected {TASKS_DIR}/<task>-<hash>.safetensors "
-                "or shared-<hash>.safetensors)")
+                f"{path}: lists foreign file {name!r} (expected {TASKS_DIR}/<task>-<hash>.safetensors, "
+                "shared-<hash>.safetensors or shared-<hash>.json)")
         if not isinstance(entry, dict):
             raise check.fail(where, f"must be an object, got {type(entry).__name__}")
         check.count(entry, "size", where)
         digest = check.digest(entry, "sha256", where)
-        if not name.endswith(f"-{digest[:12]}.safetensors"):
+        if not name.rsplit(".", 1)[0].endswith(f"-{digest[:12]}"):
             raise check.fail(where, f"names a file whose hash prefix is not its SHA-256 {digest[:12]}…")
 
     used: list[str] = []
@@ -282,6 +292,12 @@ def validate_manifest(manifest: object, path: Path) -> dict:
         if not SHARED_FILE.match(shared) or shared not in files:
             raise check.fail("shared_file", f"names {shared!r}, which is not a listed shared file")
         used.append(shared)
+    # Written by this version for every model; older manifests may lack it (no shared JSON).
+    shared_json = manifest.get("shared_json_file")
+    if shared_json is not None:
+        if not isinstance(shared_json, str) or not SHARED_JSON_FILE.match(shared_json) or shared_json not in files:
+            raise check.fail("shared_json_file", f"names {shared_json!r:.70}, which is not a listed shared JSON file")
+        used.append(shared_json)
     tasks = check.get(manifest, "tasks", list)
     record_fields = {f for f in TaskRecord.__dataclass_fields__}
     seen: set[str] = set()
@@ -366,23 +382,37 @@ def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.
     return parse_tensors(directory / name, read_verified(directory / name, entry))
 
 
-def _read_all(directory: Path, manifest: dict) -> tuple[dict | None, list[dict]]:
+def _read_all(directory: Path, manifest: dict) -> tuple[dict | None, object, list[dict]]:
     """Every listed file, verified and parsed, before anything is installed in a learner."""
     _refuse_foreign(directory)
     shared = manifest["shared_file"]
     shared_tensors = read_tensors(directory, shared, manifest) if shared else None
-    return shared_tensors, [read_tensors(directory, t["file"], manifest) for t in manifest["tasks"]]
+    shared_json = manifest.get("shared_json_file")
+    shared_data = None
+    if shared_json:
+        path = directory / shared_json
+        try:
+            shared_data = json.loads(read_verified(path, manifest["files"][shared_json]))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    tasks = [read_tensors(directory, t["file"], manifest) for t in manifest["tasks"]]
+    return shared_tensors, shared_data, tasks
 
 
 def _install(learner: "ContinualLearner", directory: Path, manifest: dict) -> None:
     from .learner import TaskRecord
 
-    shared_tensors, task_tensors = _read_all(directory, manifest)
+    shared_tensors, shared_data, task_tensors = _read_all(directory, manifest)
     try:
         if shared_tensors is not None:
             learner.load_shared_tensors(shared_tensors)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{directory / manifest['shared_file']}: {exc}") from None
+    try:
+        if shared_data is not None:
+            learner.method.load_shared_json(learner, shared_data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / manifest['shared_json_file']}: {exc}") from None
     for entry, tensors in zip(manifest["tasks"], task_tensors):
         record = TaskRecord.from_dict({k: v for k, v in entry.items() if k != "file"})
         try:

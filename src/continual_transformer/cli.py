@@ -89,7 +89,8 @@ class _RichEvents:
 @app.command()
 def run(
     stream: Optional[Path] = typer.Argument(None, help="Stream file (JSONL or .jsonl.gz); default: the bundled stream."),
-    method: Optional[str] = typer.Option(None, help="Learning method: ia3, analytic [default: ia3]."),
+    method: Optional[str] = typer.Option(None, help="Learning method: ia3, analytic, or a baseline: "
+                                                    "finetune, ewc, lwf, replay, joint [default: ia3]."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per task."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of the scale vectors."),
@@ -113,7 +114,7 @@ def run(
 
     from .config import BackboneConfig, TrainConfig
     from .data import default_stream_path, describe, load_stream
-    from .experiment import run_stream
+    from .experiment import run_joint, run_stream
     from .learner import ContinualLearner
     from .methods import make_method
     from .runstate import read_config
@@ -161,8 +162,14 @@ def run(
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            report = run_stream(tasks, learner, out, _RichEvents(progress, out), run_config,
-                                save_every=save_every, resume=resume)
+            if method == "joint":  # one training run over all tasks: nothing to resume between tasks
+                if resume:
+                    _fail("method 'joint' learns all tasks at once; a killed joint run is rerun, "
+                          "not resumed")
+                report = run_joint(tasks, learner, out, _RichEvents(progress, out), run_config)
+            else:
+                report = run_stream(tasks, learner, out, _RichEvents(progress, out), run_config,
+                                    save_every=save_every, resume=resume)
     except TrainingError as exc:
         kept = list(learner.tasks)
         _fail(f"{exc}. The model in {out / 'model'} keeps the {len(kept)} task(s) learned "
@@ -170,6 +177,10 @@ def run(
     except _user_errors() as exc:
         _fail(str(exc))
     _print_summary(report, out)
+
+
+def _percent(value: float | None, spec: str = "{:.2f}") -> str:
+    return "n/a" if value is None else spec.format(100 * value)
 
 
 def _print_summary(report: dict, out: Path) -> None:
@@ -196,10 +207,11 @@ def _print_summary(report: dict, out: Path) -> None:
     for name, row in zip(names, report["routing"]["confusion"]):
         confusion.add_row(name, *[str(v) for v in row])
     console.print(confusion)
-    fwt = "n/a" if m["fwt"] is None else f"{100 * m['fwt']:+.2f}"
+    fwt, bwt = _percent(m["fwt"], "{:+.2f}"), _percent(m["bwt"], "{:+.2f}")
+    forgetting = _percent(m["forgetting"])
     console.print(
-        f"ACC {100 * m['acc']:.2f}  BWT {100 * m['bwt']:+.2f}  forgetting "
-        f"{100 * m['forgetting']:.2f}  FWT {fwt}  |  task-free ACC {100 * m['task_free_acc']:.2f}  "
+        f"ACC {100 * m['acc']:.2f}  BWT {bwt}  forgetting "
+        f"{forgetting}  FWT {fwt}  |  task-free ACC {100 * m['task_free_acc']:.2f}  "
         f"routing {100 * m['routing_acc']:.2f}%  |  total {report['total_seconds']:.1f}s"
     )
     shared = report["shared_state_numbers"]
@@ -208,6 +220,96 @@ def _print_summary(report: dict, out: Path) -> None:
                       f"{shared['method']:,} numbers (float64; constant in the number of examples)")
     console.print(f"wrote {out / 'model'}, {out / 'report.json'}, {out / 'accuracy_matrix.png'}, "
                   f"{out / 'task_free_accuracy_matrix.png'}")
+
+
+class _BenchProgress:
+    """`ctt bench` progress: which method, which task, the training bar, a line per method."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.methods_bar = None
+        self.train_bar = None
+
+    def method_started(self, index, total, method):
+        if self.methods_bar is None:
+            self.methods_bar = self.progress.add_task("methods", total=total, loss="")
+        self.progress.console.rule(f"method {index + 1}/{total}: {method}")
+
+    def task_started(self, method, index, total, task, train_examples):
+        self._drop_train_bar()
+        self.train_bar = self.progress.add_task(
+            f"{method}: task {index + 1}/{total} {task} ({train_examples} train)", total=None, loss="")
+
+    def train_step(self, done, total, loss):
+        self.progress.update(self.train_bar, completed=done, total=total, loss=f"loss {loss:.3f}")
+
+    def evaluating(self, method, tasks):
+        self.progress.update(self.train_bar, loss=f"evaluating {tasks} task(s)")
+
+    def task_finished(self, method, index, accuracies):
+        cells = " ".join("  -  " if a is None else f"{100 * a:5.1f}" for a in accuracies)
+        self.progress.console.print(f"{method}: after task {index + 1}, accuracy % {cells}")
+
+    def method_finished(self, method, row):
+        self._drop_train_bar()
+        self.progress.advance(self.methods_bar)
+        from .bench import _fmt
+
+        self.progress.console.print(
+            f"[bold]{method}[/]: ACC {_fmt(row['acc'], '.1f', 100)}  BWT {_fmt(row['bwt'], '+.1f', 100)}  "
+            f"task-free {_fmt(row['task_free_acc'], '.1f', 100)}  train {row['train_seconds']:.0f}s  "
+            f"peak RSS {_fmt(row['peak_rss_mb'], '.0f')} MiB")
+
+    def _drop_train_bar(self):
+        if self.train_bar is not None:
+            self.progress.remove_task(self.train_bar)
+            self.train_bar = None
+
+
+@app.command()
+def bench(
+    stream: Optional[Path] = typer.Argument(None, help="Stream file (JSONL or .jsonl.gz); default: the bundled stream."),
+    methods: str = typer.Option("ia3,analytic,finetune,ewc,lwf,replay,joint",
+                                help="Comma-separated methods to compare."),
+    out: Path = typer.Option(Path("runs/bench"), help="Output directory."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per task, for every gradient method."),
+    max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
+    seed: int = typer.Option(0, help="Random seed: same seed, same numbers."),
+    backbone: str = typer.Option("default", help="'default' (MiniLM-L6), a model folder or a hub id."),
+    max_length: int = typer.Option(128, help="Maximum tokens per text."),
+    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
+    isolate: bool = typer.Option(True, "--isolate/--in-process",
+                                 help="Run each method in a fresh process (honest peak memory)."),
+    resume: bool = typer.Option(False, help="Keep methods that already finished in --out with the same settings."),
+):
+    """Run every method on the same stream, backbone, seed and epochs; write a comparison."""
+    from .bench import BenchConfig, BenchError, run_bench, table_rows
+
+    try:
+        config = BenchConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                             stream=str(stream) if stream else None, max_train=max_train,
+                             epochs=epochs, seed=seed, backbone=backbone, max_length=max_length,
+                             device=device, isolate=isolate)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"bench: {', '.join(config.methods)} on {stream or 'the bundled stream'}; "
+                  f"seed {seed}, epochs {epochs or 'default'}, max-train {max_train or 'all'}")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            result = run_bench(config, out, _BenchProgress(progress), resume=resume)
+    except (*_user_errors(), BenchError) as exc:
+        _fail(str(exc))
+    header, rows = table_rows(result)
+    table = Table(title=f"bench: {len(result['tasks'])} tasks, seed {seed}", title_justify="left")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench_final_accuracy.png'}, "
+                  f"{out / 'bench_accuracy_matrices.png'}, {out / 'bench_first_task.png'}")
 
 
 @app.command()

@@ -343,3 +343,101 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+JOINT_MATRIX = (
+    "joint trains once on all tasks: only the last row of the accuracy matrix (after all tasks) "
+    "is defined; BWT, forgetting and FWT do not apply"
+)
+
+
+def run_joint(
+    tasks: list[Task],
+    learner: ContinualLearner,
+    out: str | Path | None = None,
+    events: RunEvents | None = None,
+    run_config: dict | None = None,
+) -> dict:
+    """Learn all `tasks` at once (`joint`), evaluate each; a report shaped like `run_stream`'s."""
+    events = events or RunEvents()
+    out = Path(out) if out is not None else None
+    names = [t.name for t in tasks]
+    T = len(tasks)
+    R = np.full((T, T), np.nan)
+    F = np.full((T, T), np.nan)
+    confusion = np.zeros((T, T), dtype=int)
+    start = time.perf_counter()
+    union = Task(f"all {T} tasks", tuple(sorted({l for t in tasks for l in t.labels})),
+                 tuple(e for t in tasks for e in t.train), tuple(e for t in tasks for e in t.test))
+    events.task_started(T - 1, T, union)
+    records = learner.learn_jointly(tasks, progress=events.train_step)
+    events.evaluation_started(T - 1, tasks)
+    index = {name: j for j, name in enumerate(names)}
+    eval_start = time.perf_counter()
+    for j, task in enumerate(tasks):
+        R[-1, j] = learner.evaluate(task)
+        F[-1, j], routed = learner.evaluate_task_free(task)
+        for name in routed:
+            confusion[j, index[name]] += 1
+        events.evaluated(task, R[-1, j])
+    eval_seconds = time.perf_counter() - eval_start
+    if out is not None:
+        learner.save(out / "model")
+    per_task = [{
+        "task": task.name,
+        "labels": list(task.labels),
+        "train_examples": len(task.train),
+        "test_examples": len(task.test),
+        "train_seconds": record.train_seconds,
+        "eval_seconds": round(eval_seconds / T, 3),
+        "accuracy_just_learned": R[-1, j],
+        "task_free_accuracy_just_learned": F[-1, j],
+        "accuracy_before_learning": None,
+        **learner.footprint(task.name),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "train_stats": record.stats,
+    } for j, (task, record) in enumerate(zip(tasks, records))]
+    joint_record = TaskRecord(
+        union.name, union.labels, records[-1].learned_at, len(union.train),
+        round(sum(r.train_seconds for r in records), 3),
+        sum(r.adapter_parameters for r in records), sum(r.head_parameters for r in records),
+        sum(r.bytes_added for r in records), records[-1].stats)
+    events.task_finished(T - 1, joint_record, R, names)
+    routing = metrics.routing_accuracy(confusion)
+    summary = {
+        "acc": float(R[-1].mean()), "bwt": None, "forgetting": None,
+        "average_incremental_accuracy": None, "fwt": None,
+        "task_free_acc": float(F[-1].mean()), "task_free_bwt": None,
+        "routing_acc": routing["overall"],
+    }
+    report = {
+        "tasks": names,
+        "accuracy_matrix": _matrix_json(R),
+        "task_free_accuracy_matrix": _matrix_json(F),
+        "matrix_note": JOINT_MATRIX,
+        "routing": {"per_task": dict(zip(names, routing["per_task"])), "overall": routing["overall"],
+                    "confusion": confusion.tolist(),
+                    "confusion_axes": "rows: true task, columns: routed task (final model)"},
+        "metrics": summary,
+        "fwt_reference": JOINT_MATRIX,
+        "reference_accuracy": None,
+        "per_task": per_task,
+        "shared_state_numbers": learner.shared_state_numbers(),
+        "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
+                     "config": learner.backbone.config.to_dict()},
+        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
+        "device": str(learner.device),
+        "config": run_config or {},
+        "versions": library_versions(),
+        "total_seconds": round(time.perf_counter() - start, 2),
+    }
+    if out is not None:
+        from .checkpoint import atomic_write
+        from .report import write_heatmap
+
+        atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
+        write_heatmap(R, names, out / "accuracy_matrix.png",
+                      f"{learner.method.name}: accuracy after learning all tasks at once")
+        write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
+                      f"{learner.method.name}: task-free accuracy (task predicted, not given)")
+    return report

@@ -134,12 +134,56 @@ class ContinualLearner:
             train_seconds=round(time.perf_counter() - start, 3),
             adapter_parameters=adapter_parameters,
             head_parameters=head_parameters,
-            bytes_added=4 * adapter_parameters + self.method.head_number_bytes * head_parameters
-            + (8 * self.router.state_numbers()["per_class"] if self.router is not None else 0),
+            bytes_added=self._bytes_added(adapter_parameters, head_parameters),
             stats=stats,
         )
         self.tasks[task.name] = record
         return record
+
+    def learn_jointly(self, tasks: Sequence[Task], progress: Progress | None = None) -> list[TaskRecord]:
+        """Learn all `tasks` at once, for methods that train on their union (`joint`).
+
+        Each task's record gets the share of the training time of its training examples.
+        On any failure the learner is left as it was (empty).
+        """
+        learn = getattr(self.method, "learn_jointly", None)
+        if learn is None:
+            raise ValueError(f"method {self.method.name!r} learns tasks one after another; use learn()")
+        if self.tasks:
+            raise ValueError(f"joint training starts from an empty model; it knows {list(self.tasks)}")
+        names = [t.name for t in tasks]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"joint training needs distinct tasks, got {names}")
+        for task in tasks:
+            check_task_name(task.name)
+            _check_task(task)
+        start = time.perf_counter()
+        try:
+            stats = learn(self, list(tasks), progress)
+            if self.router is not None:
+                for task in tasks:
+                    self.router.partial_fit(
+                        self._embedding_features([e.text for e in task.train]), task.name)
+        except BaseException:
+            for task in tasks:
+                self.method.forget(self, task.name)
+                if self.router is not None:
+                    self.router.remove(task.name)
+            raise
+        seconds = time.perf_counter() - start
+        total = sum(len(t.train) for t in tasks)
+        learned_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for task in tasks:
+            adapter_parameters, head_parameters = self.method.footprint(self, task.name)
+            self.tasks[task.name] = TaskRecord(
+                name=task.name, labels=tuple(task.labels), learned_at=learned_at,
+                train_examples=len(task.train),
+                train_seconds=round(seconds * len(task.train) / total, 3),
+                adapter_parameters=adapter_parameters, head_parameters=head_parameters,
+                bytes_added=self._bytes_added(adapter_parameters, head_parameters),
+                stats={**stats, "joint_train_seconds": round(seconds, 3)},
+            )
+        return [self.tasks[name] for name in names]
 
     def delete(self, task: str) -> None:
         self._require(task)
@@ -397,6 +441,12 @@ class ContinualLearner:
         return load(Path(directory), device)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _bytes_added(self, adapter_parameters: int, head_parameters: int) -> int:
+        """A task's own state as stored: float32 scales, the method's head numbers, and the
+        router's float64 per-task statistics."""
+        return (4 * adapter_parameters + self.method.head_number_bytes * head_parameters
+                + (8 * self.router.state_numbers()["per_class"] if self.router is not None else 0))
+
     def _require(self, task: str) -> TaskRecord:
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; known: {list(self.tasks)}")

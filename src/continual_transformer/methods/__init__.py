@@ -5,9 +5,23 @@ from __future__ import annotations
 from ..config import TrainConfig
 from .base import GradientMethod, Method
 from .analytic import AnalyticMethod
+from .ewc import EWCMethod
+from .finetune import FinetuneMethod
 from .ia3 import IA3Method
+from .joint import JointMethod
+from .lwf import LwFMethod
+from .replay import ReplayMethod
 
-METHODS: dict[str, type[Method]] = {"ia3": IA3Method, "analytic": AnalyticMethod}
+METHODS: dict[str, type[Method]] = {
+    "ia3": IA3Method,
+    "analytic": AnalyticMethod,
+    # baselines: one shared scale entry learned task after task, plus a head per task
+    "finetune": FinetuneMethod,
+    "ewc": EWCMethod,
+    "lwf": LwFMethod,
+    "replay": ReplayMethod,
+    "joint": JointMethod,
+}
 
 
 def make_method(name: str, hyperparameters: dict | None = None) -> Method:

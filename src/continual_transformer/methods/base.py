@@ -110,6 +110,13 @@ class Method:
         if tensors:
             raise ValueError(f"method {self.name!r} has no shared state, got {sorted(tensors)[:3]}")
 
+    def shared_json(self, learner: "ContinualLearner") -> dict | None:
+        """Shared state that is not tensors (replay's stored texts), saved as JSON; None: none."""
+        return None
+
+    def load_shared_json(self, learner: "ContinualLearner", data: dict) -> None:
+        raise ValueError(f"method {self.name!r} has no JSON state, got keys {sorted(data)[:3]}")
+
 
 class GradientMethod(Method):
     """A method trained by the shared loop: it names its parameters and its loss."""
@@ -132,6 +139,15 @@ class GradientMethod(Method):
     ) -> torch.Tensor:
         return F.cross_entropy(learner.task_logits(batch, task.name), labels)
 
+    def batch_loss(
+        self, learner: "ContinualLearner", task: Task, indices: list[int],
+        ids: list[list[int]], labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Loss of the training batch `indices` into the task's token ids and labels; a method
+        that adds rows (replay) or per-example targets (distillation) overrides this."""
+        batch = learner.backbone.collate([ids[i] for i in indices])
+        return self.loss(learner, task, batch, labels[indices])
+
     def end_task(self, learner: "ContinualLearner", task: Task) -> None:
         pass
 
@@ -147,9 +163,8 @@ class GradientMethod(Method):
         autocast = training_autocast(self.train.precision, learner.device)
 
         def batch_loss(indices: list[int]) -> torch.Tensor:
-            batch = learner.backbone.collate([ids[i] for i in indices])
             with autocast():
-                return self.loss(learner, task, batch, labels[indices]).float()
+                return self.batch_loss(learner, task, indices, ids, labels).float()
 
         result: TrainResult = fit(
             self.param_groups(learner, task), batch_loss, len(ids), self.train,

@@ -1,0 +1,364 @@
+"""Every method on the same stream, backbone, seed and epochs, side by side (`ctt bench`).
+
+    DIR/bench.json                    one row per method: metrics, footprint, time, peak memory,
+                                      accuracy matrix; the settings and library versions
+    DIR/bench.md                      the table, in Markdown
+    DIR/bench_final_accuracy.png      final accuracy (ACC) per method
+    DIR/bench_accuracy_matrices.png   every method's accuracy matrix
+    DIR/bench_first_task.png          accuracy on the first task after each task, per method
+    DIR/<method>/                     that method's own run: report.json, heatmaps, model
+
+Each method runs in a fresh Python process, so the peak resident memory reported for it is its own
+(a process's peak never goes down: measured in one process, every method after the largest
+would report the largest). The processes run one after another, never side by side, so their
+times are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_METHODS = ("ia3", "analytic", "finetune", "ewc", "lwf", "replay", "joint")
+JOINT = "joint"
+
+
+class BenchError(RuntimeError):
+    """A method's run failed; the message carries its traceback."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `run_bench` compares, and on what. `epochs=None` keeps `TrainConfig`'s default."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    stream: str | None = None  # None: the bundled default stream
+    max_train: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    backbone: str = "default"
+    max_length: int = 128
+    device: str = "auto"
+    isolate: bool = True  # each method in a fresh process (honest peak memory)
+    hyperparameters: dict = field(default_factory=dict)  # method -> overrides, e.g. {"ewc": {...}}
+
+    def __post_init__(self) -> None:
+        from .methods import METHODS
+
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must not repeat, got {list(self.methods)}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs!r}")
+        if self.max_train is not None and self.max_train < 1:
+            raise ValueError(f"max_train must be >= 1, got {self.max_train!r}")
+        extra = sorted(set(self.hyperparameters) - set(self.methods))
+        if extra:
+            raise ValueError(f"hyperparameters given for methods not benchmarked: {extra}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["methods"] = list(self.methods)
+        return data
+
+
+class BenchEvents:
+    """Hooks a front end overrides to show progress; the defaults do nothing. Arguments are
+    plain values: they cross from a method's worker process."""
+
+    def method_started(self, index: int, total: int, method: str) -> None: ...
+
+    def task_started(self, method: str, index: int, total: int, task: str, train_examples: int) -> None: ...
+
+    def train_step(self, done: int, total: int, loss: float) -> None: ...
+
+    def evaluating(self, method: str, tasks: int) -> None: ...
+
+    def task_finished(self, method: str, index: int, accuracies: list[float | None]) -> None: ...
+
+    def method_finished(self, method: str, row: dict) -> None: ...
+
+
+def load_tasks(config: BenchConfig) -> list:
+    from .data import default_stream_path, load_stream
+
+    stream = config.stream or default_stream_path()
+    return [t.subsample_train(config.max_train, config.seed) for t in load_stream(stream)]
+
+
+def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None = None,
+              resume: bool = False) -> dict:
+    """Run every method of `config` on the same stream; write and return the comparison.
+
+    With `resume`, a method whose run in `out` finished under the same settings is not run
+    again (a long bench that was interrupted goes on where it stopped).
+    """
+    from .data import describe
+
+    events = events or BenchEvents()
+    out = Path(out)
+    tasks = load_tasks(config)  # validates the stream before anything trains
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    started = time.perf_counter()
+    for index, method in enumerate(config.methods):
+        events.method_started(index, len(config.methods), method)
+        spec = {"config": config.to_dict(), "method": method, "out": str(out / method)}
+        finished = out / method / RESULT
+        result = _finished_result(finished, spec) if resume else None
+        if result is None:
+            if config.isolate:
+                result = _run_isolated(spec, events)
+            else:
+                result = run_method(spec, _dispatch(events))
+            finished.write_text(json.dumps({"spec": spec, "result": result}, indent=2))
+        report = json.loads((out / method / "report.json").read_text())
+        row = summarize(method, report, result)
+        rows.append(row)
+        events.method_finished(method, row)
+    first = json.loads((out / config.methods[0] / "report.json").read_text())
+    bench = {
+        "tasks": [t.name for t in tasks],
+        "stream": str(config.stream or "default"),
+        "stream_summary": describe(tasks),
+        "config": config.to_dict(),
+        "backbone": first["backbone"],
+        "device": first["device"],
+        "versions": first["versions"],
+        "methods": rows,
+        "notes": NOTES,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "bench.json").write_text(json.dumps(bench, indent=2))
+    (out / "bench.md").write_text(markdown(bench))
+    from .report import write_bench_plots
+
+    write_bench_plots(bench, out)
+    return bench
+
+
+RESULT = "bench_result.json"  # in DIR/<method>/, written when the method's run has finished
+
+
+def _finished_result(path: Path, spec: dict) -> dict | None:
+    """The figures of a finished run of `spec`, or None if it has not finished."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    compared = [k for k in spec["config"] if k != "methods"]
+    differing = [k for k in compared if saved["spec"]["config"].get(k) != spec["config"][k]]
+    if differing:
+        raise ValueError(f"{path}: that run used other settings ({', '.join(differing)}); "
+                         "use another --out directory or run without --resume")
+    return saved["result"]
+
+
+NOTES = {
+    "acc": "ACC: mean accuracy over all tasks after the last one, task given (percent)",
+    "bwt": "BWT: mean change on earlier tasks from just after learning them to the end "
+           "(points; < 0 is forgetting)",
+    "forgetting": "forgetting: mean drop from each earlier task's best accuracy to its final one "
+                  "(points)",
+    "task_free_acc": "task-free ACC: as ACC, with the task not given: a row counts only if "
+                     "routed to its own task (the router, or analytic's own classifier)",
+    "bytes_per_task": "footprint per task: bytes a task adds (its own scale vectors, head, "
+                      "router statistics, or analytic's class columns), mean over tasks",
+    "shared_numbers": "shared: numbers the method keeps for all tasks (the baselines' shared "
+                      "scale entry; ewc adds Fisher and anchor; analytic its statistics); "
+                      "replay also keeps its buffer of texts. The router's shared statistics are "
+                      "the same for every method but analytic and are not counted",
+    "train_seconds": "train s: time spent learning tasks; total s: the whole run with "
+                     "evaluation after every task",
+    "peak_rss_mb": "peak RSS: peak resident memory of the method's own process (MiB)",
+    "joint": "joint trains once on all tasks: only its accuracy after all tasks exists, so BWT "
+             "and forgetting do not apply (n/a)",
+}
+
+
+def summarize(method: str, report: dict, result: dict) -> dict:
+    """One table row from a method's report.json and its process's figures."""
+    metrics, per_task = report["metrics"], report["per_task"]
+    R = report["accuracy_matrix"]
+    return {
+        "method": method,
+        "acc": metrics["acc"],
+        "bwt": metrics["bwt"],
+        "forgetting": metrics["forgetting"],
+        "fwt": metrics.get("fwt"),
+        "task_free_acc": metrics.get("task_free_acc"),
+        "routing_acc": metrics.get("routing_acc"),
+        "bytes_per_task": sum(t["bytes_added"] for t in per_task) / len(per_task),
+        "adapter_parameters_per_task": sum(t["adapter_parameters"] for t in per_task) / len(per_task),
+        "head_parameters_per_task": sum(t["head_parameters"] for t in per_task) / len(per_task),
+        "shared_numbers": report["shared_state_numbers"]["method"],
+        "train_seconds": round(sum(t["train_seconds"] for t in per_task), 1),
+        "total_seconds": report["total_seconds"],
+        "peak_rss_mb": result.get("peak_rss_mb"),
+        "hyperparameters": report["method"]["hyperparameters"],
+        "accuracy_matrix": R,
+        "first_task_accuracy": [row[0] for row in R],
+    }
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value * scale, spec)
+
+
+def table_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "ACC %", "BWT", "forgetting", "task-free ACC %", "KiB/task",
+              "shared numbers", "train s", "total s", "peak RSS MiB"]
+    rows = []
+    for r in bench["methods"]:
+        rows.append([
+            r["method"], _fmt(r["acc"], ".1f", 100), _fmt(r["bwt"], "+.1f", 100),
+            _fmt(r["forgetting"], ".1f", 100), _fmt(r["task_free_acc"], ".1f", 100),
+            f"{r['bytes_per_task'] / 1024:.1f}", f"{r['shared_numbers']:,}",
+            f"{r['train_seconds']:.0f}", f"{r['total_seconds']:.0f}",
+            _fmt(r["peak_rss_mb"], ".0f"),
+        ])
+    return header, rows
+
+
+def markdown(bench: dict) -> str:
+    config = bench["config"]
+    header, rows = table_rows(bench)
+    epochs = config["epochs"] or "default (3)"
+    train = "all" if config["max_train"] is None else f"at most {config['max_train']}"
+    lines = [
+        f"# ctt bench: {len(bench['tasks'])} tasks ({', '.join(bench['tasks'])})",
+        "",
+        f"Stream {bench['stream']}; backbone {bench['backbone']['name']}; device "
+        f"{bench['device']}; seed {config['seed']}; epochs {epochs}; {train} training examples "
+        f"per task; each method in its own process: {config['isolate']}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "Accuracy on the first task after each task (%):", ""]
+    names = bench["tasks"]
+    lines.append("| method | " + " | ".join(f"after {n}" for n in names) + " |")
+    lines.append("|---|" + "---:|" * len(names))
+    for r in bench["methods"]:
+        cells = [_fmt(v, ".1f", 100) for v in r["first_task_accuracy"]]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    lines += ["", "Notes:", ""] + [f"- {text}" for text in bench["notes"].values()]
+    return "\n".join(lines) + "\n"
+
+
+# -- one method, in this process or a fresh one ----------------------------------------------
+Send = Callable[..., None]
+
+
+def _dispatch(events: BenchEvents) -> Send:
+    return lambda kind, *args: getattr(events, kind)(*args)
+
+
+def run_method(spec: dict, send: Send) -> dict:
+    """Learn the stream with one method; write DIR/<method>/; return process figures."""
+    import torch
+
+    from .config import BackboneConfig, TrainConfig
+    from .experiment import RunEvents, peak_rss_mb, run_joint, run_stream
+    from .learner import ContinualLearner
+    from .methods import GradientMethod, METHODS, make_method
+
+    config = BenchConfig(**{**spec["config"], "methods": tuple(spec["config"]["methods"])})
+    name = spec["method"]
+    tasks = load_tasks(config)
+    torch.manual_seed(config.seed)
+    hyperparameters = dict(config.hyperparameters.get(name, {}))
+    if issubclass(METHODS[name], GradientMethod):
+        train = {"seed": config.seed, **({"epochs": config.epochs} if config.epochs else {})}
+        hyperparameters["train"] = {**train, **hyperparameters.get("train", {})}
+    else:
+        hyperparameters.setdefault("seed", config.seed)
+    learner = ContinualLearner(BackboneConfig(config.backbone, max_length=config.max_length),
+                               method=make_method(name, hyperparameters), device=config.device)
+
+    class Forward(RunEvents):
+        def task_started(self, index, total, task):
+            send("task_started", name, index, total, task.name, len(task.train))
+
+        def train_step(self, done, total, loss):
+            send("train_step", done, total, loss)
+
+        def evaluation_started(self, index, seen):
+            send("evaluating", name, len(seen))
+
+        def task_finished(self, index, record, matrix, names):
+            row = [None if v != v else float(v) for v in matrix[-1]]  # NaN -> None
+            send("task_finished", name, index, row)
+
+    runner = run_joint if name == JOINT else run_stream
+    start = time.perf_counter()
+    runner(tasks, learner, spec["out"], Forward(),
+           {"bench": config.to_dict(), "method": name, "hyperparameters": hyperparameters})
+    return {"wall_seconds": round(time.perf_counter() - start, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1) if config.isolate else None}
+
+
+_WORKER = "import sys; from continual_transformer.bench import _worker_main; _worker_main(int(sys.argv[1]))"
+
+
+def _worker_main(channel_fd: int) -> None:
+    """Entry point of a method's fresh process: the spec arrives as JSON on stdin; events and
+    the result leave as JSON lines on `channel_fd` (stdout stays free for libraries' prints)."""
+    spec = json.loads(sys.stdin.read())
+    with os.fdopen(channel_fd, "w", buffering=1) as channel:
+        def send(kind: str, *args) -> None:
+            channel.write(json.dumps([kind, *args]) + "\n")
+
+        try:
+            result = run_method(spec, send)
+        except BaseException:
+            send("error", traceback.format_exc())
+            raise SystemExit(1)
+        send("done", result)
+
+
+def _run_isolated(spec: dict, events: BenchEvents) -> dict:
+    """Run one method in a fresh interpreter (not a fork: nothing of this process is shared)."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    read_fd, write_fd = os.pipe()
+    process = subprocess.Popen([sys.executable, "-c", _WORKER, str(write_fd)], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, pass_fds=(write_fd,), env=env)
+    os.close(write_fd)
+    dispatch = _dispatch(events)
+    result = error = None
+    try:
+        process.stdin.write(json.dumps(spec).encode())
+        process.stdin.close()
+        with os.fdopen(read_fd) as channel:
+            for line in channel:  # ends when the process exits
+                kind, *args = json.loads(line)
+                if kind == "done":
+                    result = args[0]
+                elif kind == "error":
+                    error = args[0]
+                else:
+                    dispatch(kind, *args)
+        code = process.wait()
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+    if error is not None:
+        raise BenchError(f"method {spec['method']!r} failed:\n{error}")
+    if result is None:
+        raise BenchError(f"method {spec['method']!r}: its process exited with code {code} "
+                         "without a result")
+    return result

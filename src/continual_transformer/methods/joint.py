@@ -1,0 +1,67 @@
+"""`joint`: every task trained at once on the union of their data: the upper bound of what the
+shared parameter set can do, not a continual method.
+
+It trains the same parameters as the other baselines (one shared scale entry and a head per
+task) with the same loop and settings; `epochs` passes over the union make as many optimiser
+steps as learning the tasks one after another. Batches mix tasks: one forward pass under the
+shared entry, each row through its own task's head, mean cross-entropy over the rows.
+
+Because it sees every task before it is evaluated, its accuracy matrix has only its last row
+(after all tasks); BWT, forgetting and FWT do not apply (`experiment.run_joint`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import Task
+from ..train import fit
+from .base import task_seed, training_autocast
+from .shared import SHARED, SharedAdapterMethod, rows_cross_entropy, shared_pooled
+
+
+class JointMethod(SharedAdapterMethod):
+    name = "joint"
+
+    def learn(self, learner, task: Task, progress, checkpointing=None) -> dict:
+        raise ValueError("method 'joint' learns all tasks at once, not one after another: "
+                         "use ContinualLearner.learn_jointly(tasks) (`ctt run --method joint` does)")
+
+    def learn_jointly(self, learner, tasks: list[Task], progress) -> dict:
+        if SHARED in learner.adapter.entries() or list(learner.heads.heads):
+            raise ValueError("method 'joint' trains once, from the plain backbone; this model "
+                             "already has learned state")
+        learner.adapter.add(SHARED)
+        try:
+            for task in tasks:
+                learner.heads.add(task.name, len(task.labels),
+                                  task_seed(self.train.seed, task.name), learner.device)
+            ids, row_tasks, labels = [], [], []
+            for task in tasks:
+                index = task.label_index()
+                ids += learner.backbone.tokenize([e.text for e in task.train])
+                row_tasks += [task.name] * len(task.train)
+                labels += [index[e.label] for e in task.train]
+            targets = torch.tensor(labels, device=learner.device)
+            autocast = training_autocast(self.train.precision, learner.device)
+
+            def batch_loss(indices: list[int]) -> torch.Tensor:
+                with autocast():
+                    pooled = shared_pooled(learner, learner.backbone.collate([ids[i] for i in indices]))
+                    return rows_cross_entropy(learner, pooled, [row_tasks[i] for i in indices],
+                                              targets[indices]).float()
+
+            groups = [
+                {"params": learner.adapter.parameters_of(SHARED), "lr": self.train.lr},
+                {"params": list(learner.heads.parameters()), "lr": self.train.head_lr},
+            ]
+            result = fit(groups, batch_loss, len(ids), self.train,
+                         task_seed(self.train.seed, "\x00joint"), progress,
+                         lengths=[len(row) for row in ids])
+        except BaseException:
+            for task in tasks:
+                if task.name in learner.heads:
+                    learner.heads.remove(task.name)
+            learner.adapter.remove(SHARED)
+            raise
+        return {**result.stats(), "joint_examples": len(ids)}

@@ -1,0 +1,140 @@
+"""What every baseline has in common: ONE activation-scaling entry shared by all tasks, learned
+task after task, plus one linear head per task.
+
+All baselines (`finetune`, `ewc`, `lwf`, `replay`, `joint`) train exactly this parameter set,
+with the same loop, learning rates and epochs as `ia3`, so that differences between them come
+from the method alone. `ia3` trains the same number of scale parameters per task, but in an
+entry of the task's own; here every task rewrites the one entry, so old tasks can be forgotten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from ..data import Task
+from .base import GradientMethod
+from .ia3 import ADAPTER, HEAD, load_head
+
+SHARED = "shared"  # the adapter entry every task's rows use
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What a task's `learn` may change, as it was before: restored if the learn fails."""
+
+    task: str
+    entry: dict[str, torch.Tensor] | None  # None: the task creates the shared entry
+    heads: dict[str, dict[str, torch.Tensor]]
+
+
+class SharedAdapterMethod(GradientMethod):
+    """One shared scale entry (created with the first task) and a head per task.
+
+    A failed `learn` puts the shared entry and every head back as they were before the task
+    began; deleting a learned task removes its head only (what it taught the shared entry
+    stays), and deleting the last task removes the shared entry too.
+    """
+
+    shares_state = True
+    # Whether the heads of earlier tasks train too (methods whose loss reaches them).
+    trains_old_heads = False
+
+    def __init__(self, train=None):
+        super().__init__(train)
+        self._before: _Before | None = None
+
+    def adapter_key(self, task: str) -> str:
+        return SHARED
+
+    def begin_task(self, learner, task: Task) -> None:
+        entry = None
+        if SHARED in learner.adapter.entries():
+            entry = {k: v.clone() for k, v in learner.adapter.state_of(SHARED).items()}
+        heads = {name: {k: v.detach().clone() for k, v in head.state_dict().items()}
+                 for name, head in learner.heads.heads.items()}
+        self._before = _Before(task.name, entry, heads)
+        if entry is None:
+            learner.adapter.add(SHARED)
+        super().begin_task(learner, task)
+
+    def param_groups(self, learner, task: Task) -> list[dict]:
+        heads = list(learner.heads.heads) if self.trains_old_heads else [task.name]
+        return [
+            {"params": learner.adapter.parameters_of(SHARED), "lr": self.train.lr},
+            {"params": [p for name in heads for p in learner.heads.heads[name].parameters()],
+             "lr": self.train.head_lr},
+        ]
+
+    def failed_learn(self, learner, task: str) -> bool:
+        """Whether `forget(task)` is undoing a `learn` of it that did not finish."""
+        return self._before is not None and self._before.task == task and task not in learner.tasks
+
+    def forget(self, learner, task: str) -> None:
+        if self.failed_learn(learner, task):
+            before, self._before = self._before, None
+            if task in learner.heads:
+                learner.heads.remove(task)
+            if before.entry is None:
+                if SHARED in learner.adapter.entries():
+                    learner.adapter.remove(SHARED)
+            else:
+                learner.adapter.load_state_of(SHARED, before.entry)
+            with torch.no_grad():
+                for name, state in before.heads.items():
+                    learner.heads.heads[name].load_state_dict(state)
+            return
+        if task in learner.heads:
+            learner.heads.remove(task)
+        if not list(learner.heads.heads) and SHARED in learner.adapter.entries():
+            learner.adapter.remove(SHARED)  # no task left: back to the plain backbone
+
+    def footprint(self, learner, task: str) -> tuple[int, int]:
+        return 0, learner.heads.num_parameters(task)  # the shared entry: `shared_numbers`
+
+    def shared_numbers(self, learner) -> int:
+        return learner.adapter.num_parameters(SHARED) if SHARED in learner.adapter.entries() else 0
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def task_tensors(self, learner, task: str) -> dict[str, torch.Tensor]:
+        head = learner.heads.heads[task]
+        return {HEAD + "weight": head.weight.detach().cpu(), HEAD + "bias": head.bias.detach().cpu()}
+
+    def load_task_tensors(self, learner, task: str, labels, tensors) -> None:
+        unexpected = sorted(k for k in tensors if not k.startswith(HEAD))
+        if unexpected:
+            raise ValueError(f"task {task!r}: unexpected tensors {unexpected[:3]} for method "
+                             f"{self.name!r} (a task owns only its head)")
+        load_head(learner, task, labels, tensors)
+
+    def shared_tensors(self, learner) -> dict[str, torch.Tensor]:
+        if SHARED not in learner.adapter.entries():
+            return {}
+        return {ADAPTER + k: v for k, v in learner.adapter.state_of(SHARED).items()}
+
+    def load_shared_tensors(self, learner, tensors: dict[str, torch.Tensor]) -> None:
+        unexpected = sorted(k for k in tensors if not k.startswith(ADAPTER))
+        if unexpected:
+            raise ValueError(f"method {self.name!r}: unexpected shared tensors {unexpected[:3]}")
+        adapter = {k[len(ADAPTER):]: v for k, v in tensors.items()}
+        if adapter:
+            learner.adapter.load_state_of(SHARED, adapter)
+
+
+def shared_pooled(learner, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The pooled output (B, H) of a batch under the shared entry; differentiable."""
+    with learner.adapter.select([SHARED] * batch["input_ids"].shape[0]):
+        return learner.backbone(**batch)
+
+
+def rows_cross_entropy(learner, pooled: torch.Tensor, tasks: list[str], labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over rows that may belong to different tasks, each row through its
+    own task's head (one head call per distinct task, never per row)."""
+    total = pooled.new_zeros(())
+    for task in dict.fromkeys(tasks):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        logits = learner.heads(pooled[rows], task)  # (B_task, C_task)
+        total = total + F.cross_entropy(logits, labels[rows], reduction="sum")
+    return total / len(tasks)

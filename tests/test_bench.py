@@ -1,0 +1,79 @@
+"""`ctt bench` and `run_bench`: every method on the same stream, one table."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from continual_transformer.bench import DEFAULT_METHODS, BenchConfig, run_bench
+from continual_transformer.cli import app
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args))
+
+
+def test_bench_in_process_compares_every_method(tiny_backbone_dir, toy_stream, tmp_path):
+    config = BenchConfig(stream=str(toy_stream), epochs=1, backbone=str(tiny_backbone_dir),
+                         max_length=32, device="cpu", isolate=False)
+    events = Recorder()
+    bench = run_bench(config, tmp_path / "bench", events)
+    rows = {r["method"]: r for r in bench["methods"]}
+    assert list(rows) == list(DEFAULT_METHODS)
+    assert rows["ia3"]["bwt"] == 0.0 and rows["ia3"]["forgetting"] == 0.0
+    assert rows["joint"]["bwt"] is None and rows["joint"]["first_task_accuracy"][0] is None
+    assert rows["finetune"]["shared_numbers"] == 2 * (32 + 32 + 64)
+    assert rows["ewc"]["shared_numbers"] == 3 * 2 * (32 + 32 + 64)  # entry, Fisher, anchor
+    assert rows["ia3"]["adapter_parameters_per_task"] == 2 * (32 + 32 + 64)
+    assert rows["finetune"]["adapter_parameters_per_task"] == 0
+    assert all(r["peak_rss_mb"] is None for r in rows.values())  # one process: not per method
+    assert all(0 <= r["acc"] <= 1 and r["train_seconds"] >= 0 for r in rows.values())
+    # progress arrived for every method, task and step
+    kinds = [c[0] for c in events.calls]
+    assert kinds.count("method_started") == 7 and kinds.count("method_finished") == 7
+    assert kinds.count("task_finished") == 6 * 2 + 1 and "train_step" in kinds
+    out = tmp_path / "bench"
+    saved = json.loads((out / "bench.json").read_text())
+    assert [r["method"] for r in saved["methods"]] == list(DEFAULT_METHODS)
+    table = (out / "bench.md").read_text()
+    assert "| method | ACC % | BWT |" in table and "| joint |" in table and "n/a" in table
+    for name in ("bench_final_accuracy.png", "bench_accuracy_matrices.png", "bench_first_task.png"):
+        assert (out / name).stat().st_size > 5000, name
+    assert (out / "ewc" / "model" / "manifest.json").is_file()
+
+    # resume: nothing runs again, the same table comes back
+    events = Recorder()
+    again = run_bench(config, out, events, resume=True)
+    assert [c[0] for c in events.calls].count("train_step") == 0
+    assert [r["acc"] for r in again["methods"]] == [r["acc"] for r in bench["methods"]]
+    with pytest.raises(ValueError, match="that run used other settings \\(seed\\)"):
+        run_bench(BenchConfig(**{**config.to_dict(), "methods": DEFAULT_METHODS, "seed": 1}), out,
+                  resume=True)
+
+
+def test_bench_config_is_validated():
+    with pytest.raises(ValueError, match="unknown method\\(s\\) \\['nope'\\]"):
+        BenchConfig(methods=("ia3", "nope"))
+    with pytest.raises(ValueError, match="methods must not repeat"):
+        BenchConfig(methods=("ia3", "ia3"))
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        BenchConfig(epochs=0)
+
+
+def test_cli_bench_runs_each_method_in_its_own_process(tiny_backbone_dir, toy_stream, tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, [
+        "bench", str(toy_stream), "--methods", "ia3,finetune", "--epochs", "1", "--out", str(out),
+        "--backbone", str(tiny_backbone_dir), "--max-length", "32", "--device", "cpu"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "method 1/2: ia3" in result.output and "method 2/2: finetune" in result.output
+    assert "finetune: ACC" in result.output and "peak RSS" in result.output
+    rows = json.loads((out / "bench.json").read_text())["methods"]
+    assert all(r["peak_rss_mb"] > 50 for r in rows)  # measured in the method's own process
+    bad = CliRunner().invoke(app, ["bench", str(toy_stream), "--methods", "ia3,sgd"])
+    assert bad.exit_code == 2 and "unknown method(s) ['sgd']" in bad.output
