@@ -117,7 +117,9 @@ def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None =
         spec = {"config": config.to_dict(), "method": method, "out": str(out / method)}
         finished = out / method / RESULT
         result = _finished_result(finished, spec) if resume else None
-        if result is None:
+        if not resume and (out / method).exists():
+            raise ValueError(f"{out / method} exists: continue that bench with --resume, or use a new --out")
+        if result is None:  # an interrupted run of the method continues from its saved state
             if config.isolate:
                 result = _run_isolated(spec, events)
             else:
