@@ -341,18 +341,23 @@ def read_manifest(directory: Path) -> dict:
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {directory} is not a checkpoint directory")
+    return validate_manifest(read_format_json(path, FORMAT, FORMAT_VERSION, "manifest"), path)
+
+
+def read_format_json(path: Path, format: str, version: int, what: str) -> dict:
+    """A JSON object whose `format` and `format_version` fields must be these."""
     try:
-        manifest = json.loads(path.read_bytes())
+        document = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(document, dict) or document.get("format") != format:
+        raise CheckpointError(f"{path}: not a {format} {what}")
+    if document.get("format_version") != version:
         raise CheckpointError(
-            f"{path}: format version {manifest.get('format_version')!r} is not supported "
-            f"(this library reads version {FORMAT_VERSION})"
+            f"{path}: format version {document.get('format_version')!r} is not supported "
+            f"(this library reads version {version})"
         )
-    return validate_manifest(manifest, path)
+    return document
 
 
 def read_verified(path: Path, entry: dict) -> bytes:

@@ -29,6 +29,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_write,
     parse_tensors,
+    read_format_json,
     read_verified,
     sha256_bytes,
     tensor_file,
@@ -156,16 +157,7 @@ def read(out: Path) -> tuple[RunState, TrainState | None] | None:
         if not (entry.name == STATE or TRAIN_FILE.match(entry.name) or TEMP_FILE.match(entry.name)) \
                 or not entry.is_file():
             raise CheckpointError(f"{entry}: foreign file in a run-state directory")
-    try:
-        document = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} file")
-    if document.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {document.get('format_version')!r} is not supported "
-            f"(this library reads version {FORMAT_VERSION})")
+    document = read_format_json(path, FORMAT, FORMAT_VERSION, "file")
     values = {
         "config": _need(document, "config", dict, path),
         "identity": _need(document, "identity", dict, path),
