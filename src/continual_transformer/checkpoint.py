@@ -144,8 +144,8 @@ def _refuse_foreign(directory: Path) -> None:
     foreign = foreign_entries(directory)
     if foreign:
         raise CheckpointError(
-            f"{directory / foreign[0]}: foreign file in a checkpoint directory (a checkpoint "
-            f"holds only {MANIFEST}, {TASKS_DIR}/*.safetensors and shared-*.safetensors); "
+            f"{directory / foreign[0]}: foreign file in a checkpoint directory (a checkpoint holds "
+            f"only {MANIFEST}, {TASKS_DIR}/*.safetensors, shared-*.safetensors and shared-*.json); "
             f"{len(foreign)} such entr{'y' if len(foreign) == 1 else 'ies'}: {foreign[:5]}"
         )
 
