@@ -580,3 +580,19 @@ def test_length_groups_bound_padding_and_keep_every_row():
         assert padded <= 130 or len(group) == 1
     assert length_groups([300], max_tokens=100, max_rows=64) == [[0]]  # too long: alone
     assert length_groups([], max_tokens=100, max_rows=64) == []
+
+
+def test_a_model_whose_method_shares_state_refuses_learning_up_front(tmp_path, tiny_config):
+    from conftest import toy_rows, write_jsonl
+
+    stream = write_jsonl(tmp_path / "toy.jsonl", toy_rows())
+    learner = ContinualLearner(tiny_config, method="finetune",
+                               train=TrainConfig(epochs=1, batch_size=8), device="cpu")
+    learner.learn(load_stream(stream)[0])
+    model = learner.save(tmp_path / "model")
+    with serving(model) as served:
+        response = served.client.post("/v1/tasks", json=upload_body("beasts"), headers=AS_ADMIN)
+        assert response.status_code == 409
+        assert response.json()["detail"].startswith(
+            "this model's method 'finetune' shares state between tasks")
+        assert served.predict({"items": [{"text": "cat and dog", "task": "kinds"}]}).status_code == 200

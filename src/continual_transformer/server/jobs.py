@@ -115,6 +115,13 @@ class JobRunner:
         with self._lock:
             if self._stopping:
                 raise JobRejected(503, "the server is shutting down")
+            method = self.service.learner.method
+            if method.shares_state or method.shared_tensors(self.service.learner):
+                # A task is learned apart and imported alone; these methods' tasks change
+                # state that every task shares, so a task cannot be added that way.
+                raise JobRejected(409, f"this model's method {method.name!r} shares state between "
+                                       "tasks; the server learns new tasks only for methods whose "
+                                       "tasks own their state (ia3). Learn it with `ctt run`")
             if task.name in self.service.task_names():
                 raise JobRejected(409, f"task {task.name!r} is already learned; delete it first")
             active = [j for j in self._jobs.values() if j.state in ("queued", "running")]
