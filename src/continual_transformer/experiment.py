@@ -207,15 +207,8 @@ def run_stream(
         events.task_finished(i, record, R[: i + 1, : i + 1], names[: i + 1])
     report = _report(state, learner, names, time.perf_counter() - session_start + seconds_before)
     if out is not None:
-        from .checkpoint import atomic_write
-        from .report import write_heatmap
-
-        atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
         R, F, _ = _matrices(state.completed, T)
-        write_heatmap(R, names, out / "accuracy_matrix.png",
-                      f"{learner.method.name}: accuracy on task j after learning task i")
-        write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
-                      f"{learner.method.name}: task-free accuracy (task predicted, not given)")
+        _write_outputs(out, report, R, F, "accuracy on task j after learning task i")
     return report
 
 
@@ -318,23 +311,46 @@ def _report(state: RunState, learner: ContinualLearner, names: list[str], second
         "tasks": names,
         "accuracy_matrix": _matrix_json(R),
         "task_free_accuracy_matrix": _matrix_json(F),
-        "routing": {"per_task": dict(zip(names, routing["per_task"])), "overall": routing["overall"],
-                    "confusion": confusion.tolist(),
-                    "confusion_axes": "rows: true task, columns: routed task (final model)"},
+        "routing": _routing_json(names, routing, confusion),
         "metrics": summary,
         "fwt_reference": fwt_reference,
         "reference_accuracy": None if reference is None else [float(v) for v in reference],
         "per_task": [done["entry"] for done in state.completed],
-        "shared_state_numbers": learner.shared_state_numbers(),
-        "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
-                     "config": learner.backbone.config.to_dict()},
-        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
-        "device": str(learner.device),
+        **_model_fields(learner),
         "config": state.config,
         "versions": library_versions(),
         "sessions": state.sessions,
         "total_seconds": round(seconds, 2),
     }
+
+
+def _routing_json(names: list[str], routing: dict, confusion: np.ndarray) -> dict:
+    return {"per_task": dict(zip(names, routing["per_task"])), "overall": routing["overall"],
+            "confusion": confusion.tolist(),
+            "confusion_axes": "rows: true task, columns: routed task (final model)"}
+
+
+def _model_fields(learner: ContinualLearner) -> dict:
+    """The report's description of the model that produced it."""
+    return {
+        "shared_state_numbers": learner.shared_state_numbers(),
+        "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
+                     "config": learner.backbone.config.to_dict()},
+        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
+        "device": str(learner.device),
+    }
+
+
+def _write_outputs(out: Path, report: dict, R: np.ndarray, F: np.ndarray, title: str) -> None:
+    """report.json (atomically) and the two heatmaps."""
+    from .checkpoint import atomic_write
+    from .report import write_heatmap
+
+    names, method = report["tasks"], report["method"]["name"]
+    atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
+    write_heatmap(R, names, out / "accuracy_matrix.png", f"{method}: {title}")
+    write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
+                  f"{method}: task-free accuracy (task predicted, not given)")
 
 
 def _json_default(value):
@@ -415,29 +431,16 @@ def run_joint(
         "accuracy_matrix": _matrix_json(R),
         "task_free_accuracy_matrix": _matrix_json(F),
         "matrix_note": JOINT_MATRIX,
-        "routing": {"per_task": dict(zip(names, routing["per_task"])), "overall": routing["overall"],
-                    "confusion": confusion.tolist(),
-                    "confusion_axes": "rows: true task, columns: routed task (final model)"},
+        "routing": _routing_json(names, routing, confusion),
         "metrics": summary,
         "fwt_reference": JOINT_MATRIX,
         "reference_accuracy": None,
         "per_task": per_task,
-        "shared_state_numbers": learner.shared_state_numbers(),
-        "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
-                     "config": learner.backbone.config.to_dict()},
-        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
-        "device": str(learner.device),
+        **_model_fields(learner),
         "config": run_config or {},
         "versions": library_versions(),
         "total_seconds": round(time.perf_counter() - start, 2),
     }
     if out is not None:
-        from .checkpoint import atomic_write
-        from .report import write_heatmap
-
-        atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
-        write_heatmap(R, names, out / "accuracy_matrix.png",
-                      f"{learner.method.name}: accuracy after learning all tasks at once")
-        write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
-                      f"{learner.method.name}: task-free accuracy (task predicted, not given)")
+        _write_outputs(out, report, R, F, "accuracy after learning all tasks at once")
     return report
