@@ -1,14 +1,15 @@
 """Measure the choices behind `analytic` and the router on a stream (default: the bundled one).
 
 For every task it computes, once, the frozen backbone's features of all train and test texts:
-the pooled last layer (what `analytic` classifies) and the embedding layer's mean (what the
-router reads). It then fits the streaming classifier with each solver and feature size and
+the pooled last layer (what `analytic` classifies) and the trunk's mean output (what the
+router reads; the trunk is the layers below the adapted top, `--trunk-layers`). It then fits the streaming classifier with each solver and feature size and
 prints test accuracy:
 
 - analytic: class-incremental accuracy (label over all tasks' labels) and task-aware accuracy;
 - router: share of test inputs routed to their own task.
 
     python benchmarks/analytic_choices.py [STREAM] [--features 0,1024,2048,4096] [--cache F.pt]
+        [--trunk-layers 3]
 
 Solvers: ridge (penalty by GCV), lda (shrinkage by GCV), lda@0.1 (fixed relative shrinkage).
 """
@@ -22,22 +23,26 @@ from pathlib import Path
 import torch
 
 from continual_transformer.analytic import AnalyticClassifier
-from continual_transformer.backbone import Backbone
-from continual_transformer.config import BackboneConfig
+from continual_transformer.backbone import Backbone, masked_mean
+from continual_transformer.config import DEFAULT_ADAPT_LAYERS, BackboneConfig
 from continual_transformer.data import default_stream_path, load_stream
 
 BATCH = 64
 
 
 @torch.inference_mode()
-def features(backbone: Backbone, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def features(backbone: Backbone, texts: list[str], trunk_layers: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     ids = backbone.tokenize(texts)
-    pooled, embedded = [], []
+    pooled, trunk = [], []
     for start in range(0, len(ids), BATCH):
         batch = backbone.collate(ids[start : start + BATCH])
-        pooled.append(backbone(**batch))
-        embedded.append(backbone.embedding_features(**batch))
-    return torch.cat(pooled), torch.cat(embedded)
+        hidden, call = backbone.start(**batch)
+        hidden = backbone.run_layers(hidden, call, 0, trunk_layers)  # (B, T, H)
+        trunk.append(masked_mean(hidden, batch["attention_mask"]))
+        hidden = backbone.run_layers(hidden, call, trunk_layers, backbone.num_layers)
+        pooled.append(backbone.pool(hidden, batch["attention_mask"]))
+    return torch.cat(pooled), torch.cat(trunk)
 
 
 def main() -> None:
@@ -45,15 +50,19 @@ def main() -> None:
     parser.add_argument("stream", nargs="?", default=None)
     parser.add_argument("--features", default="0,1024,2048,4096")
     parser.add_argument("--cache", default=None, help="save/load the features here (.pt)")
+    parser.add_argument("--trunk-layers", type=int, default=None,
+                        help=f"layers the router reads (default: all but the top {DEFAULT_ADAPT_LAYERS})")
     args = parser.parse_args()
     tasks = load_stream(args.stream or default_stream_path())
     backbone = Backbone.load(BackboneConfig())
+    trunk_layers = (args.trunk_layers if args.trunk_layers is not None
+                    else backbone.num_layers - DEFAULT_ADAPT_LAYERS)
     start = time.perf_counter()
     if args.cache and Path(args.cache).is_file():
         cached = torch.load(args.cache)
     else:
-        cached = [(features(backbone, [e.text for e in t.train]),
-                   features(backbone, [e.text for e in t.test])) for t in tasks]
+        cached = [(features(backbone, [e.text for e in t.train], trunk_layers),
+                   features(backbone, [e.text for e in t.test], trunk_layers)) for t in tasks]
         if args.cache:
             torch.save(cached, args.cache)
     data = [(task, train, test) for task, (train, test) in zip(tasks, cached)]
@@ -68,16 +77,16 @@ def main() -> None:
                 clf = AnalyticClassifier(in_dim=backbone.hidden_size, n_features=n_features,
                                          solver=solver, shrinkage=shrinkage)
                 start = time.perf_counter()
-                for task, (pooled, embedded), _ in data:
-                    X = pooled if what == "analytic" else embedded
+                for task, (pooled, trunk), _ in data:
+                    X = pooled if what == "analytic" else trunk
                     y = ([f"{task.name}/{e.label}" for e in task.train] if what == "analytic"
                          else [task.name] * len(task.train))
                     clf.partial_fit(X, y)
                 clf.solution()
                 fit = time.perf_counter() - start
                 right = aware = routed = total = 0
-                for task, _, (pooled, embedded) in data:
-                    X = pooled if what == "analytic" else embedded
+                for task, _, (pooled, trunk) in data:
+                    X = pooled if what == "analytic" else trunk
                     scores = clf.decision_function(X)
                     if what == "analytic":
                         truth = [f"{task.name}/{e.label}" for e in task.test]

@@ -193,7 +193,8 @@ def test_ewc_fisher_is_the_mean_of_per_example_squared_gradients(tiny_config, ta
     learner = make(tiny_config, "ewc", {"fisher_examples": 10})
     task = tasks[0]
     learner.learn(task)
-    batched = learner.method.fisher_diagonal(learner, task)
+    states = learner.trunk_states(learner.backbone.tokenize([e.text for e in task.train]))
+    batched = learner.method.fisher_diagonal(learner, task, states)
     generator = torch.Generator().manual_seed(task_seed(0, task.name) + 1)
     chosen = sorted(torch.randperm(len(task.train), generator=generator)[:10].tolist())
     params = learner.adapter.parameters_of(SHARED)
@@ -202,7 +203,8 @@ def test_ewc_fisher_is_the_mean_of_per_example_squared_gradients(tiny_config, ta
     for i in chosen:
         batch = learner.backbone.collate(learner.backbone.tokenize([task.train[i].text]))
         nll = torch.nn.functional.cross_entropy(
-            learner.task_logits(batch, task.name), torch.tensor([index[task.train[i].label]]))
+            learner.top_logits(learner.trunk(batch), task.name),
+            torch.tensor([index[task.train[i].label]]))
         for acc, g in zip(loop, torch.autograd.grad(nll, params)):
             acc += g**2
     for a, b in zip(batched, loop):
@@ -236,7 +238,9 @@ def test_lwf_distils_from_the_frozen_snapshot(sensitive_backbone, tasks):
     assert distillation[-1] > 1e-3
 
     # the teacher's logits are the old head's logits under the snapshot entry
-    method.begin_task(learner, tasks[0].__class__("again", new.labels, new.train, new.test))
+    again = tasks[0].__class__("again", new.labels, new.train, new.test)
+    method.begin_task(learner, again, learner.trunk_states(
+        learner.backbone.tokenize([e.text for e in new.train])))
     probe = "__probe"
     learner.adapter.load_state_of(probe, method.snapshot)
     texts = [e.text for e in new.train]
@@ -252,17 +256,18 @@ def test_lwf_distillation_changes_the_gradient(sensitive_backbone, tasks):
     method = learner.method
     old, new = tasks
     learner.learn(old)
-    method.begin_task(learner, new)
     ids = learner.backbone.tokenize([e.text for e in new.train])
+    states = learner.trunk_states(ids)
+    method.begin_task(learner, new, states)
     labels = torch.tensor([new.label_index()[e.label] for e in new.train])
     indices = list(range(8))
     params = learner.adapter.parameters_of(SHARED)
     with torch.no_grad():  # as after some training steps: the student has left the teacher
         for p in params:
             p.add_(0.2 * torch.randn_like(p))
-    with_kd = torch.autograd.grad(method.batch_loss(learner, new, indices, ids, labels), params)
+    with_kd = torch.autograd.grad(method.batch_loss(learner, new, indices, states, labels), params)
     alpha, method.alpha = method.alpha, 0.0
-    without = torch.autograd.grad(method.batch_loss(learner, new, indices, ids, labels), params)
+    without = torch.autograd.grad(method.batch_loss(learner, new, indices, states, labels), params)
     method.alpha = alpha
     with learner.adapter.select([SHARED] * 8):
         pooled = learner.backbone(**learner.backbone.collate([ids[i] for i in indices]))

@@ -31,14 +31,26 @@ def ia3(tiny_config, tasks):
     return learner
 
 
-def test_router_reads_the_embedding_layer_of_the_prediction_pass(ia3, tasks):
+def test_router_reads_the_trunk_output_of_the_prediction_pass(ia3, tasks):
+    # All layers adapted: the trunk is the embedding layer, as the original router read it.
     backbone = ia3.backbone
-    batch = backbone.collate(backbone.tokenize([e.text for e in tasks[0].test]))
+    assert ia3.trunk_layers == 0
+    texts = [e.text for e in tasks[0].test]
+    batch = backbone.collate(backbone.tokenize(texts))
     seen = []
-    with backbone.watch_embeddings(lambda out: seen.append(masked_mean(out, batch["attention_mask"]))):
-        backbone(**batch)
-    assert len(seen) == 1  # called once per pass, from inside it
-    assert torch.equal(seen[0], backbone.embedding_features(**batch))
+    route = ia3.route
+    ia3.route = lambda features: seen.append(features) or route(features)
+    try:
+        with torch.inference_mode():
+            ia3.row_logits(batch, [None] * len(texts))
+    finally:
+        del ia3.route
+    assert len(seen) == 1  # once per pass, from inside it
+    with torch.inference_mode():
+        embedded = backbone.encoder.embeddings(input_ids=batch["input_ids"])
+    assert torch.equal(seen[0], masked_mean(embedded, batch["attention_mask"]))
+    states = ia3.trunk_states(backbone.tokenize(texts), store=False)
+    assert torch.equal(states.features, seen[0])  # what the router learns from
 
 
 def test_task_free_prediction_routes_each_row(ia3, tasks):

@@ -7,7 +7,6 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -107,7 +106,9 @@ def pick_device(device: str | None) -> torch.device:
 class Backbone(nn.Module):
     """A frozen Hugging Face encoder with its tokenizer and a pooling rule.
 
-    `forward` maps token ids to one vector per row: (B, T) -> (B, H).
+    `forward` maps token ids to one vector per row: (B, T) -> (B, H). It runs the encoder as
+    `start` (the embedding layer) then `run_layers` over every layer, so that callers can stop
+    after the lower layers (the shared trunk) and go on from there (see `trunk.py`).
     """
 
     def __init__(self, encoder: nn.Module, tokenizer, ref: BackboneRef, config: BackboneConfig):
@@ -118,6 +119,12 @@ class Backbone(nn.Module):
         self.config = config
         self.encoder.requires_grad_(False)
         self.encoder.eval()
+        # Not registered as a submodule: the layers belong to (and are saved with) the encoder.
+        object.__setattr__(self, "_layers", find_layers(encoder))
+        # Batches are padded to a multiple of this many tokens. Each distinct batch shape makes
+        # the CPU kernels build and keep new state (oneDNN primitives, allocator blocks of new
+        # sizes), so fewer shapes keep memory flat; 1 pads to the longest row only.
+        self.length_multiple = 1
 
     @classmethod
     def load(cls, config: BackboneConfig | None = None, device: str | None = None) -> "Backbone":
@@ -141,7 +148,9 @@ class Backbone(nn.Module):
             hf_logging.set_verbosity(verbosity)
         name = DEFAULT_PACKAGE if source == "package" else str(target)
         ref = BackboneRef(source, name, hash_model_dir(Path(folder)), encoder.config.model_type)
-        return cls(encoder, tokenizer, ref, config).to(pick_device(device))
+        backbone = cls(encoder, tokenizer, ref, config).to(pick_device(device))
+        check_layer_loop(backbone)
+        return backbone
 
     def train(self, mode: bool = True) -> "Backbone":
         # The encoder stays in eval mode whatever the caller asks: it is frozen, and dropout
@@ -168,9 +177,10 @@ class Backbone(nn.Module):
         )["input_ids"]
 
     def collate(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Pad a batch of token id lists to its longest row."""
+        """Pad a batch of token id lists to its longest row, rounded up to `length_multiple`."""
         pad = self.tokenizer.pad_token_id or 0
         longest = max(len(row) for row in ids)
+        longest = -(-longest // self.length_multiple) * self.length_multiple
         input_ids = torch.full((len(ids), longest), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), longest), dtype=torch.long)
         for i, row in enumerate(ids):
@@ -178,30 +188,107 @@ class Backbone(nn.Module):
             mask[i, : len(row)] = 1
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # states: (B, T, H)
+    # -- running the encoder layer by layer -------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The encoder's transformer layers, in order."""
+        return self._layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, "LayerCall"]:
+        """The embedding layer's output (B, T, H) and what the encoder passes to every layer
+        besides the hidden states (its attention mask, position information), for this batch.
+
+        The encoder's own forward computes both; it is stopped as its first layer is entered,
+        so this costs the embedding layer alone, and each model family keeps its own mask
+        format and attention implementation.
+        """
+        captured: list = []
+
+        def capture(_module, args, kwargs):
+            captured.append((args, kwargs))
+            raise _Entered
+
+        handle = self._layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        except _Entered:
+            pass
+        finally:
+            handle.remove()
+        (args, kwargs), = captured
+        return args[0], LayerCall(tuple(args[1:]), dict(kwargs))
+
+    def run_layers(self, hidden: torch.Tensor, call: "LayerCall", begin: int, end: int) -> torch.Tensor:
+        """Layers `begin` to `end - 1` on hidden states (B, T, H), as the encoder runs them."""
+        for layer in self._layers[begin:end]:
+            out = layer(hidden, *call.args, **call.kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One vector per row from the last layer's states: (B, T, H) -> (B, H)."""
         if self.config.pooling == "cls":
             return states[:, 0]
         return masked_mean(states, attention_mask)  # (B, H)
 
-    def embedding_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean over tokens of the embedding layer's output: (B, T) -> (B, H).
-
-        The same values `watch_embeddings` sees inside a full forward pass, at the cost of the
-        embedding layer alone.
-        """
-        return masked_mean(self.encoder.embeddings(input_ids=input_ids), attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden, call = self.start(input_ids, attention_mask)
+        return self.pool(self.run_layers(hidden, call, 0, self.num_layers), attention_mask)
 
     @contextmanager
-    def watch_embeddings(self, callback: Callable[[torch.Tensor], None]):
-        """Within the block, every forward pass calls `callback(embedding output (B, T, H))`
-        before the first transformer layer runs, so the callback can still steer those layers."""
-        handle = self.encoder.embeddings.register_forward_hook(lambda _m, _a, out: callback(out))
+    def attention(self, implementation: str):
+        """Within the block, attention runs with `implementation` ("eager", "sdpa"): every
+        layer reads the setting from the encoder's config at each call."""
+        config = self.encoder.config
+        before = config._attn_implementation
+        config._attn_implementation = implementation
         try:
             yield
         finally:
-            handle.remove()
+            config._attn_implementation = before
+
+
+class _Entered(Exception):
+    """Raised inside `Backbone.start` to stop the encoder as its first layer is entered."""
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """The arguments every layer of one batch receives besides the hidden states."""
+
+    args: tuple
+    kwargs: dict
+
+
+def find_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's list of transformer layers: its one `nn.ModuleList` as long as its depth."""
+    depth = encoder.config.num_hidden_layers
+    found = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if len(found) != 1:
+        raise BackboneError(
+            f"cannot find the {depth} transformer layers of this {encoder.config.model_type!r} "
+            f"encoder ({len(found)} module lists of that length)")
+    return found[0]
+
+
+def check_layer_loop(backbone: "Backbone") -> None:
+    """Refuse an encoder whose forward is not its embedding layer followed by its layers in
+    order (what `start` + `run_layers` compute), checked on a probe batch."""
+    ids = torch.tensor([[2, 5, 9, 7, 3], [2, 6, 4, 0, 0]], device=backbone.device)
+    mask = (ids != 0).long()
+    ids[1, 3:] = backbone.tokenizer.pad_token_id or 0
+    with torch.inference_mode():
+        whole = backbone.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden, call = backbone.start(ids, mask)
+        looped = backbone.run_layers(hidden, call, 0, backbone.num_layers)
+    if not torch.allclose(whole * mask[..., None], looped * mask[..., None], atol=1e-5):
+        raise BackboneError(
+            f"the {backbone.ref.model_type!r} encoder does more than run its layers in order "
+            "(its output differs from the layer-by-layer pass); it is not supported")
 
 
 def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

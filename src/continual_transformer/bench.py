@@ -47,6 +47,7 @@ class BenchConfig:
     max_length: int = 128
     device: str = "auto"
     isolate: bool = True  # each method in a fresh process (honest peak memory)
+    adapt_layers: int | str | None = None  # gradient methods' top layers (None: the default)
     hyperparameters: dict = field(default_factory=dict)  # method -> overrides, e.g. {"ewc": {...}}
 
     def __post_init__(self) -> None:
@@ -284,6 +285,7 @@ def run_method(spec: dict, send: Send) -> dict:
     if issubclass(METHODS[name], GradientMethod):
         train = {"seed": config.seed, **({"epochs": config.epochs} if config.epochs else {})}
         hyperparameters["train"] = {**train, **hyperparameters.get("train", {})}
+        hyperparameters.setdefault("adapt_layers", config.adapt_layers)
     else:
         hyperparameters.setdefault("seed", config.seed)
     learner = ContinualLearner(BackboneConfig(config.backbone, max_length=config.max_length),

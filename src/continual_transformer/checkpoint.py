@@ -50,7 +50,10 @@ if TYPE_CHECKING:
     from .learner import ContinualLearner
 
 FORMAT = "continual-tiny-transformer/checkpoint"
-FORMAT_VERSION = 1
+# Version 2 records `adapt_layers` with every gradient method; a version-1 checkpoint (written
+# before the trunk/top split) adapted every layer, and is read as such.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 TASKS_DIR = "tasks"
 
@@ -341,23 +344,38 @@ def read_manifest(directory: Path) -> dict:
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {directory} is not a checkpoint directory")
-    return validate_manifest(read_format_json(path, FORMAT, FORMAT_VERSION, "manifest"), path)
+    return validate_manifest(read_format_json(path, FORMAT, READABLE_VERSIONS, "manifest"), path)
 
 
-def read_format_json(path: Path, format: str, version: int, what: str) -> dict:
-    """A JSON object whose `format` and `format_version` fields must be these."""
+def read_format_json(path: Path, format: str, version: int | tuple[int, ...], what: str) -> dict:
+    """A JSON object whose `format` field must be `format`, and `format_version` one of
+    `version`."""
+    versions = version if isinstance(version, tuple) else (version,)
     try:
         document = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(document, dict) or document.get("format") != format:
         raise CheckpointError(f"{path}: not a {format} {what}")
-    if document.get("format_version") != version:
+    if document.get("format_version") not in versions:
+        readable = " or ".join(map(str, versions))
         raise CheckpointError(
             f"{path}: format version {document.get('format_version')!r} is not supported "
-            f"(this library reads version {version})"
+            f"(this library reads version {readable})"
         )
     return document
+
+
+def method_hyperparameters(manifest: dict, backbone: Backbone) -> dict:
+    """The method's hyperparameters as this library reads them: a version-1 manifest's gradient
+    methods adapted every layer of the backbone."""
+    from .methods import METHODS, GradientMethod
+
+    hyperparameters = dict(manifest["method"]["hyperparameters"])
+    if (manifest["format_version"] == 1 and issubclass(METHODS[manifest["method"]["name"]], GradientMethod)
+            and "adapt_layers" not in hyperparameters):
+        hyperparameters["adapt_layers"] = backbone.num_layers
+    return hyperparameters
 
 
 def read_verified(path: Path, entry: dict) -> bytes:
@@ -445,7 +463,7 @@ def load(directory: Path, device: str | None = None) -> "ContinualLearner":
     backbone = Backbone.load(config, device)
     _check_backbone(directory, spec, backbone)
     try:
-        method = make_method(manifest["method"]["name"], manifest["method"]["hyperparameters"])
+        method = make_method(manifest["method"]["name"], method_hyperparameters(manifest, backbone))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory / MANIFEST}: field 'method.hyperparameters': {exc}") from None
     learner = ContinualLearner(backbone, method=method, router=manifest.get("router"))
@@ -460,7 +478,8 @@ def load_into(learner: "ContinualLearner", directory: Path) -> dict:
     if learner.tasks:
         raise ValueError(f"load_into needs a learner without tasks; this one has {list(learner.tasks)}")
     _check_backbone(directory, manifest["backbone"], learner.backbone)
-    saved = manifest["method"]
+    saved = {"name": manifest["method"]["name"],
+             "hyperparameters": method_hyperparameters(manifest, learner.backbone)}
     now = {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()}
     if json.loads(json.dumps(now)) != saved:
         raise CheckpointError(

@@ -97,6 +97,7 @@ def run(
     head_lr: Optional[float] = typer.Option(None, help="Learning rate of the heads."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
     precision: Optional[str] = typer.Option(None, help="Training precision: auto (bf16 where the hardware has it), fp32 or bf16."),
+    adapt_layers: Optional[str] = typer.Option(None, help="Top layers that carry each task's scales (a number or 'all'); the layers below are a shared trunk run once per text [default: 3]."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same numbers [default: 0]."),
     backbone: Optional[str] = typer.Option(None, help="'default' (MiniLM-L6), a model folder or a hub id [default: default]."),
@@ -139,22 +140,28 @@ def run(
                      if v is not None}
         config = BackboneConfig(backbone, max_length=max_length)
         torch.manual_seed(seed)
+        adapt_layers = _adapt_layers(given(adapt_layers, "adapt_layers", None))
         if method == "analytic":
-            if overrides:
+            if overrides or adapt_layers is not None:
                 raise ValueError(f"method 'analytic' is not trained by gradient; "
-                                 f"{sorted(overrides)} do not apply")
+                                 f"{sorted([*overrides, *(['adapt_layers'] if adapt_layers else [])])} "
+                                 "do not apply")
             train = None
             learner = ContinualLearner(config, method=make_method("analytic", {"seed": seed}),
                                        device=device)
         else:
             train = TrainConfig.from_dict({**(saved.get("train") or {}), **overrides, "seed": seed})
-            learner = ContinualLearner(config, method=method, train=train, device=device)
+            learner = ContinualLearner(config, device=device, method=make_method(
+                method, {"train": train.to_dict(), "adapt_layers": adapt_layers}))
     except _user_errors() as exc:
         _fail(str(exc))
+    top = (f"; scales in the top {learner.top_layers} of {learner.backbone.num_layers} layers"
+           if learner.top_layers else "")
     console.print(f"stream [bold]{stream}[/]: {len(tasks)} tasks; backbone "
                   f"{learner.backbone.ref.name} ({learner.backbone_parameters:,} parameters) "
-                  f"on {learner.device}; method {method}")
+                  f"on {learner.device}; method {method}{top}")
     run_config = {"stream": str(Path(stream).resolve()), "method": method, "seed": seed,
+                  "adapt_layers": adapt_layers,
                   "max_train": max_train, "train": train.to_dict() if train else None,
                   "backbone": backbone, "max_length": max_length, "device": device,
                   "save_every": save_every, "stream_summary": describe(tasks)}
@@ -177,6 +184,14 @@ def run(
     except _user_errors() as exc:
         _fail(str(exc))
     _print_summary(report, out)
+
+
+def _adapt_layers(value: str | int | None) -> int | str | None:
+    if value is None or value == "all" or isinstance(value, int):
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--adapt-layers must be a number >= 1 or 'all', got {value!r}")
+    return int(value)
 
 
 def _percent(value: float | None, spec: str = "{:.2f}") -> str:
@@ -273,6 +288,7 @@ def bench(
                                 help="Comma-separated methods to compare."),
     out: Path = typer.Option(Path("runs/bench"), help="Output directory."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per task, for every gradient method."),
+    adapt_layers: Optional[str] = typer.Option(None, help="Top layers with scales, for every gradient method (a number or 'all') [default: 3]."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
     seed: int = typer.Option(0, help="Random seed: same seed, same numbers."),
     backbone: str = typer.Option("default", help="'default' (MiniLM-L6), a model folder or a hub id."),
@@ -289,7 +305,7 @@ def bench(
         config = BenchConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                              stream=str(stream) if stream else None, max_train=max_train,
                              epochs=epochs, seed=seed, backbone=backbone, max_length=max_length,
-                             device=device, isolate=isolate)
+                             device=device, isolate=isolate, adapt_layers=_adapt_layers(adapt_layers))
     except _user_errors() as exc:
         _fail(str(exc))
     console.print(f"bench: {', '.join(config.methods)} on {stream or 'the bundled stream'}; "

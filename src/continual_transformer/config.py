@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, fields
 POOLINGS = ("mean", "cls")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_SAVE_EVERY = 50  # training steps between saves of the training state within a task
+# Top layers that carry per-task scales (the rest is the shared trunk). Chosen by measurement
+# on the bundled stream: see README, "Trunk and top".
+DEFAULT_ADAPT_LAYERS = 3
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -62,6 +65,9 @@ class TrainConfig:
     precision: str = "auto"
     max_bad_steps: int = 5
     max_restores: int = 3
+    # Memory a task's stored trunk output may take while it is learned; texts beyond it have
+    # their trunk recomputed in every batch (see trunk.py).
+    trunk_cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -81,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps!r}")
         if self.max_restores < 0:
             raise ValueError(f"max_restores must be >= 0, got {self.max_restores!r}")
+        if not self.trunk_cache_mb >= 0:
+            raise ValueError(f"trunk_cache_mb must be >= 0, got {self.trunk_cache_mb!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

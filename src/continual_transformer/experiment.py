@@ -25,6 +25,7 @@ import torch
 from . import __version__, metrics, runstate
 from .config import DEFAULT_SAVE_EVERY
 from .data import Task
+from .evaluation import StreamEvaluation
 from .learner import ContinualLearner, TaskRecord
 from .runstate import RunState
 from .train import Checkpointing, TrainState, restore_rng, rng_tensors
@@ -149,7 +150,9 @@ def run_stream(
 
     write(train_state)  # records this session; keeps the interrupted task's training state
     T = len(tasks)
-    index = {name: j for j, name in enumerate(names)}
+    evaluation = StreamEvaluation(learner, tasks)
+    evaluation.restore(len(state.completed),
+                       state.completed[-1].get("routes") if state.completed else None)
     measure_before = state.reference is not None
     for i in range(len(state.completed), T):
         task = tasks[i]
@@ -172,14 +175,9 @@ def run_stream(
         train_state = None
         events.evaluation_started(i, tasks[: i + 1])
         eval_start = time.perf_counter()
-        row, free_row = [], []
-        confusion = np.zeros((T, T), dtype=int)  # true task x routed task; kept for the last model
+        evaluated = evaluation.after_task(i)
+        row, free_row, confusion = evaluated.given, evaluated.free, evaluated.confusion
         for j in range(i + 1):
-            row.append(learner.evaluate(tasks[j]))
-            free, routed = learner.evaluate_task_free(tasks[j])
-            free_row.append(free)
-            for name in routed:
-                confusion[j, index[name]] += 1
             events.evaluated(tasks[j], row[j])
         eval_seconds = time.perf_counter() - eval_start
         if out is not None:
@@ -198,9 +196,13 @@ def run_stream(
             **learner.footprint(task.name),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "train_stats": record.stats,
+            "evaluation": evaluated.info,
         }
+        for done in state.completed:  # only the latest routes are needed to resume
+            done.pop("routes", None)
         state.completed.append({"row": row, "free_row": free_row, "before": before,
-                                "confusion": confusion.tolist(), "entry": entry})
+                                "confusion": confusion.tolist(), "entry": entry,
+                                "routes": evaluation.routes()})
         state.current = None
         write()
         R, _, _ = _matrices(state.completed, T)
@@ -381,20 +383,16 @@ def run_joint(
     T = len(tasks)
     R = np.full((T, T), np.nan)
     F = np.full((T, T), np.nan)
-    confusion = np.zeros((T, T), dtype=int)
     start = time.perf_counter()
     union = Task(f"all {T} tasks", tuple(sorted({l for t in tasks for l in t.labels})),
                  tuple(e for t in tasks for e in t.train), tuple(e for t in tasks for e in t.test))
     events.task_started(T - 1, T, union)
     records = learner.learn_jointly(tasks, progress=events.train_step)
     events.evaluation_started(T - 1, tasks)
-    index = {name: j for j, name in enumerate(names)}
     eval_start = time.perf_counter()
+    evaluated = StreamEvaluation(learner, tasks).after_task(T - 1)
+    R[-1], F[-1], confusion = evaluated.given, evaluated.free, evaluated.confusion
     for j, task in enumerate(tasks):
-        R[-1, j] = learner.evaluate(task)
-        F[-1, j], routed = learner.evaluate_task_free(task)
-        for name in routed:
-            confusion[j, index[name]] += 1
         events.evaluated(task, R[-1, j])
     eval_seconds = time.perf_counter() - eval_start
     if out is not None:

@@ -54,7 +54,8 @@ class RunState:
     config: dict  # the run's settings as its front end gave them
     identity: dict  # what is learned: the tasks' content, the method, the backbone's weights
     reference: list | None = None  # b_i, for methods that share state (see experiment.py)
-    completed: list[dict] = field(default_factory=list)  # {"row", "before", "entry"} per task
+    completed: list[dict] = field(default_factory=list)  # {"row", "before", "entry"} per task;
+    # the last one also "routes": every evaluated test text's routed task, to resume from
     current: dict | None = None  # {"task", "before", "train": TrainState meta or None}
     rng: dict = field(default_factory=dict)  # base64 RNG states at the last write
     model_manifest_sha256: str | None = None  # of OUT/model/manifest.json after the last task
@@ -175,6 +176,10 @@ def read(out: Path) -> tuple[RunState, TrainState | None] | None:
                 and len(done["row"]) == i + 1 and isinstance(done.get("entry"), dict)
                 and "before" in done):
             raise CheckpointError(f"{path}: field 'completed[{i}]' is not a finished task's record")
+        routes = done.get("routes", [])
+        if not (isinstance(routes, list) and all(type(r) is int and r >= 0 for r in routes)):
+            raise CheckpointError(f"{path}: field 'completed[{i}].routes' is not a list of task "
+                                  "indices")
     current = values["current"]
     train = None
     if current is not None:

@@ -202,18 +202,37 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 # -- one step -------------------------------------------------------------------------------------
+def split_batch(indices: list[int], micro: int, lengths: list[int] | None = None,
+                max_tokens: int | None = None) -> list[list[int]]:
+    """Consecutive micro-batches of at most `micro` rows and, given `lengths` and `max_tokens`,
+    at most `max_tokens` padded tokens (rows x longest row) each; a longer row goes alone."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in indices:
+        width = max(longest, lengths[i]) if lengths is not None else 0
+        if current and (len(current) == micro or (
+                max_tokens is not None and width * (len(current) + 1) > max_tokens)):
+            chunks.append(current)
+            current, width = [], lengths[i] if lengths is not None else 0
+        current.append(i)
+        longest = width
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def _forward_backward(
-    batch_loss: Callable[[list[int]], torch.Tensor], indices: list[int], micro: int
+    batch_loss: Callable[[list[int]], torch.Tensor], indices: list[int], chunks: list[list[int]]
 ) -> float:
-    """Loss and gradients of one batch, computed in micro-batches of at most `micro` rows.
+    """Loss and gradients of one batch, computed over its micro-batches `chunks`.
 
     `batch_loss` is a mean over the batch, so the batch's loss is the micro-batch losses
     weighted by their share of rows; the gradients add up the same way. Returns the batch's
     loss, or NaN as soon as one micro-batch's loss is not finite (nothing more is computed).
     """
     total = 0.0
-    for start in range(0, len(indices), micro):
-        chunk = indices[start : start + micro]
+    for chunk in chunks:
         loss = batch_loss(chunk)
         if not torch.isfinite(loss):
             return math.nan
@@ -225,12 +244,15 @@ def _forward_backward(
 
 def _take_step(
     batch_loss: Callable[[list[int]], torch.Tensor], indices: list[int], optimizer, state: TrainState,
+    lengths: list[int] | None = None, max_tokens: int | None = None,
 ) -> float:
-    """Forward and backward of one batch, halving the micro-batch on CUDA out-of-memory."""
+    """Forward and backward of one batch (in micro-batches of at most `max_tokens` padded
+    tokens, when given), halving the micro-batch on CUDA out-of-memory."""
     while True:
         micro = min(state.micro_batch or len(indices), len(indices))
         try:
-            return _forward_backward(batch_loss, indices, micro)
+            return _forward_backward(batch_loss, indices,
+                                     split_batch(indices, micro, lengths, max_tokens))
         except torch.cuda.OutOfMemoryError as exc:
             if micro == 1:
                 raise TrainingError(
@@ -256,8 +278,13 @@ def fit(
     progress: Progress | None = None,
     lengths: list[int] | None = None,
     checkpointing: Checkpointing | None = None,
+    max_tokens: int | None = None,
 ) -> TrainResult:
     """Minimise `batch_loss(indices)` (a mean over the batch) over `config.epochs` epochs.
+
+    With `lengths` and `max_tokens`, a batch whose padded size would pass `max_tokens` tokens
+    is computed in micro-batches whose gradients add up to the batch's: the same update, with
+    the memory of a pass bounded.
 
     `param_groups` are AdamW groups (each with its own `lr`); every group's rate follows the
     same warm-up-then-linear-decay factor, times the guard's `lr_scale`. With
@@ -305,7 +332,7 @@ def fit(
         if epoch != order_epoch:
             order_epoch, order = epoch, batch_order(n_examples, config.batch_size, epoch, seed, lengths)
         optimizer.zero_grad(set_to_none=True)
-        loss = _take_step(batch_loss, order[position], optimizer, state)
+        loss = _take_step(batch_loss, order[position], optimizer, state, lengths, max_tokens)
         finite = math.isfinite(loss)
         if finite:
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -1,7 +1,7 @@
 """Activation scaling (IA3): learned per-entry vectors that rescale a frozen encoder's activations.
 
-Each attention key, attention value and FFN intermediate activation of every layer is multiplied
-by a vector that starts at 1. An *entry* is one set of those vectors; the `ia3` method keeps one
+Each attention key, attention value and FFN intermediate activation of the adapted layers (every
+layer, or only the top K: see `trunk.py`) is multiplied by a vector that starts at 1. An *entry* is one set of those vectors; the `ia3` method keeps one
 entry per task, the baselines share one. The backbone's weights are never touched.
 
 A batch may mix entries: `select(keys)` gives every row its own entry, and each wrapped layer
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 from torch import nn
@@ -33,12 +34,22 @@ TARGETS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _layer_index(name: str) -> int:
+    match = LAYER_INDEX.search(name)
+    if match is None:
+        raise ValueError(f"cannot tell which transformer layer module {name!r} belongs to")
+    return int(match.group(1))
+
+
 @dataclass
 class _Selection:
     """Which entry each row of the current batch uses; shared by all wrapped layers."""
 
     keys: list[str] | None = None  # distinct entries in the batch
     rows: torch.Tensor | None = None  # (B,) index into `keys`; None when all rows share keys[0]
+    # Multiply in the activations' dtype (bfloat16 under autocast) instead of promoting them
+    # to the scales' float32: half the memory and no casts back and forth.
+    in_activation_dtype: bool = False
 
 
 class ScaledLinear(nn.Module):
@@ -66,14 +77,26 @@ class ScaledLinear(nn.Module):
         if scale is None:
             return self.base(x)
         if self.scale_input:
+            if self._selection.in_activation_dtype:
+                scale = scale.to(x.dtype)
             return self.base(x * scale)
-        return self.base(x) * scale
+        out = self.base(x)
+        if self._selection.in_activation_dtype:
+            scale = scale.to(out.dtype)
+        return out * scale
+
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")  # transformer layer of a module name
 
 
 class IA3(nn.Module):
-    """Injects `ScaledLinear` wrappers into an encoder and manages their entries."""
+    """Injects `ScaledLinear` wrappers into an encoder and manages their entries.
 
-    def __init__(self, encoder: nn.Module, model_type: str):
+    `layers` are the indices of the transformer layers to adapt (None: all of them; empty: none,
+    for methods that adapt nothing).
+    """
+
+    def __init__(self, encoder: nn.Module, model_type: str, layers: Collection[int] | None = None):
         super().__init__()
         if model_type not in TARGETS:
             raise ValueError(
@@ -96,12 +119,23 @@ class IA3(nn.Module):
         ]
         if not targets:
             raise ValueError(f"no key/value/FFN layers found in the {model_type!r} encoder")
+        if layers is not None:
+            chosen = set(layers)
+            targets = [t for t in targets if _layer_index(t[0]) in chosen]
         for name, module, scale_input in targets:
             wrapped = ScaledLinear(module, scale_input, self._selection)
             parent_name, _, child = name.rpartition(".")
             setattr(encoder.get_submodule(parent_name), child, wrapped)
             self.layers[name.replace(".", "__")] = wrapped
         self._entries: list[str] = []
+
+    @property
+    def in_activation_dtype(self) -> bool:
+        return self._selection.in_activation_dtype
+
+    @in_activation_dtype.setter
+    def in_activation_dtype(self, value: bool) -> None:
+        self._selection.in_activation_dtype = value
 
     # -- entries -------------------------------------------------------------------------------
     def entries(self) -> list[str]:
@@ -166,8 +200,12 @@ class IA3(nn.Module):
         self._selection.rows = None
         if len(distinct) > 1:
             index = {key: i for i, key in enumerate(distinct)}
-            device = next(iter(self.layers.values())).base.weight.device
+            device = self._device()
             self._selection.rows = torch.tensor([index[k] for k in row_keys], device=device)
+
+    def _device(self) -> torch.device:
+        layer = next(iter(self.layers.values()), None)
+        return layer.base.weight.device if layer is not None else torch.device("cpu")
 
     def clear(self) -> None:
         self._selection.keys = None

@@ -17,7 +17,7 @@ from ..data import Task
 from .base import Method
 
 SEP = "\x1f"  # between task and label in a class key; task names cannot contain it
-INFERENCE_BATCH = 64
+INFERENCE_BATCH = 64  # rows per forward pass (length-sorted)
 
 
 def class_key(task: str, label: str) -> str:
@@ -51,10 +51,10 @@ class AnalyticMethod(Method):
         return self.classifier
 
     @torch.inference_mode()
-    def learn(self, learner, task: Task, progress, checkpointing=None) -> dict:
+    def learn(self, learner, task: Task, states, progress, checkpointing=None) -> dict:
         del checkpointing  # one pass, no steps: nothing to save within the task
         classifier = self._classifier(learner)
-        ids = learner.backbone.tokenize([e.text for e in task.train])
+        ids = states.ids
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         total = (len(order) + INFERENCE_BATCH - 1) // INFERENCE_BATCH
         for step, start in enumerate(range(0, len(order), INFERENCE_BATCH), start=1):

@@ -8,30 +8,14 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch.nn import functional as F
 
-from ..config import TrainConfig
+from ..config import DEFAULT_ADAPT_LAYERS, TrainConfig
 from ..data import Task
+from ..precision import training_autocast
 from ..train import Checkpointing, Progress, TrainResult, fit
+from ..trunk import TopInput, TrunkStates
 
 if TYPE_CHECKING:
     from ..learner import ContinualLearner
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bfloat16 matrix products in hardware."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:  # not Linux: no cheap way to tell, so stay in float32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def training_autocast(precision: str, device: torch.device):
-    """A context-manager factory for training forward passes in the configured precision."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def task_seed(seed: int, task: str) -> int:
@@ -55,18 +39,27 @@ class Method:
     shares_state: ClassVar[bool] = False
     # Bytes per number of the state counted as the task's "head" (float32 weights by default).
     head_number_bytes: ClassVar[int] = 4
+    # Precision of the passes that learning makes, and the memory (MiB) a task's stored trunk
+    # output may take while it is learned (0: nothing is stored).
+    precision: str = "fp32"
+    trunk_cache_mb: float = 0
 
     def hyperparameters(self) -> dict:
         raise NotImplementedError
+
+    def resolve_adapt_layers(self, depth: int) -> int:
+        """How many top layers of a `depth`-layer backbone carry per-task scales (0: none)."""
+        return 0
 
     def adapter_key(self, task: str) -> str | None:
         raise NotImplementedError
 
     def learn(
-        self, learner: "ContinualLearner", task: Task, progress: Progress | None,
-        checkpointing: Checkpointing | None = None,
+        self, learner: "ContinualLearner", task: Task, states: TrunkStates,
+        progress: Progress | None, checkpointing: Checkpointing | None = None,
     ) -> dict:
-        """Learn the task; return its stats. Methods that train in steps save and resume through
+        """Learn the task from its training texts' trunk states (the token ids, and the trunk's
+        stored output); return its stats. Methods that train in steps save and resume through
         `checkpointing`; the others learn a task in one go and ignore it."""
         raise NotImplementedError
 
@@ -119,15 +112,44 @@ class Method:
 
 
 class GradientMethod(Method):
-    """A method trained by the shared loop: it names its parameters and its loss."""
+    """A method trained by the shared loop: it names its parameters and its loss.
 
-    def __init__(self, train: TrainConfig | None = None):
+    `adapt_layers` is how many top layers of the backbone carry scale vectors: a number, "all",
+    or None for the default (`DEFAULT_ADAPT_LAYERS`, or every layer of a shallower backbone);
+    the layers below them are the shared trunk, run once per training text. The learner turns
+    it into a number once it knows the backbone.
+    """
+
+    def __init__(self, train: TrainConfig | None = None, adapt_layers: int | str | None = None):
         self.train = train or TrainConfig()
+        if adapt_layers not in (None, "all") and (
+                isinstance(adapt_layers, bool) or not isinstance(adapt_layers, int) or adapt_layers < 1):
+            raise ValueError(f"adapt_layers must be a whole number >= 1, 'all' or None (the "
+                             f"default), got {adapt_layers!r}")
+        self.adapt_layers = adapt_layers
+
+    @property
+    def precision(self) -> str:
+        return self.train.precision
+
+    @property
+    def trunk_cache_mb(self) -> float:
+        return self.train.trunk_cache_mb
 
     def hyperparameters(self) -> dict:
-        return {"train": self.train.to_dict()}
+        return {"train": self.train.to_dict(), "adapt_layers": self.adapt_layers}
 
-    def begin_task(self, learner: "ContinualLearner", task: Task) -> None:
+    def resolve_adapt_layers(self, depth: int) -> int:
+        if self.adapt_layers is None:
+            self.adapt_layers = min(DEFAULT_ADAPT_LAYERS, depth)
+        elif self.adapt_layers == "all":
+            self.adapt_layers = depth
+        elif self.adapt_layers > depth:
+            raise ValueError(f"adapt_layers={self.adapt_layers}, but the backbone has only "
+                             f"{depth} layers")
+        return self.adapt_layers
+
+    def begin_task(self, learner: "ContinualLearner", task: Task, states: TrunkStates) -> None:
         learner.heads.add(task.name, len(task.labels), task_seed(self.train.seed, task.name),
                           learner.device)
 
@@ -135,28 +157,26 @@ class GradientMethod(Method):
         raise NotImplementedError
 
     def loss(
-        self, learner: "ContinualLearner", task: Task, batch: dict, labels: torch.Tensor
+        self, learner: "ContinualLearner", task: Task, inputs: TopInput, labels: torch.Tensor
     ) -> torch.Tensor:
-        return F.cross_entropy(learner.task_logits(batch, task.name), labels)
+        return F.cross_entropy(learner.top_logits(inputs, task.name), labels)
 
     def batch_loss(
-        self, learner: "ContinualLearner", task: Task, indices: list[int],
-        ids: list[list[int]], labels: torch.Tensor,
+        self, learner: "ContinualLearner", task: Task, indices: list[int], states: TrunkStates,
+        labels: torch.Tensor,
     ) -> torch.Tensor:
-        """Loss of the training batch `indices` into the task's token ids and labels; a method
-        that adds rows (replay) or per-example targets (distillation) overrides this."""
-        batch = learner.backbone.collate([ids[i] for i in indices])
-        return self.loss(learner, task, batch, labels[indices])
+        """Loss of the training batch `indices` into the task's texts; a method that adds rows
+        (replay) or per-example targets (distillation) overrides this."""
+        return self.loss(learner, task, states.batch(indices), labels[indices])
 
-    def end_task(self, learner: "ContinualLearner", task: Task) -> None:
+    def end_task(self, learner: "ContinualLearner", task: Task, states: TrunkStates) -> None:
         pass
 
     def learn(
-        self, learner: "ContinualLearner", task: Task, progress: Progress | None,
-        checkpointing: Checkpointing | None = None,
+        self, learner: "ContinualLearner", task: Task, states: TrunkStates,
+        progress: Progress | None, checkpointing: Checkpointing | None = None,
     ) -> dict:
-        self.begin_task(learner, task)
-        ids = learner.backbone.tokenize([e.text for e in task.train])
+        self.begin_task(learner, task, states)
         index = task.label_index()
         labels = torch.tensor([index[e.label] for e in task.train], device=learner.device)
 
@@ -164,12 +184,12 @@ class GradientMethod(Method):
 
         def batch_loss(indices: list[int]) -> torch.Tensor:
             with autocast():
-                return self.batch_loss(learner, task, indices, ids, labels).float()
+                return self.batch_loss(learner, task, indices, states, labels).float()
 
         result: TrainResult = fit(
-            self.param_groups(learner, task), batch_loss, len(ids), self.train,
-            task_seed(self.train.seed, task.name), progress, lengths=[len(row) for row in ids],
-            checkpointing=checkpointing,
+            self.param_groups(learner, task), batch_loss, len(states), self.train,
+            task_seed(self.train.seed, task.name), progress, lengths=states.lengths,
+            checkpointing=checkpointing, max_tokens=learner.pass_tokens,
         )
-        self.end_task(learner, task)
+        self.end_task(learner, task, states)
         return result.stats()

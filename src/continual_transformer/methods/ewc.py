@@ -40,9 +40,9 @@ _COPY = "__ewc_row_{}"
 class EWCMethod(SharedAdapterMethod):
     name = "ewc"
 
-    def __init__(self, train=None, ewc_lambda: float = 1000.0, decay: float = 1.0,
+    def __init__(self, train=None, adapt_layers=None, ewc_lambda: float = 1000.0, decay: float = 1.0,
                  fisher_examples: int = 512):
-        super().__init__(train)
+        super().__init__(train, adapt_layers)
         if not ewc_lambda >= 0:
             raise ValueError(f"ewc_lambda must be >= 0, got {ewc_lambda!r}")
         if not 0 < decay <= 1:
@@ -66,12 +66,12 @@ class EWCMethod(SharedAdapterMethod):
         total = sum(((f * (p - a) ** 2).sum() for p, f, a in zip(params, self.fisher, self.anchor)))
         return 0.5 * self.ewc_lambda * total
 
-    def loss(self, learner, task: Task, batch: dict, labels: torch.Tensor) -> torch.Tensor:
-        return super().loss(learner, task, batch, labels) + self.penalty(learner)
+    def loss(self, learner, task: Task, inputs, labels: torch.Tensor) -> torch.Tensor:
+        return super().loss(learner, task, inputs, labels) + self.penalty(learner)
 
-    def begin_task(self, learner, task: Task) -> None:
+    def begin_task(self, learner, task: Task, states) -> None:
         self._state_before = (self.fisher, self.anchor)
-        super().begin_task(learner, task)
+        super().begin_task(learner, task, states)
 
     def forget(self, learner, task: str) -> None:
         if self.failed_learn(learner, task):
@@ -80,19 +80,18 @@ class EWCMethod(SharedAdapterMethod):
         if SHARED not in learner.adapter.entries():  # no task left
             self.fisher = self.anchor = None
 
-    def end_task(self, learner, task: Task) -> None:
-        fisher = self.fisher_diagonal(learner, task)
+    def end_task(self, learner, task: Task, states) -> None:
+        fisher = self.fisher_diagonal(learner, task, states)
         if self.fisher is not None:
             fisher = [self.decay * old + new for old, new in zip(self.fisher, fisher)]
         anchor = [p.detach().clone() for p in learner.adapter.parameters_of(SHARED)]
         self.fisher, self.anchor = fisher, anchor
 
-    def fisher_diagonal(self, learner, task: Task) -> list[torch.Tensor]:
+    def fisher_diagonal(self, learner, task: Task, states) -> list[torch.Tensor]:
         """Mean squared per-example gradient of the log-likelihood w.r.t. the shared entry."""
         n = len(task.train)
         generator = torch.Generator().manual_seed(task_seed(self.train.seed, task.name) + 1)
         chosen = sorted(torch.randperm(n, generator=generator)[: self.fisher_examples].tolist())
-        ids = learner.backbone.tokenize([task.train[i].text for i in chosen])
         index = task.label_index()
         labels = torch.tensor([index[task.train[i].label] for i in chosen], device=learner.device)
         shared = learner.adapter.state_of(SHARED)
@@ -104,9 +103,7 @@ class EWCMethod(SharedAdapterMethod):
             for start in range(0, len(chosen), FISHER_BATCH):
                 rows = list(range(start, min(start + FISHER_BATCH, len(chosen))))
                 keys = copies[: len(rows)]
-                batch = learner.backbone.collate([ids[i] for i in rows])
-                with learner.adapter.select(keys):
-                    pooled = learner.backbone(**batch)  # (B, H)
+                pooled = learner.top_pooled(states.batch([chosen[i] for i in rows]), keys)  # (B, H)
                 nll = F.cross_entropy(learner.heads(pooled, task.name), labels[rows], reduction="sum")
                 params = [p for key in keys for p in learner.adapter.parameters_of(key)]
                 grads = torch.autograd.grad(nll, params)

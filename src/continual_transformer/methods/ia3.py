@@ -1,5 +1,5 @@
-"""`ia3`: one activation-scaling entry and one head per task; nothing is shared, so nothing
-learned for one task can change another's predictions."""
+"""`ia3`: one activation-scaling entry (in the top `adapt_layers` layers) and one head per task;
+nothing is shared, so nothing learned for one task can change another's predictions."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ class IA3Method(GradientMethod):
     def adapter_key(self, task: str) -> str:
         return task
 
-    def begin_task(self, learner, task: Task) -> None:
+    def begin_task(self, learner, task: Task, states) -> None:
         learner.adapter.add(task.name)
-        super().begin_task(learner, task)
+        super().begin_task(learner, task, states)
 
     def param_groups(self, learner, task: Task) -> list[dict]:
         return [

@@ -16,18 +16,21 @@ import torch
 
 from ..data import Task
 from ..train import fit
-from .base import task_seed, training_autocast
+from ..precision import training_autocast
+from .base import task_seed
 from .shared import SHARED, SharedAdapterMethod, rows_cross_entropy, shared_pooled
 
 
 class JointMethod(SharedAdapterMethod):
     name = "joint"
 
-    def learn(self, learner, task: Task, progress, checkpointing=None) -> dict:
+    def learn(self, learner, task: Task, states, progress, checkpointing=None) -> dict:
         raise ValueError("method 'joint' learns all tasks at once, not one after another: "
                          "use ContinualLearner.learn_jointly(tasks) (`ctt run --method joint` does)")
 
-    def learn_jointly(self, learner, tasks: list[Task], progress) -> dict:
+    def learn_jointly(self, learner, tasks: list[Task], states, progress) -> dict:
+        """Learn `tasks` at once from `states`, the trunk states of all their training texts
+        (task after task, in order)."""
         if SHARED in learner.adapter.entries() or list(learner.heads.heads):
             raise ValueError("method 'joint' trains once, from the plain backbone; this model "
                              "already has learned state")
@@ -36,10 +39,9 @@ class JointMethod(SharedAdapterMethod):
             for task in tasks:
                 learner.heads.add(task.name, len(task.labels),
                                   task_seed(self.train.seed, task.name), learner.device)
-            ids, row_tasks, labels = [], [], []
+            row_tasks, labels = [], []
             for task in tasks:
                 index = task.label_index()
-                ids += learner.backbone.tokenize([e.text for e in task.train])
                 row_tasks += [task.name] * len(task.train)
                 labels += [index[e.label] for e in task.train]
             targets = torch.tensor(labels, device=learner.device)
@@ -47,7 +49,7 @@ class JointMethod(SharedAdapterMethod):
 
             def batch_loss(indices: list[int]) -> torch.Tensor:
                 with autocast():
-                    pooled = shared_pooled(learner, learner.backbone.collate([ids[i] for i in indices]))
+                    pooled = shared_pooled(learner, states.batch(indices))
                     return rows_cross_entropy(learner, pooled, [row_tasks[i] for i in indices],
                                               targets[indices]).float()
 
@@ -55,13 +57,13 @@ class JointMethod(SharedAdapterMethod):
                 {"params": learner.adapter.parameters_of(SHARED), "lr": self.train.lr},
                 {"params": list(learner.heads.parameters()), "lr": self.train.head_lr},
             ]
-            result = fit(groups, batch_loss, len(ids), self.train,
-                         task_seed(self.train.seed, "\x00joint"), progress,
-                         lengths=[len(row) for row in ids])
+            result = fit(groups, batch_loss, len(states), self.train,
+                         task_seed(self.train.seed, "\x00joint"), progress, lengths=states.lengths,
+                         max_tokens=learner.pass_tokens)
         except BaseException:
             for task in tasks:
                 if task.name in learner.heads:
                     learner.heads.remove(task.name)
             learner.adapter.remove(SHARED)
             raise
-        return {**result.stats(), "joint_examples": len(ids)}
+        return {**result.stats(), "joint_examples": len(states)}

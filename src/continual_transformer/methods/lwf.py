@@ -31,8 +31,8 @@ class LwFMethod(SharedAdapterMethod):
     name = "lwf"
     trains_old_heads = True
 
-    def __init__(self, train=None, alpha: float = 1.0, temperature: float = 2.0):
-        super().__init__(train)
+    def __init__(self, train=None, adapt_layers=None, alpha: float = 1.0, temperature: float = 2.0):
+        super().__init__(train, adapt_layers)
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha!r}")
         if not temperature > 0:
@@ -44,23 +44,23 @@ class LwFMethod(SharedAdapterMethod):
     def hyperparameters(self) -> dict:
         return {**super().hyperparameters(), "alpha": self.alpha, "temperature": self.temperature}
 
-    def begin_task(self, learner, task: Task) -> None:
+    def begin_task(self, learner, task: Task, states) -> None:
         earlier = list(learner.tasks)
-        super().begin_task(learner, task)
+        super().begin_task(learner, task, states)
         self.snapshot = {k: v.clone() for k, v in learner.adapter.state_of(SHARED).items()}
-        self.teacher = self.teacher_logits(learner, task, earlier) if earlier else {}
+        self.teacher = self.teacher_logits(learner, states, earlier) if earlier else {}
 
     @torch.inference_mode()
-    def teacher_logits(self, learner, task: Task, earlier: list[str]) -> dict[str, torch.Tensor]:
-        """Logits of every earlier head on each training input of `task`, under the shared entry
-        as it is now (before training): {task: (N, C_task)}."""
-        ids = learner.backbone.tokenize([e.text for e in task.train])
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
-        out = {name: torch.empty(len(ids), len(learner.tasks[name].labels), device=learner.device)
+    def teacher_logits(self, learner, states, earlier: list[str]) -> dict[str, torch.Tensor]:
+        """Logits of every earlier head on each training input of the task, under the shared
+        entry as it is now (before training): {task: (N, C_task)}."""
+        lengths = states.lengths
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # little padding
+        out = {name: torch.empty(len(lengths), len(learner.tasks[name].labels), device=learner.device)
                for name in earlier}
         for start in range(0, len(order), TEACHER_BATCH):
             chunk = order[start : start + TEACHER_BATCH]
-            pooled = shared_pooled(learner, learner.backbone.collate([ids[i] for i in chunk]))
+            pooled = shared_pooled(learner, states.batch(chunk))
             for name in earlier:
                 out[name][chunk] = learner.heads(pooled, name).float()
         return out
@@ -75,10 +75,10 @@ class LwFMethod(SharedAdapterMethod):
             total = total + F.kl_div(student, target, reduction="batchmean") * T * T
         return self.alpha * total
 
-    def batch_loss(self, learner, task: Task, indices, ids, labels) -> torch.Tensor:
-        pooled = shared_pooled(learner, learner.backbone.collate([ids[i] for i in indices]))
+    def batch_loss(self, learner, task: Task, indices, states, labels) -> torch.Tensor:
+        pooled = shared_pooled(learner, states.batch(indices))
         loss = F.cross_entropy(learner.heads(pooled, task.name), labels[indices])
         return loss + self.distillation(learner, pooled, indices)
 
-    def end_task(self, learner, task: Task) -> None:
+    def end_task(self, learner, task: Task, states) -> None:
         self.teacher = {}  # only needed while the task trains

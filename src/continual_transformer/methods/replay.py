@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Task
+from ..trunk import gather
 from .base import task_seed
 from .shared import SharedAdapterMethod, rows_cross_entropy, shared_pooled
 
@@ -84,43 +85,44 @@ class ReplayMethod(SharedAdapterMethod):
     name = "replay"
     trains_old_heads = True
 
-    def __init__(self, train=None, buffer_size: int = 1000, replay_batch_size: int = 32):
-        super().__init__(train)
+    def __init__(self, train=None, adapt_layers=None, buffer_size: int = 1000, replay_batch_size: int = 32):
+        super().__init__(train, adapt_layers)
         if replay_batch_size < 1:
             raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size!r}")
         self.buffer = ReservoirBuffer(buffer_size, self.train.seed)
         self.replay_batch_size = replay_batch_size
         self._buffer_before: ReservoirBuffer | None = None
-        self._replay: tuple | None = None  # (token ids, tasks, labels) of the buffer, per task
+        self._replay: tuple | None = None  # (trunk states, tasks, labels) of the buffer, per task
 
     def hyperparameters(self) -> dict:
         return {**super().hyperparameters(), "buffer_size": self.buffer.capacity,
                 "replay_batch_size": self.replay_batch_size}
 
-    def begin_task(self, learner, task: Task) -> None:
+    def begin_task(self, learner, task: Task, states) -> None:
         self._buffer_before = self.buffer.copy()
-        super().begin_task(learner, task)
+        super().begin_task(learner, task, states)
         items = self.buffer.items
-        ids = learner.backbone.tokenize([m.text for m in items]) if items else []
+        memory = (learner.trunk_states(learner.backbone.tokenize([m.text for m in items]))
+                  if items else None)
         labels = [learner.tasks[m.task].labels.index(m.label) for m in items]
-        self._replay = (ids, [m.task for m in items], torch.tensor(labels, device=learner.device))
+        self._replay = (memory, [m.task for m in items], torch.tensor(labels, device=learner.device))
         self._generator = torch.Generator().manual_seed(task_seed(self.train.seed, task.name) + 2)
 
-    def batch_loss(self, learner, task: Task, indices, ids, labels) -> torch.Tensor:
-        rows = [ids[i] for i in indices]
+    def batch_loss(self, learner, task: Task, indices, states, labels) -> torch.Tensor:
+        rows = [(states, i) for i in indices]
         tasks = [task.name] * len(indices)
         targets = labels[indices]
-        memory_ids, memory_tasks, memory_labels = self._replay
-        if memory_ids:
-            k = min(self.replay_batch_size, len(memory_ids))
-            drawn = torch.randperm(len(memory_ids), generator=self._generator)[:k].tolist()
-            rows += [memory_ids[i] for i in drawn]
+        memory, memory_tasks, memory_labels = self._replay
+        if memory is not None:
+            k = min(self.replay_batch_size, len(memory))
+            drawn = torch.randperm(len(memory), generator=self._generator)[:k].tolist()
+            rows += [(memory, i) for i in drawn]
             tasks += [memory_tasks[i] for i in drawn]
             targets = torch.cat([targets, memory_labels[drawn]])
-        pooled = shared_pooled(learner, learner.backbone.collate(rows))  # (B + k, H)
+        pooled = shared_pooled(learner, gather(rows))  # (B + k, H)
         return rows_cross_entropy(learner, pooled, tasks, targets)
 
-    def end_task(self, learner, task: Task) -> None:
+    def end_task(self, learner, task: Task, states) -> None:
         self._replay = None
         for example in task.train:
             self.buffer.offer(Memory(task.name, example.text, example.label))

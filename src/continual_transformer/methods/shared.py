@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from ..data import Task
+from ..trunk import TopInput
 from .base import GradientMethod
 from .ia3 import ADAPTER, HEAD, load_head
 
@@ -42,14 +43,14 @@ class SharedAdapterMethod(GradientMethod):
     # Whether the heads of earlier tasks train too (methods whose loss reaches them).
     trains_old_heads = False
 
-    def __init__(self, train=None):
-        super().__init__(train)
+    def __init__(self, train=None, adapt_layers=None):
+        super().__init__(train, adapt_layers)
         self._before: _Before | None = None
 
     def adapter_key(self, task: str) -> str:
         return SHARED
 
-    def begin_task(self, learner, task: Task) -> None:
+    def begin_task(self, learner, task: Task, states) -> None:
         entry = None
         if SHARED in learner.adapter.entries():
             entry = {k: v.clone() for k, v in learner.adapter.state_of(SHARED).items()}
@@ -58,7 +59,7 @@ class SharedAdapterMethod(GradientMethod):
         self._before = _Before(task.name, entry, heads)
         if entry is None:
             learner.adapter.add(SHARED)
-        super().begin_task(learner, task)
+        super().begin_task(learner, task, states)
 
     def param_groups(self, learner, task: Task) -> list[dict]:
         heads = list(learner.heads.heads) if self.trains_old_heads else [task.name]
@@ -123,10 +124,9 @@ class SharedAdapterMethod(GradientMethod):
             learner.adapter.load_state_of(SHARED, adapter)
 
 
-def shared_pooled(learner, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def shared_pooled(learner, inputs: TopInput) -> torch.Tensor:
     """The pooled output (B, H) of a batch under the shared entry; differentiable."""
-    with learner.adapter.select([SHARED] * batch["input_ids"].shape[0]):
-        return learner.backbone(**batch)
+    return learner.top_pooled(inputs, [SHARED] * inputs.hidden.shape[0])
 
 
 def rows_cross_entropy(learner, pooled: torch.Tensor, tasks: list[str], labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""Evaluating a stream as it is learned, at a cost that grows linearly with the stream.
+
+After task i is learned the accuracy matrix needs row i: every task seen so far, with the task
+given (R) and without it (the task-free matrix). Three facts make most of it free:
+
+- A task-free answer is right exactly when its input goes to its own task and the label that
+  task predicts is right (`ContinualLearner.test_pass`), so one pass per test text serves both
+  matrices: the task-given labels and the router's input.
+- The router reads the trunk, which no task changes: its input for a test text never changes,
+  so re-routing every test text after a new task costs the router alone, not a forward pass.
+- When the method isolates tasks (`ia3`: nothing is shared), learning a task cannot change an
+  earlier task's task-given predictions, so they are not recomputed: each test text makes one
+  forward pass in the whole run. Methods that share state (the baselines, `analytic`) redo the
+  pass for every task seen, as they must.
+
+`StreamEvaluation.after_task(i)` returns row i and what was reused. Tests check the reused
+figures against a full recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import Task
+from .learner import ContinualLearner
+
+
+@dataclass
+class EvaluatedRow:
+    """Row i of both accuracy matrices, the routing confusion, and what it cost."""
+
+    given: list[float]  # R[i, j], j <= i
+    free: list[float]  # task-free accuracy on task j after task i
+    confusion: np.ndarray  # (T, T) true task x routed task, counts over test texts
+    info: dict = field(default_factory=dict)
+
+
+class StreamEvaluation:
+    """Keeps, per task evaluated so far, its test texts' task-given outcomes and router input."""
+
+    def __init__(self, learner: ContinualLearner, tasks: list[Task]):
+        self.learner = learner
+        self.tasks = tasks
+        self.index = {t.name: j for j, t in enumerate(tasks)}
+        self.isolated = not learner.method.shares_state
+        self._correct: dict[str, list[bool]] = {}
+        self._features: dict[str, torch.Tensor] = {}  # router input per test text
+        self._inferred: dict[str, list[str]] = {}  # methods without a router: the task they name
+        self._routed: dict[str, list[str]] = {}
+
+    def restore(self, done: int, routes: list[int] | None = None) -> None:
+        """Rebuild what `after_task` keeps after the first `done` tasks (a resumed run): one
+        pass over their test texts, the same pass, batches and numbers as the first time.
+        `routes` (from `routes()` after task `done - 1`) are what `routes_changed` compares
+        against next; without them the restored router routes again, which differs when the
+        model already holds a later task."""
+        for task in self.tasks[:done]:
+            self._record(task)
+        if not done:
+            return
+        if routes is None:
+            self._route(self.tasks[:done])
+            return
+        start = 0
+        for task in self.tasks[:done]:
+            self._routed[task.name] = [self.tasks[j].name
+                                       for j in routes[start : start + len(task.test)]]
+            start += len(task.test)
+
+    def routes(self) -> list[int]:
+        """The routed task (stream index) of every test text evaluated so far, in stream order."""
+        return [self.index[name] for task in self.tasks if task.name in self._routed
+                for name in self._routed[task.name]]
+
+    def after_task(self, i: int) -> EvaluatedRow:
+        """Row i, after the i-th task (0-based) of the stream has been learned."""
+        seen = self.tasks[: i + 1]
+        passes = [seen[-1]] if self.isolated else seen
+        for task in passes:
+            self._record(task)
+        changed = self._route(seen)
+        T = len(self.tasks)
+        confusion = np.zeros((T, T), dtype=int)
+        given, free = [], []
+        for task in seen:
+            correct, routed = self._correct[task.name], self._routed[task.name]
+            given.append(sum(correct) / len(correct))
+            free.append(sum(c and r == task.name for c, r in zip(correct, routed)) / len(correct))
+            for name in routed:
+                confusion[self.index[task.name], self.index[name]] += 1
+        rows = sum(len(t.test) for t in seen)
+        info = {
+            "forward_passes": [t.name for t in passes],
+            "test_texts_run": sum(len(t.test) for t in passes),
+            "task_given_reused": [t.name for t in seen if t not in passes],
+            "test_texts_rerouted": rows if self.learner.router is not None else 0,
+            "routes_changed": changed,
+        }
+        return EvaluatedRow(given, free, confusion, info)
+
+    def _record(self, task: Task) -> None:
+        result = self.learner.test_pass(task)
+        self._correct[task.name] = result.correct
+        if result.features is not None:
+            self._features[task.name] = result.features
+        else:
+            self._inferred[task.name] = result.inferred
+
+    def _route(self, seen: list[Task]) -> int:
+        """Route every test text seen so far; return how many go elsewhere than before."""
+        if self.learner.router is None:
+            routed = {t.name: self._inferred[t.name] for t in seen}
+        else:
+            with torch.inference_mode():
+                names = self.learner.route(torch.cat([self._features[t.name] for t in seen]))
+            routed, start = {}, 0
+            for task in seen:
+                routed[task.name] = names[start : start + len(task.test)]
+                start += len(task.test)
+        changed = sum(
+            a != b for name, now in routed.items()
+            for a, b in zip(now, self._routed.get(name, now)))
+        self._routed.update(routed)
+        return changed
