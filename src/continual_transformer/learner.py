@@ -28,7 +28,7 @@ from .methods.base import task_seed
 from .precision import training_autocast, uses_bf16
 from .router import Router
 from .train import Checkpointing, Progress
-from .trunk import TopInput, TrunkStates
+from .trunk import TopInput, TrunkStates, release_freed_memory
 
 INFERENCE_BATCH = 64
 LENGTH_MULTIPLE = 16  # batch lengths above a trunk: at most 8 shapes at 128 tokens
@@ -157,6 +157,9 @@ class ContinualLearner:
             if self.router is not None:
                 self.router.remove(task.name)
             raise
+        finally:
+            states = None
+            release_freed_memory()
         adapter_parameters, head_parameters = self.method.footprint(self, task.name)
         record = TaskRecord(
             name=task.name,

@@ -15,14 +15,17 @@ With K = all layers the trunk is the embedding layer alone: nothing is stored, a
 is exactly the all-layer `ia3` it generalises.
 
 Memory. The stored trunk output of a text is (tokens x hidden) numbers, kept in the training
-precision (bfloat16 when training runs in bfloat16): on MiniLM 768 bytes per token in bfloat16,
-so about 42 MB per 1,000 texts of 55 tokens. `cache_bytes` bounds it: texts beyond the bound are
+precision (bfloat16 when training runs in bfloat16), packed without padding: on MiniLM 768 bytes
+per token in bfloat16. Measured on the bundled stream: 14.6 MB per 1,000 texts on WordNet
+glosses (19 tokens a text), 64.4 MB per 1,000 on State of the Union paragraphs (84 tokens). `cache_bytes` bounds it: texts beyond the bound are
 not stored, and their trunk output is recomputed in each batch that holds them (the same
 numbers, more compute).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -162,3 +165,24 @@ def gather(rows: Sequence[tuple[TrunkStates, int]]) -> TopInput:
             sub_hidden = backbone.run_layers(sub_hidden, sub_call, 0, trunk_layers)
         out[missing, : sub_hidden.shape[1]] = sub_hidden.to(first.store_dtype).float()
     return TopInput(out, call, batch["attention_mask"])
+
+
+@functools.cache
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator is not the one to trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory that is freed but still held by glibc's allocator back to the system.
+
+    glibc keeps freed blocks inside its heaps for reuse; after a task, the freed trunk cache
+    and activations stay in the process's RSS (measured on the bundled stream: 1,566 MiB held
+    after `sotu_era` without this, 1,191 MiB with it). `malloc_trim` also releases free pages
+    in the middle of a heap; it takes milliseconds, so it runs once per learned task.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
