@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from continual_transformer.analytic import AnalyticClassifier
-from continual_transformer.backbone import Backbone, masked_mean
+from continual_transformer.model.closed_form import AnalyticClassifier
+from continual_transformer.model.backbone import Backbone, masked_mean
 from continual_transformer.config import DEFAULT_ADAPT_LAYERS, BackboneConfig
-from continual_transformer.data import default_stream_path, load_stream
+from continual_transformer.data.stream import default_stream_path, load_stream
 
 BATCH = 64
 

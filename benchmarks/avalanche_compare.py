@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual_transformer import metrics
+from continual_transformer.experiment import metrics
 from continual_transformer.config import TrainConfig
-from continual_transformer.data import Task, default_stream_path, load_stream
+from continual_transformer.data.stream import Task, default_stream_path, load_stream
 from continual_transformer.learner import ContinualLearner
 from continual_transformer.methods import make_method
 from continual_transformer.methods.base import task_seed
-from continual_transformer.methods.shared import SHARED
-from continual_transformer.train import warmup_linear
+from continual_transformer.methods.shared_adapter import SHARED
+from continual_transformer.training.loop import warmup_linear
 
 OURS_TO_AVALANCHE = {"finetune": "Naive", "ewc": "EWC", "lwf": "LwF", "replay": "Replay"}
 EVAL_BATCH = 64

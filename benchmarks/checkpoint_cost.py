@@ -57,11 +57,12 @@ def one_save(backbone: str, device: str, repeats: int = 20) -> dict:
     """Time `runstate.write` of an ia3 task's training state, as a run does every K steps."""
     import torch
 
-    from continual_transformer import ContinualLearner, TrainConfig, runstate
+    from continual_transformer import ContinualLearner, TrainConfig
+    from continual_transformer.io import runstate
     from continual_transformer.config import BackboneConfig
-    from continual_transformer.data import Example, Task
-    from continual_transformer.runstate import RunState
-    from continual_transformer.train import Checkpointing
+    from continual_transformer.data.stream import Example, Task
+    from continual_transformer.io.runstate import RunState
+    from continual_transformer.training.loop import Checkpointing
 
     learner = ContinualLearner(BackboneConfig(backbone), train=TrainConfig(epochs=2, batch_size=2),
                                device=device)

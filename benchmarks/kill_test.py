@@ -63,7 +63,7 @@ def build_backbone(folder: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from continual_transformer.backbone import default_model_dir
+    from continual_transformer.model.backbone import default_model_dir
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
@@ -95,7 +95,8 @@ def env() -> dict:
 
 # -- the child: the real CLI, with phase logging and an optional self-kill ---------------------------
 def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
-    from continual_transformer import checkpoint, cli
+    from continual_transformer import cli
+    from continual_transformer.io import checkpoint
     from continual_transformer.learner import ContinualLearner
     from continual_transformer.methods import GradientMethod
 
@@ -280,14 +281,14 @@ class Bench:
             self.tolerance = max_difference(other, self.ref_tensors)
 
     def report_matches(self, path: Path) -> bool:
-        from continual_transformer.experiment import TIMING_FIELDS
+        from continual_transformer.experiment.run import TIMING_FIELDS
 
         report = json.loads(path.read_text())
         return strip_timings(report, TIMING_FIELDS) == strip_timings(self.ref_report, TIMING_FIELDS)
 
     def check_on_disk(self, out: Path) -> str | None:
         """After a kill: the model (if any) loads and is a prefix of the reference run."""
-        from continual_transformer import runstate
+        from continual_transformer.io import runstate
 
         if (out / "model" / "manifest.json").is_file():
             tensors = model_tensors(out / "model")

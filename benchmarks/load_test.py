@@ -93,7 +93,7 @@ def start_server(model: Path, clients: int, env_extra: dict[str, str], log: Path
 
 # -- traffic -------------------------------------------------------------------------------------
 def load_texts(stream: Path, tasks: list[str], per_task: int, seed: int) -> dict[str, list[str]]:
-    from continual_transformer.data import load_stream
+    from continual_transformer.data.stream import load_stream
 
     by_name = {t.name: t for t in load_stream(stream)}
     missing = [name for name in tasks if name not in by_name]
@@ -226,7 +226,7 @@ def print_row(result: dict) -> None:
 # -- learn while serving -------------------------------------------------------------------------
 def new_task_body(stream: Path, tasks: list[str], name: str, per_label: int, epochs: int, seed: int) -> dict:
     """A task the model does not know: which corpus (old task) a training text comes from."""
-    from continual_transformer.data import load_stream
+    from continual_transformer.data.stream import load_stream
 
     rng = random.Random(seed)
     by_name = {t.name: t for t in load_stream(stream)}
@@ -357,7 +357,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
 
-    from continual_transformer.data import default_stream_path
+    from continual_transformer.data.stream import default_stream_path
 
     args.stream = args.stream or default_stream_path()
     if args.url:

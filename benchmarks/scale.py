@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from continual_transformer.experiment import peak_rss_mb
+from continual_transformer.experiment.run import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STREAM = ROOT / "data" / "scale" / "scale_stream.jsonl.gz"
@@ -108,8 +108,8 @@ def learn_stream(args) -> dict:
     import torch
 
     from continual_transformer import ContinualLearner, load_stream
-    from continual_transformer.data import Task
-    from continual_transformer.evaluation import StreamEvaluation
+    from continual_transformer.data.stream import Task
+    from continual_transformer.experiment.evaluate import StreamEvaluation
 
     tasks = load_stream(args.stream)
     if args.tasks:

@@ -23,7 +23,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import FeatureUnion, make_pipeline
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from continual_transformer.data import default_stream_path, load_stream
+from continual_transformer.data.stream import default_stream_path, load_stream
 
 
 def tfidf_model(seed: int) -> GridSearchCV:

@@ -20,7 +20,7 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from continual_transformer.backbone import default_model_dir
+    from continual_transformer.model.backbone import default_model_dir
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

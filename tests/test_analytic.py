@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from continual_transformer.analytic import GCV_GRID, AnalyticClassifier
+from continual_transformer.model.closed_form import GCV_GRID, AnalyticClassifier
 
 
 def _data(seed=0, n=240, d=12, classes=("a", "b", "c", "d")):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
-from continual_transformer.checkpoint import CheckpointError
+from continual_transformer.io.checkpoint import CheckpointError
 from continual_transformer.config import BackboneConfig
-from continual_transformer.experiment import run_joint, run_stream
+from continual_transformer.experiment.run import run_joint, run_stream
 from continual_transformer.methods import make_method
 from continual_transformer.methods.base import task_seed
 from continual_transformer.methods.replay import Memory, ReservoirBuffer
-from continual_transformer.methods.shared import SHARED
+from continual_transformer.methods.shared_adapter import SHARED
 
 from conftest import WORDS, write_jsonl
 
@@ -43,7 +43,7 @@ def sensitive_backbone(tmp_path_factory):
     layers barely change its output, so no scale vector can make it forget anything."""
     from transformers import BertConfig, BertModel
 
-    from continual_transformer.backbone import default_model_dir
+    from continual_transformer.model.backbone import default_model_dir
 
     folder = tmp_path_factory.mktemp("sensitive-bert")
     torch.manual_seed(0)

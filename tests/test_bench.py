@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from continual_transformer.bench import DEFAULT_METHODS, BenchConfig, run_bench
+from continual_transformer.experiment.bench import DEFAULT_METHODS, BenchConfig, run_bench
 from continual_transformer.cli import app
 
 

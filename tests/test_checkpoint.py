@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
-from continual_transformer.backbone import BackboneError
-from continual_transformer.checkpoint import CheckpointError
+from continual_transformer.model.backbone import BackboneError
+from continual_transformer.io.checkpoint import CheckpointError
 
 
 @pytest.fixture
@@ -200,7 +200,7 @@ def test_leftovers_of_an_interrupted_save_load_and_are_cleaned_up(trained, tmp_p
 
 
 def test_a_listed_file_that_is_not_safetensors_is_refused(saved):
-    from continual_transformer.checkpoint import sha256_bytes
+    from continual_transformer.io.checkpoint import sha256_bytes
 
     directory, manifest = saved
     data = b"\x80\x04\x95 not safetensors, perhaps a pickle"
@@ -299,7 +299,7 @@ def test_save_rewrites_a_damaged_file_of_the_same_name(trained, tmp_path):
 
 
 def test_load_into_checks_the_method(saved, tiny_config):
-    from continual_transformer.checkpoint import load_into
+    from continual_transformer.io.checkpoint import load_into
 
     directory, _ = saved
     other = ContinualLearner(tiny_config, train=TrainConfig(epochs=2, batch_size=8), device="cpu")

@@ -74,7 +74,7 @@ def _base(tiny_backbone_dir, stream, out):
 
 
 def test_run_again_continues_and_resume_takes_the_saved_options(tiny_backbone_dir, toy_stream, tmp_path):
-    from continual_transformer.runstate import read
+    from continual_transformer.io.runstate import read
 
     reference = tmp_path / "reference"
     assert _run(_base(tiny_backbone_dir, toy_stream, reference)).exit_code == 0

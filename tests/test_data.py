@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from continual_transformer.data import StreamError, Task, Example, load_stream
+from continual_transformer.data.stream import StreamError, Task, Example, load_stream
 from conftest import toy_rows, write_jsonl
 
 
@@ -104,7 +104,7 @@ def test_subsample_below_label_count_is_refused():
 
 
 def test_stream_bytes_read_like_a_file(tmp_path, toy_stream):
-    from continual_transformer.data import tasks_from_bytes
+    from continual_transformer.data.stream import tasks_from_bytes
 
     data = toy_stream.read_bytes()
     assert tasks_from_bytes(data, "upload.jsonl") == load_stream(toy_stream)
@@ -118,7 +118,7 @@ def test_stream_bytes_read_like_a_file(tmp_path, toy_stream):
 
 
 def test_uploaded_task_may_come_without_test_examples():
-    from continual_transformer.data import tasks_from_bytes
+    from continual_transformer.data.stream import tasks_from_bytes
 
     rows = [{"task": "t", "split": "train", "text": f"x{i}", "label": "ab"[i % 2]} for i in range(4)]
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from continual_transformer.adapters import IA3
-from continual_transformer.backbone import Backbone
+from continual_transformer.model.scaling import IA3
+from continual_transformer.model.backbone import Backbone
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from continual_transformer import metrics
+from continual_transformer.experiment import metrics
 
 NAN = math.nan
 R = np.array([

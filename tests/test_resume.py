@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream, run_stream
-from continual_transformer.checkpoint import CheckpointError
-from continual_transformer.experiment import TIMING_FIELDS, RunEvents
-from continual_transformer.runstate import STATE, state_dir
+from continual_transformer.io.checkpoint import CheckpointError
+from continual_transformer.experiment.run import TIMING_FIELDS, RunEvents
+from continual_transformer.io.runstate import STATE, state_dir
 
 
 class Stop(Exception):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
-from continual_transformer.backbone import masked_mean
+from continual_transformer.model.backbone import masked_mean
 
 
 from continual_transformer.methods import make_method

@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
-from continual_transformer.checkpoint import read_manifest
+from continual_transformer.io.checkpoint import read_manifest
 from continual_transformer.server.app import create_app
 from continual_transformer.server.settings import Settings
 from conftest import WORDS
@@ -300,7 +300,7 @@ def test_input_limits_name_the_limit(model_dir, tmp_path):
 
 
 def test_uploads_are_checked_like_stream_files(model_dir, tmp_path):
-    from continual_transformer.data import StreamError
+    from continual_transformer.data.stream import StreamError
 
     with serving(model_dir) as served:
         def learn(body):
@@ -485,7 +485,7 @@ def test_failed_job_leaves_the_model_exactly_as_it_was(model_dir):
 
 def test_a_save_that_fails_leaves_the_served_model_as_it_was(model_dir, tmp_path, tiny_config):
     """The commit point is the save: if it fails, the task is taken out again (and a delete undone)."""
-    from continual_transformer.server.metrics import Metrics
+    from continual_transformer.server.prometheus import Metrics
     from continual_transformer.server.serving import ModelService
 
     blocker = tmp_path / "not-a-directory"

@@ -11,7 +11,7 @@ import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
 from continual_transformer.methods.ia3 import IA3Method
-from continual_transformer.train import Checkpointing, TrainingError, TrainState
+from continual_transformer.training.loop import Checkpointing, TrainingError, TrainState
 
 
 class FaultyIA3(IA3Method):
@@ -187,7 +187,7 @@ def test_config_validates_guard_settings():
 
 
 def test_split_batch_bounds_rows_and_padded_tokens():
-    from continual_transformer.train import split_batch
+    from continual_transformer.training.loop import split_batch
 
     lengths = [3, 5, 8, 8, 20, 2]
     rows = [0, 1, 2, 3, 4]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from continual_transformer import ContinualLearner, load_stream
-from continual_transformer.backbone import Backbone
+from continual_transformer.model.backbone import Backbone
 from continual_transformer.config import BackboneConfig, TrainConfig
-from continual_transformer.trunk import TrunkStates
+from continual_transformer.model.trunk import TrunkStates
 
 DATA = Path(__file__).parent / "data"
 
@@ -94,7 +94,7 @@ def test_checkpoint_from_before_the_split_loads_and_predicts_as_before(tmp_path)
     # Written by the all-layer ia3 before the split (tests/data/make_fixtures.py), on MiniLM.
     import shutil
 
-    from continual_transformer.checkpoint import read_manifest
+    from continual_transformer.io.checkpoint import read_manifest
 
     expected = json.loads((DATA / "checkpoint_v1_predictions.json").read_text())
     model = shutil.copytree(DATA / "checkpoint_v1", tmp_path / "model")

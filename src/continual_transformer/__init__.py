@@ -17,14 +17,14 @@ _EXPORTS = {
     "TaskRecord": "learner",
     "BackboneConfig": "config",
     "TrainConfig": "config",
-    "Task": "data",
-    "Example": "data",
-    "StreamError": "data",
-    "load_stream": "data",
-    "default_stream_path": "data",
-    "run_stream": "experiment",
-    "CheckpointError": "checkpoint",
-    "TrainingError": "train",
+    "Task": "data.stream",
+    "Example": "data.stream",
+    "StreamError": "data.stream",
+    "load_stream": "data.stream",
+    "default_stream_path": "data.stream",
+    "run_stream": "experiment.run",
+    "CheckpointError": "io.checkpoint",
+    "TrainingError": "training.loop",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -38,8 +38,8 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import BackboneConfig, TrainConfig
-    from .data import Example, StreamError, Task, default_stream_path, load_stream
-    from .checkpoint import CheckpointError
-    from .experiment import run_stream
+    from .data.stream import Example, StreamError, Task, default_stream_path, load_stream
+    from .io.checkpoint import CheckpointError
+    from .experiment.run import run_stream
     from .learner import ContinualLearner, Prediction, TaskRecord
-    from .train import TrainingError
+    from .training.loop import TrainingError

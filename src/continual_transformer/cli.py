@@ -26,14 +26,14 @@ def _fail(message: str) -> None:
 
 
 def _user_errors():
-    from .backbone import BackboneError
-    from .checkpoint import CheckpointError
+    from .model.backbone import BackboneError
+    from .io.checkpoint import CheckpointError
 
     return (ValueError, KeyError, BackboneError, CheckpointError, FileNotFoundError)
 
 
 def _matrix_table(R, names: list[str], title: str) -> Table:
-    from .report import matrix_rows
+    from .experiment.plots import matrix_rows
 
     table = Table(title=title, title_justify="left")
     table.add_column("after \\ on", style="bold")
@@ -114,12 +114,12 @@ def run(
     import torch
 
     from .config import BackboneConfig, TrainConfig
-    from .data import default_stream_path, describe, load_stream
-    from .experiment import run_joint, run_stream
+    from .data.stream import default_stream_path, describe, load_stream
+    from .experiment.run import run_joint, run_stream
     from .learner import ContinualLearner
     from .methods import make_method
-    from .runstate import read_config
-    from .train import TrainingError
+    from .io.runstate import read_config
+    from .training.loop import TrainingError
 
     try:
         saved = read_config(out) if resume else None
@@ -268,7 +268,7 @@ class _BenchProgress:
     def method_finished(self, method, row):
         self._drop_train_bar()
         self.progress.advance(self.methods_bar)
-        from .bench import _fmt
+        from .experiment.bench import _fmt
 
         self.progress.console.print(
             f"[bold]{method}[/]: ACC {_fmt(row['acc'], '.1f', 100)}  BWT {_fmt(row['bwt'], '+.1f', 100)}  "
@@ -299,7 +299,7 @@ def bench(
     resume: bool = typer.Option(False, help="Keep methods that already finished in --out with the same settings."),
 ):
     """Run every method on the same stream, backbone, seed and epochs; write a comparison."""
-    from .bench import BenchConfig, BenchError, run_bench, table_rows
+    from .experiment.bench import BenchConfig, BenchError, run_bench, table_rows
 
     try:
         config = BenchConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
@@ -361,7 +361,7 @@ def predict(
 @app.command()
 def tasks(model: Path = typer.Argument(..., help="Model directory.")):
     """List the tasks a saved model knows, with labels and footprint."""
-    from .checkpoint import read_manifest
+    from .io.checkpoint import read_manifest
 
     try:
         manifest = read_manifest(model)
@@ -393,7 +393,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from .checkpoint import read_manifest
+    from .io.checkpoint import read_manifest
     from .server.app import create_app
     from .server.settings import Settings
 

@@ -18,17 +18,17 @@ from typing import Sequence
 
 import torch
 
-from .adapters import IA3
-from .backbone import Backbone, masked_mean
+from .model.scaling import IA3
+from .model.backbone import Backbone, masked_mean
 from .config import BackboneConfig, TrainConfig
-from .data import Task, check_task_name
-from .heads import TaskHeads
+from .data.stream import Task, check_task_name
+from .model.heads import TaskHeads
 from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
-from .precision import training_autocast, uses_bf16
-from .router import Router
-from .train import Checkpointing, Progress
-from .trunk import TopInput, TrunkStates, release_freed_memory
+from .training.precision import training_autocast, uses_bf16
+from .model.router import Router
+from .training.loop import Checkpointing, Progress
+from .model.trunk import TopInput, TrunkStates, release_freed_memory
 
 INFERENCE_BATCH = 64
 LENGTH_MULTIPLE = 16  # batch lengths above a trunk: at most 8 shapes at 128 tokens
@@ -527,13 +527,13 @@ class ContinualLearner:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        from .checkpoint import save
+        from .io.checkpoint import save
 
         return save(self, Path(directory))
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> "ContinualLearner":
-        from .checkpoint import load
+        from .io.checkpoint import load
 
         return load(Path(directory), device)
 

@@ -38,7 +38,7 @@ def sha(tensors: dict[str, torch.Tensor]) -> str:
 def tiny_bert(folder: Path) -> Path:
     from transformers import BertConfig, BertModel
 
-    from continual_transformer.backbone import default_model_dir
+    from continual_transformer.model.backbone import default_model_dir
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..analytic import AnalyticClassifier
-from ..data import Task
+from ..model.closed_form import AnalyticClassifier
+from ..data.stream import Task
 from .base import Method
 
 SEP = "\x1f"  # between task and label in a class key; task names cannot contain it

@@ -9,10 +9,10 @@ import torch
 from torch.nn import functional as F
 
 from ..config import DEFAULT_ADAPT_LAYERS, TrainConfig
-from ..data import Task
-from ..precision import training_autocast
-from ..train import Checkpointing, Progress, TrainResult, fit
-from ..trunk import TopInput, TrunkStates
+from ..data.stream import Task
+from ..training.precision import training_autocast
+from ..training.loop import Checkpointing, Progress, TrainResult, fit
+from ..model.trunk import TopInput, TrunkStates
 
 if TYPE_CHECKING:
     from ..learner import ContinualLearner

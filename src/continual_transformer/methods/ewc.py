@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..data import Task
+from ..data.stream import Task
 from .base import task_seed
-from .shared import SHARED, SharedAdapterMethod
+from .shared_adapter import SHARED, SharedAdapterMethod
 
 FISHER = "ewc.fisher."
 ANCHOR = "ewc.anchor."

@@ -7,7 +7,7 @@ Defaults: those of `TrainConfig` (AdamW, lr 3e-2 for the scale vectors and 5e-2 
 
 from __future__ import annotations
 
-from .shared import SharedAdapterMethod
+from .shared_adapter import SharedAdapterMethod
 
 
 class FinetuneMethod(SharedAdapterMethod):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import Task
+from ..data.stream import Task
 from .base import GradientMethod
 
 ADAPTER = "adapter."

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from ..data import Task
-from ..train import fit
-from ..precision import training_autocast
+from ..data.stream import Task
+from ..training.loop import fit
+from ..training.precision import training_autocast
 from .base import task_seed
-from .shared import SHARED, SharedAdapterMethod, rows_cross_entropy, shared_pooled
+from .shared_adapter import SHARED, SharedAdapterMethod, rows_cross_entropy, shared_pooled
 
 
 class JointMethod(SharedAdapterMethod):

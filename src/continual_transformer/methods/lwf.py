@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..data import Task
-from .shared import SHARED, SharedAdapterMethod, shared_pooled
+from ..data.stream import Task
+from .shared_adapter import SHARED, SharedAdapterMethod, shared_pooled
 
 TEACHER_BATCH = 64
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Task
-from ..trunk import gather
+from ..data.stream import Task
+from ..model.trunk import gather
 from .base import task_seed
-from .shared import SharedAdapterMethod, rows_cross_entropy, shared_pooled
+from .shared_adapter import SharedAdapterMethod, rows_cross_entropy, shared_pooled
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
     serving.py   the live model: one inference thread with dynamic batching, atomic changes
     jobs.py      learning jobs, each trained in its own process
     security.py  bearer keys (constant-time) and per-caller rate limits
-    metrics.py   Prometheus metrics and the request-timing middleware
+    prometheus.py Prometheus metrics and the request-timing middleware
 
 Importing this package loads no model and reads no settings.
 """

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .. import __version__
-from .metrics import Metrics, MetricsMiddleware
+from .prometheus import Metrics, MetricsMiddleware
 from .routes import READ_ROUTERS, task_writes
 from .security import KeyRing, RateLimiter
 from .settings import Settings, get_settings

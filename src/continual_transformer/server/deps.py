@@ -12,7 +12,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .jobs import JobRunner
-from .metrics import Metrics
+from .prometheus import Metrics
 from .security import Caller, KeyRing, RateLimiter
 from .serving import ModelService
 from .settings import Settings

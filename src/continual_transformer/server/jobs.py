@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..data import Task
-    from .metrics import Metrics
+    from ..data.stream import Task
+    from .prometheus import Metrics
     from .serving import ModelService
 
 log = logging.getLogger("continual_transformer.server")
@@ -252,7 +252,7 @@ def learn_in_process(sender, spec: dict, task: "Task") -> None:
     import torch
     from safetensors.torch import save as st_save
 
-    from ..backbone import Backbone, BackboneError
+    from ..model.backbone import Backbone, BackboneError
     from ..learner import ContinualLearner
     from ..methods import make_method
 

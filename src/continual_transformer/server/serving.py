@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..learner import ContinualLearner, Prediction, TaskRecord
-    from .metrics import Metrics
+    from .prometheus import Metrics
 
 
 def length_groups(lengths: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:

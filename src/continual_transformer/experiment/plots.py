@@ -35,7 +35,7 @@ def write_heatmap(R, names: list[str], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
     fig.tight_layout()
-    from .checkpoint import atomic_write
+    from ..io.checkpoint import atomic_write
 
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=120, format="png")

@@ -51,7 +51,7 @@ class BenchConfig:
     hyperparameters: dict = field(default_factory=dict)  # method -> overrides, e.g. {"ewc": {...}}
 
     def __post_init__(self) -> None:
-        from .methods import METHODS
+        from ..methods import METHODS
 
         if not self.methods:
             raise ValueError("methods must name at least one method")
@@ -92,7 +92,7 @@ class BenchEvents:
 
 
 def load_tasks(config: BenchConfig) -> list:
-    from .data import default_stream_path, load_stream
+    from ..data.stream import default_stream_path, load_stream
 
     stream = config.stream or default_stream_path()
     return [t.subsample_train(config.max_train, config.seed) for t in load_stream(stream)]
@@ -105,7 +105,7 @@ def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None =
     With `resume`, a method whose run in `out` finished under the same settings is not run
     again (a long bench that was interrupted goes on where it stopped).
     """
-    from .data import describe
+    from ..data.stream import describe
 
     events = events or BenchEvents()
     out = Path(out)
@@ -145,7 +145,7 @@ def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None =
     }
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
     (out / "bench.md").write_text(markdown(bench))
-    from .report import write_bench_plots
+    from .plots import write_bench_plots
 
     write_bench_plots(bench, out)
     return bench
@@ -272,10 +272,10 @@ def run_method(spec: dict, send: Send) -> dict:
     """Learn the stream with one method; write DIR/<method>/; return process figures."""
     import torch
 
-    from .config import BackboneConfig, TrainConfig
-    from .experiment import RunEvents, peak_rss_mb, run_joint, run_stream
-    from .learner import ContinualLearner
-    from .methods import GradientMethod, METHODS, make_method
+    from ..config import BackboneConfig, TrainConfig
+    from .run import RunEvents, peak_rss_mb, run_joint, run_stream
+    from ..learner import ContinualLearner
+    from ..methods import GradientMethod, METHODS, make_method
 
     config = BenchConfig(**{**spec["config"], "methods": tuple(spec["config"]["methods"])})
     name = spec["method"]
@@ -313,7 +313,7 @@ def run_method(spec: dict, send: Send) -> dict:
             "peak_rss_mb": round(peak_rss_mb(), 1) if config.isolate else None}
 
 
-_WORKER = "import sys; from continual_transformer.bench import _worker_main; _worker_main(int(sys.argv[1]))"
+_WORKER = "import sys; from continual_transformer.experiment.bench import _worker_main; _worker_main(int(sys.argv[1]))"
 
 
 def _worker_main(channel_fd: int) -> None:
@@ -334,7 +334,7 @@ def _worker_main(channel_fd: int) -> None:
 
 def _run_isolated(spec: dict, events: BenchEvents) -> dict:
     """Run one method in a fresh interpreter (not a fork: nothing of this process is shared)."""
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     read_fd, write_fd = os.pipe()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .analytic import AnalyticClassifier
+from .closed_form import AnalyticClassifier
 
 PREFIX = "router."
 PREDICT_ROWS = 2048

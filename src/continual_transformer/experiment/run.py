@@ -22,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, metrics, runstate
-from .config import DEFAULT_SAVE_EVERY
-from .data import Task
-from .evaluation import StreamEvaluation
-from .learner import ContinualLearner, TaskRecord
-from .runstate import RunState
-from .train import Checkpointing, TrainState, restore_rng, rng_tensors
+from .. import __version__
+from ..io import runstate
+from . import metrics
+from ..config import DEFAULT_SAVE_EVERY
+from ..data.stream import Task
+from .evaluate import StreamEvaluation
+from ..learner import ContinualLearner, TaskRecord
+from ..io.runstate import RunState
+from ..training.loop import Checkpointing, TrainState, restore_rng, rng_tensors
 
 # Report fields that measure time or memory: they differ between any two runs.
 TIMING_FIELDS = frozenset({"train_seconds", "eval_seconds", "peak_rss_mb", "total_seconds",
@@ -253,7 +255,7 @@ def _start(tasks: list[Task], learner: ContinualLearner, out: Path | None, confi
 def _continue(tasks: list[Task], learner: ContinualLearner, out: Path, state: RunState,
               train_state: TrainState | None, config: dict, identity: dict) -> None:
     """Check that the saved run is this run, and load its finished tasks into `learner`."""
-    from .checkpoint import load_into
+    from ..io.checkpoint import load_into
 
     changed = (runstate.differences(state.config, config, runstate.NOT_COMPARED)
                or runstate.differences(state.identity, identity))
@@ -280,7 +282,7 @@ def _continue(tasks: list[Task], learner: ContinualLearner, out: Path, state: Ru
 
 
 def _manifest_sha256(out: Path) -> str:
-    from .checkpoint import sha256_bytes
+    from ..io.checkpoint import sha256_bytes
 
     return sha256_bytes((out / "model" / "manifest.json").read_bytes())
 
@@ -355,8 +357,8 @@ def _model_fields(learner: ContinualLearner) -> dict:
 
 def _write_outputs(out: Path, report: dict, R: np.ndarray, F: np.ndarray, title: str) -> None:
     """report.json (atomically) and the two heatmaps."""
-    from .checkpoint import atomic_write
-    from .report import write_heatmap
+    from ..io.checkpoint import atomic_write
+    from .plots import write_heatmap
 
     names, method = report["tasks"], report["method"]["name"]
     atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())

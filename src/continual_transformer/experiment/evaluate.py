@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import Task
-from .learner import ContinualLearner
+from ..data.stream import Task
+from ..learner import ContinualLearner
 
 
 @dataclass

@@ -215,8 +215,8 @@ def default_stream_path() -> Path:
     """The bundled default stream (five English tasks; see data/NOTICE)."""
     here = Path(__file__).resolve()
     candidates = [
-        here.parent / "data" / "default_stream.jsonl.gz",  # installed wheel
-        here.parents[2] / "data" / "default_stream.jsonl.gz",  # source checkout
+        here.parent / "default_stream.jsonl.gz",  # installed with the package's data
+        here.parents[3] / "data" / "default_stream.jsonl.gz",  # source checkout
     ]
     for candidate in candidates:
         if candidate.is_file():

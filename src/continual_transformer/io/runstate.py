@@ -34,7 +34,7 @@ from .checkpoint import (
     sha256_bytes,
     tensor_file,
 )
-from .train import TrainState
+from ..training.loop import TrainState
 
 FORMAT = "continual-tiny-transformer/run-state"
 FORMAT_VERSION = 1

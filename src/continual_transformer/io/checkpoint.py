@@ -42,12 +42,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import __version__
-from .backbone import Backbone, BackboneError
-from .config import BackboneConfig
+from .. import __version__
+from ..model.backbone import Backbone, BackboneError
+from ..config import BackboneConfig
 
 if TYPE_CHECKING:
-    from .learner import ContinualLearner
+    from ..learner import ContinualLearner
 
 FORMAT = "continual-tiny-transformer/checkpoint"
 # Version 2 records `adapt_layers` with every gradient method; a version-1 checkpoint (written
@@ -255,9 +255,9 @@ class _Fields:
 
 def validate_manifest(manifest: object, path: Path) -> dict:
     """Check every field loading relies on; raise `CheckpointError` naming the first bad one."""
-    from .data import TASK_NAME
-    from .learner import TaskRecord
-    from .methods import METHODS
+    from ..data.stream import TASK_NAME
+    from ..learner import TaskRecord
+    from ..methods import METHODS
 
     check = _Fields(path)
     if not isinstance(manifest, dict):
@@ -369,7 +369,7 @@ def read_format_json(path: Path, format: str, version: int | tuple[int, ...], wh
 def method_hyperparameters(manifest: dict, backbone: Backbone) -> dict:
     """The method's hyperparameters as this library reads them: a version-1 manifest's gradient
     methods adapted every layer of the backbone."""
-    from .methods import METHODS, GradientMethod
+    from ..methods import METHODS, GradientMethod
 
     hyperparameters = dict(manifest["method"]["hyperparameters"])
     if (manifest["format_version"] == 1 and issubclass(METHODS[manifest["method"]["name"]], GradientMethod)
@@ -423,7 +423,7 @@ def _read_all(directory: Path, manifest: dict) -> tuple[dict | None, object, lis
 
 
 def _install(learner: "ContinualLearner", directory: Path, manifest: dict) -> None:
-    from .learner import TaskRecord
+    from ..learner import TaskRecord
 
     shared_tensors, shared_data, task_tensors = _read_all(directory, manifest)
     try:
@@ -453,8 +453,8 @@ def _check_backbone(directory: Path, spec: dict, backbone: Backbone) -> None:
 
 
 def load(directory: Path, device: str | None = None) -> "ContinualLearner":
-    from .learner import ContinualLearner
-    from .methods import make_method
+    from ..learner import ContinualLearner
+    from ..methods import make_method
 
     manifest = read_manifest(directory)
     spec = manifest["backbone"]

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 Progress = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
 
