@@ -30,7 +30,8 @@ from torch import nn
 
 from continual_transformer.experiment import metrics
 from continual_transformer.config import TrainConfig
-from continual_transformer.data.stream import Task, default_stream_path, load_stream
+from continual_transformer.data.stream import default_stream_path, load_stream
+from continual_transformer.types import Task
 from continual_transformer.learner import ContinualLearner
 from continual_transformer.methods import make_method
 from continual_transformer.methods.base import task_seed

@@ -60,7 +60,7 @@ def one_save(backbone: str, device: str, repeats: int = 20) -> dict:
     from continual_transformer import ContinualLearner, TrainConfig
     from continual_transformer.io import runstate
     from continual_transformer.config import BackboneConfig
-    from continual_transformer.data.stream import Example, Task
+    from continual_transformer.types import Example, Task
     from continual_transformer.io.runstate import RunState
     from continual_transformer.training.loop import Checkpointing
 

@@ -108,7 +108,7 @@ def learn_stream(args) -> dict:
     import torch
 
     from continual_transformer import ContinualLearner, load_stream
-    from continual_transformer.data.stream import Task
+    from continual_transformer.types import Task
     from continual_transformer.experiment.evaluate import StreamEvaluation
 
     tasks = load_stream(args.stream)

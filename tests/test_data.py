@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from continual_transformer.data.stream import StreamError, Task, Example, load_stream
+from continual_transformer.data.stream import load_stream
+from continual_transformer.types import Example, StreamError, Task
 from conftest import toy_rows, write_jsonl
 
 

@@ -5,7 +5,7 @@ import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, default_stream_path, load_stream
 from continual_transformer.config import DEFAULT_ADAPT_LAYERS
-from continual_transformer.data.stream import Task
+from continual_transformer.types import Task
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
-from continual_transformer.data.stream import Example, Task
+from continual_transformer.types import Example, Task
 
 
 @pytest.fixture

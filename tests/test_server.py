@@ -300,7 +300,7 @@ def test_input_limits_name_the_limit(model_dir, tmp_path):
 
 
 def test_uploads_are_checked_like_stream_files(model_dir, tmp_path):
-    from continual_transformer.data.stream import StreamError
+    from continual_transformer.types import StreamError
 
     with serving(model_dir) as served:
         def learn(body):

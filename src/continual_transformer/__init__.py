@@ -13,13 +13,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ContinualLearner": "learner",
-    "Prediction": "learner",
-    "TaskRecord": "learner",
+    "Prediction": "types",
+    "TaskRecord": "types",
     "BackboneConfig": "config",
     "TrainConfig": "config",
-    "Task": "data.stream",
-    "Example": "data.stream",
-    "StreamError": "data.stream",
+    "Task": "types",
+    "Example": "types",
+    "StreamError": "types",
     "load_stream": "data.stream",
     "default_stream_path": "data.stream",
     "run_stream": "experiment.run",
@@ -38,8 +38,9 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import BackboneConfig, TrainConfig
-    from .data.stream import Example, StreamError, Task, default_stream_path, load_stream
+    from .data.stream import default_stream_path, load_stream
     from .io.checkpoint import CheckpointError
     from .experiment.run import run_stream
-    from .learner import ContinualLearner, Prediction, TaskRecord
+    from .learner import ContinualLearner
+    from .types import Example, Prediction, StreamError, Task, TaskRecord
     from .training.loop import TrainingError

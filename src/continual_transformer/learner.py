@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +21,7 @@ import torch
 from .model.scaling import IA3
 from .model.backbone import Backbone, masked_mean
 from .config import BackboneConfig, TrainConfig
-from .data.stream import Task, check_task_name
+from .types import Prediction, Task, TaskRecord, check_task_name
 from .model.heads import TaskHeads
 from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
@@ -36,13 +36,6 @@ PASS_TOKENS = 2048  # training pass size above a trunk: bounds its activation me
 
 
 @dataclass(frozen=True)
-class Prediction:
-    task: str
-    label: str
-    probabilities: dict[str, float]
-
-
-@dataclass(frozen=True)
 class TestPass:
     """Per test row of one task: whether the label predicted with the task given is right, and
     what routing needs: the router's input (N, H), or the task the method itself names."""
@@ -50,32 +43,6 @@ class TestPass:
     correct: list[bool]
     features: torch.Tensor | None
     inferred: list[str] | None
-
-
-@dataclass
-class TaskRecord:
-    """What the learner knows about a learned task (saved in the checkpoint manifest)."""
-
-    name: str
-    labels: tuple[str, ...]
-    learned_at: str
-    train_examples: int
-    train_seconds: float
-    adapter_parameters: int
-    head_parameters: int
-    bytes_added: int  # the task's own state as stored (scales and heads float32, statistics float64)
-    stats: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["labels"] = list(self.labels)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TaskRecord":
-        data = dict(data)
-        data["labels"] = tuple(data["labels"])
-        return cls(**data)
 
 
 class ContinualLearner:

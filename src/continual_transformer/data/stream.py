@@ -12,75 +12,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
-import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..types import Example, StreamError, Task, check_task_name
+
 SPLITS = ("train", "test")
 FIELDS = ("task", "split", "text", "label")
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-class StreamError(ValueError):
-    """A stream file (or an uploaded task) that cannot be used, with where and why."""
-
-
-@dataclass(frozen=True)
-class Example:
-    text: str
-    label: str
-
-
-@dataclass(frozen=True)
-class Task:
-    """One classification task: its name, its label set and its examples."""
-
-    name: str
-    labels: tuple[str, ...]
-    train: tuple[Example, ...]
-    test: tuple[Example, ...] = ()
-
-    def label_index(self) -> dict[str, int]:
-        return {label: i for i, label in enumerate(self.labels)}
-
-    def subsample_train(self, max_train: int | None, seed: int) -> "Task":
-        """At most `max_train` training examples, stratified by label, reproducible by seed."""
-        if max_train is None or len(self.train) <= max_train:
-            return self
-        if max_train < len(self.labels):
-            raise ValueError(
-                f"max_train={max_train} is below the {len(self.labels)} labels of task {self.name!r}"
-            )
-        rng = random.Random(f"{seed}:{self.name}")
-        by_label: dict[str, list[Example]] = {label: [] for label in self.labels}
-        for example in self.train:
-            by_label[example.label].append(example)
-        for examples in by_label.values():
-            rng.shuffle(examples)
-        # Round-robin over labels keeps the label proportions as even as the data allows.
-        kept: list[Example] = []
-        depth = 0
-        while len(kept) < max_train:
-            for label in self.labels:
-                if depth < len(by_label[label]) and len(kept) < max_train:
-                    kept.append(by_label[label][depth])
-            depth += 1
-        order = {id(e): i for i, e in enumerate(self.train)}
-        kept.sort(key=lambda e: order[id(e)])
-        return Task(self.name, self.labels, tuple(kept), self.test)
-
-
-def check_task_name(name: object, where: str = "") -> str:
-    prefix = f"{where}: " if where else ""
-    if not isinstance(name, str) or not TASK_NAME.match(name):
-        raise StreamError(
-            f"{prefix}invalid task name {name!r}: use 1-64 letters, digits, '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 def _open_text(path: Path):

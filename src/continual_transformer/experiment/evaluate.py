@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..data.stream import Task
+from ..types import Task
 from ..learner import ContinualLearner
 
 

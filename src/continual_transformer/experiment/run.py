@@ -26,9 +26,9 @@ from .. import __version__
 from ..io import runstate
 from . import metrics
 from ..config import DEFAULT_SAVE_EVERY
-from ..data.stream import Task
+from ..types import Task, TaskRecord
 from .evaluate import StreamEvaluation
-from ..learner import ContinualLearner, TaskRecord
+from ..learner import ContinualLearner
 from ..io.runstate import RunState
 from ..training.loop import Checkpointing, TrainState, restore_rng, rng_tensors
 

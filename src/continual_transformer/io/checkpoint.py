@@ -255,8 +255,7 @@ class _Fields:
 
 def validate_manifest(manifest: object, path: Path) -> dict:
     """Check every field loading relies on; raise `CheckpointError` naming the first bad one."""
-    from ..data.stream import TASK_NAME
-    from ..learner import TaskRecord
+    from ..types import TASK_NAME, TaskRecord
     from ..methods import METHODS
 
     check = _Fields(path)
@@ -423,7 +422,7 @@ def _read_all(directory: Path, manifest: dict) -> tuple[dict | None, object, lis
 
 
 def _install(learner: "ContinualLearner", directory: Path, manifest: dict) -> None:
-    from ..learner import TaskRecord
+    from ..types import TaskRecord
 
     shared_tensors, shared_data, task_tensors = _read_all(directory, manifest)
     try:

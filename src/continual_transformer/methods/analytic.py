@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..model.closed_form import AnalyticClassifier
-from ..data.stream import Task
+from ..types import Task
 from .base import Method
 
 SEP = "\x1f"  # between task and label in a class key; task names cannot contain it

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from ..config import DEFAULT_ADAPT_LAYERS, TrainConfig
-from ..data.stream import Task
+from ..types import Task
 from ..training.precision import training_autocast
 from ..training.loop import Checkpointing, Progress, TrainResult, fit
 from ..model.trunk import TopInput, TrunkStates

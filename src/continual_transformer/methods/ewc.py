@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..data.stream import Task
+from ..types import Task
 from .base import task_seed
 from .shared_adapter import SHARED, SharedAdapterMethod
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.stream import Task
+from ..types import Task
 from .base import GradientMethod
 
 ADAPTER = "adapter."

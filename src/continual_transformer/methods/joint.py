@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.stream import Task
+from ..types import Task
 from ..training.loop import fit
 from ..training.precision import training_autocast
 from .base import task_seed

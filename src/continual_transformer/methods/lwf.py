@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..data.stream import Task
+from ..types import Task
 from .shared_adapter import SHARED, SharedAdapterMethod, shared_pooled
 
 TEACHER_BATCH = 64

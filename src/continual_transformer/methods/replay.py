@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.stream import Task
+from ..types import Task
 from ..model.trunk import gather
 from .base import task_seed
 from .shared_adapter import SharedAdapterMethod, rows_cross_entropy, shared_pooled

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from ..data.stream import Task
+from ..types import Task
 from ..model.trunk import TopInput
 from .base import GradientMethod
 from .ia3 import ADAPTER, HEAD, load_head

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..data.stream import Task
+    from ..types import Task
     from .prometheus import Metrics
     from .serving import ModelService
 
@@ -231,7 +231,7 @@ class JobRunner:
     def _commit(self, job: Job, outcome: tuple) -> None:
         from safetensors.torch import load as st_load
 
-        from ..learner import TaskRecord
+        from ..types import TaskRecord
 
         _, record_dict, tensor_bytes, shared_bytes = outcome
         record = TaskRecord.from_dict(record_dict)

@@ -8,7 +8,8 @@ from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile, 
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..data.stream import StreamError, Task, check_row, check_task_name, tasks_from_bytes, tasks_from_rows
+from ..data.stream import check_row, tasks_from_bytes, tasks_from_rows
+from ..types import StreamError, Task, check_task_name
 from .deps import (AdminDep, JobsDep, MetricsDep, MetricsReaderDep, PredictorDep, ReaderDep,
                    ServiceDep, SettingsDep)
 from .jobs import Job, JobRejected

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.stream import TASK_NAME
+from ..types import TASK_NAME
 
 TASK_NAME_RULE = {"pattern": TASK_NAME.pattern}  # documented; checked with the stream message
 NOT_BLANK_RULE = {"minLength": 1, "pattern": r"\S"}

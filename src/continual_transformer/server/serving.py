@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from ..learner import ContinualLearner, Prediction, TaskRecord
+    from ..learner import ContinualLearner
+    from ..types import Prediction, TaskRecord
     from .prometheus import Metrics
 
 
