@@ -74,9 +74,9 @@ def avalanche_model(learner: ContinualLearner, tasks: list[Task]):
             # Not registered as submodules: the backbone is frozen, and Avalanche's optimiser
             # bookkeeping should see exactly the trainable parameters.
             self.__dict__["backbone"] = learner.backbone
-            self.__dict__["adapter"] = learner.adapter
-            self.scales = nn.ParameterList(learner.adapter.parameters_of(SHARED))
-            self.heads = learner.heads
+            self.__dict__["adapter"] = learner.model.adapter
+            self.scales = nn.ParameterList(learner.model.adapter.parameters_of(SHARED))
+            self.heads = learner.model.heads
             self.names = [t.name for t in tasks]
             self.widths = [len(t.labels) for t in tasks]
 
@@ -213,8 +213,8 @@ def accuracy(learner: ContinualLearner, task: Task) -> float:
     for start in range(0, len(order), EVAL_BATCH):
         chunk = order[start : start + EVAL_BATCH]
         batch = learner.backbone.collate([ids[i] for i in chunk])
-        with learner.adapter.select([SHARED] * len(chunk)):
-            predicted = learner.heads(learner.backbone(**batch), task.name).argmax(-1).tolist()
+        with learner.model.adapter.select([SHARED] * len(chunk)):
+            predicted = learner.model.heads(learner.backbone(**batch), task.name).argmax(-1).tolist()
         correct += sum(p == gold[i] for p, i in zip(predicted, chunk))
     return correct / len(task.test)
 
@@ -237,9 +237,9 @@ def run_avalanche(name: str, tasks: list[Task], config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     ours = make_method(name, {"train": config.to_dict()})
     learner = ContinualLearner(method=make_method("finetune", {"train": config.to_dict()}), device="cpu")
-    learner.adapter.add(SHARED)
+    learner.model.adapter.add(SHARED)
     for task in tasks:  # the same initial heads as ours
-        learner.heads.add(task.name, len(task.labels), task_seed(config.seed, task.name), "cpu")
+        learner.model.heads.add(task.name, task.labels, task_seed(config.seed, task.name), "cpu")
     model = avalanche_model(learner, tasks)
     benchmark = avalanche_benchmark(learner, tasks)
     strategy, settings = avalanche_strategy(name, model, config, ours)

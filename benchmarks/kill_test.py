@@ -205,7 +205,7 @@ def model_tensors(directory: Path) -> dict:
     from continual_transformer import ContinualLearner
 
     learner = ContinualLearner.load(directory, device="cpu")
-    return {name: learner.method.task_tensors(learner, name) for name in learner.tasks}
+    return {name: learner.method.task_tensors(learner.model, name) for name in learner.tasks}
 
 
 def same_tensors(a: dict, b: dict) -> bool:

@@ -119,7 +119,7 @@ def learn_stream(args) -> dict:
     torch.manual_seed(0)
     learner = ContinualLearner()
     print(f"{len(tasks)} tasks; backbone {learner.backbone.ref.name}, adapt_layers "
-          f"{learner.top_layers} of {learner.backbone.num_layers}", flush=True)
+          f"{learner.model.top_layers} of {learner.backbone.num_layers}", flush=True)
     evaluation = StreamEvaluation(learner, tasks)
     per_task, points = [], []
     for i, task in enumerate(tasks):

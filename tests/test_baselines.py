@@ -34,7 +34,7 @@ def make(config, method, hyperparameters=None, **train):
 
 
 def shared_state(learner):
-    return {k: v.clone() for k, v in learner.adapter.state_of(SHARED).items()}
+    return {k: v.clone() for k, v in learner.model.adapter.state_of(SHARED).items()}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_baselines_train_one_shared_entry_and_a_head_per_task(tiny_config, tasks
     first = shared_state(learner)
     assert any(not torch.all(v == 1) for v in first.values()), "shared entry never trained"
     learner.learn(tasks[1])
-    assert learner.adapter.entries() == [SHARED]
+    assert learner.model.adapter.entries() == [SHARED]
     assert any(not torch.equal(first[k], v) for k, v in shared_state(learner).items()), \
         "the second task did not train the shared entry"
     record = learner.tasks[tasks[1].name]
@@ -87,10 +87,10 @@ def test_failed_task_restores_shared_entry_and_heads(tiny_config, tasks, method)
     learner = make(tiny_config, method)
     learner.learn(tasks[0])
     entry = shared_state(learner)
-    head = {k: v.clone() for k, v in learner.heads.heads[tasks[0].name].state_dict().items()}
+    head = {k: v.clone() for k, v in learner.model.heads.heads[tasks[0].name].state_dict().items()}
     texts = [e.text for e in tasks[0].test]
     before = torch.stack(learner.logits(texts, tasks[0].name))
-    extra = json.dumps(learner.method.shared_json(learner), sort_keys=True)
+    extra = json.dumps(learner.method.shared_json(learner.model), sort_keys=True)
 
     def crash(done, total, loss):
         if done == 2:
@@ -98,13 +98,13 @@ def test_failed_task_restores_shared_entry_and_heads(tiny_config, tasks, method)
 
     with pytest.raises(RuntimeError, match="killed mid-task"):
         learner.learn(tasks[1], progress=crash)
-    assert list(learner.tasks) == [tasks[0].name] and tasks[1].name not in learner.heads
+    assert list(learner.tasks) == [tasks[0].name] and tasks[1].name not in learner.model.heads
     for k, v in shared_state(learner).items():
         assert torch.equal(v, entry[k])
-    for k, v in learner.heads.heads[tasks[0].name].state_dict().items():
+    for k, v in learner.model.heads.heads[tasks[0].name].state_dict().items():
         assert torch.equal(v, head[k])
     assert torch.equal(before, torch.stack(learner.logits(texts, tasks[0].name)))
-    assert json.dumps(learner.method.shared_json(learner), sort_keys=True) == extra
+    assert json.dumps(learner.method.shared_json(learner.model), sort_keys=True) == extra
     learner.learn(tasks[1])
     assert list(learner.tasks) == [t.name for t in tasks]
 
@@ -155,10 +155,10 @@ def test_replay_state_file_is_listed_and_verified(tiny_config, tasks, tmp_path):
 def test_ewc_penalty_is_nonzero_after_first_task_and_pulls_toward_old_parameters(sensitive_backbone, tasks):
     learner = make(sensitive_backbone, "ewc", {"ewc_lambda": 50.0})
     method = learner.method
-    assert method.penalty(learner).item() == 0.0  # nothing to protect yet
+    assert method.penalty(learner.model).item() == 0.0  # nothing to protect yet
     learner.learn(tasks[0])
     anchor = [a.clone() for a in method.anchor]
-    params = learner.adapter.parameters_of(SHARED)
+    params = learner.model.adapter.parameters_of(SHARED)
     for p, a in zip(params, anchor):
         assert torch.equal(p.detach(), a)  # theta* is the end of task 1
     assert all(torch.all(f >= 0) for f in method.fisher)
@@ -166,7 +166,7 @@ def test_ewc_penalty_is_nonzero_after_first_task_and_pulls_toward_old_parameters
 
     penalties = []
     learner.learn(tasks[1], progress=lambda done, total, loss: penalties.append(
-        method.penalty(learner).item()))
+        method.penalty(learner.model).item()))
     assert penalties[0] > 0 and max(penalties) > 0  # task 2 moved theta away from theta*
 
     # the penalty's gradient points away from theta*: a step against it goes back
@@ -176,7 +176,7 @@ def test_ewc_penalty_is_nonzero_after_first_task_and_pulls_toward_old_parameters
         p.data.copy_(s)
     method.anchor = anchor
     fisher = [f.clone() for f in method.fisher]
-    penalty = method.penalty(learner)
+    penalty = method.penalty(learner.model)
     expected = 0.5 * 50.0 * sum((f * (s - a) ** 2).sum() for f, s, a in zip(fisher, shifted, anchor))
     torch.testing.assert_close(penalty, expected)
     grads = torch.autograd.grad(penalty, params)
@@ -194,22 +194,22 @@ def test_ewc_fisher_is_the_mean_of_per_example_squared_gradients(tiny_config, ta
     task = tasks[0]
     learner.learn(task)
     states = learner.trunk_states(learner.backbone.tokenize([e.text for e in task.train]))
-    batched = learner.method.fisher_diagonal(learner, task, states)
+    batched = learner.method.fisher_diagonal(learner.model, task, states)
     generator = torch.Generator().manual_seed(task_seed(0, task.name) + 1)
     chosen = sorted(torch.randperm(len(task.train), generator=generator)[:10].tolist())
-    params = learner.adapter.parameters_of(SHARED)
+    params = learner.model.adapter.parameters_of(SHARED)
     loop = [torch.zeros_like(p) for p in params]
     index = task.label_index()
     for i in chosen:
         batch = learner.backbone.collate(learner.backbone.tokenize([task.train[i].text]))
         nll = torch.nn.functional.cross_entropy(
-            learner.top_logits(learner.trunk(batch), task.name),
+            learner.method.logits(learner.model, learner.model.trunk(batch), task.name),
             torch.tensor([index[task.train[i].label]]))
         for acc, g in zip(loop, torch.autograd.grad(nll, params)):
             acc += g**2
     for a, b in zip(batched, loop):
         torch.testing.assert_close(a, b / len(chosen), rtol=1e-4, atol=1e-9)
-    assert learner.adapter.entries() == [SHARED]  # the per-row copies are gone
+    assert learner.model.adapter.entries() == [SHARED]  # the per-row copies are gone
 
 
 # -- lwf ---------------------------------------------------------------------------------------
@@ -224,9 +224,9 @@ def test_lwf_distils_from_the_frozen_snapshot(sensitive_backbone, tasks):
     def watch(done, total, loss):
         snapshots.append({k: v.clone() for k, v in method.snapshot.items()})
         ids = learner.backbone.tokenize([e.text for e in new.train[:8]])
-        with torch.no_grad(), learner.adapter.select([SHARED] * 8):
+        with torch.no_grad(), learner.model.adapter.select([SHARED] * 8):
             pooled = learner.backbone(**learner.backbone.collate(ids))
-        distillation.append(method.distillation(learner, pooled, list(range(8))).item())
+        distillation.append(method.distillation(learner.model, pooled, list(range(8))).item())
 
     learner.learn(new, progress=watch)
     # the snapshot is the entry as it was when the task began, and never moved
@@ -239,14 +239,14 @@ def test_lwf_distils_from_the_frozen_snapshot(sensitive_backbone, tasks):
 
     # the teacher's logits are the old head's logits under the snapshot entry
     again = tasks[0].__class__("again", new.labels, new.train, new.test)
-    method.begin_task(learner, again, learner.trunk_states(
+    method.begin_task(learner.model, again, learner.trunk_states(
         learner.backbone.tokenize([e.text for e in new.train])))
     probe = "__probe"
-    learner.adapter.load_state_of(probe, method.snapshot)
+    learner.model.adapter.load_state_of(probe, method.snapshot)
     texts = [e.text for e in new.train]
     batch = learner.backbone.collate(learner.backbone.tokenize(texts))
-    with torch.no_grad(), learner.adapter.select([probe] * len(texts)):
-        expected = learner.heads(learner.backbone(**batch), old.name)
+    with torch.no_grad(), learner.model.adapter.select([probe] * len(texts)):
+        expected = learner.model.heads(learner.backbone(**batch), old.name)
     torch.testing.assert_close(method.teacher[old.name], expected, rtol=1e-4, atol=1e-5)
     assert set(method.teacher) == {old.name, new.name}
 
@@ -258,20 +258,20 @@ def test_lwf_distillation_changes_the_gradient(sensitive_backbone, tasks):
     learner.learn(old)
     ids = learner.backbone.tokenize([e.text for e in new.train])
     states = learner.trunk_states(ids)
-    method.begin_task(learner, new, states)
+    method.begin_task(learner.model, new, states)
     labels = torch.tensor([new.label_index()[e.label] for e in new.train])
     indices = list(range(8))
-    params = learner.adapter.parameters_of(SHARED)
+    params = learner.model.adapter.parameters_of(SHARED)
     with torch.no_grad():  # as after some training steps: the student has left the teacher
         for p in params:
             p.add_(0.2 * torch.randn_like(p))
-    with_kd = torch.autograd.grad(method.batch_loss(learner, new, indices, states, labels), params)
+    with_kd = torch.autograd.grad(method.batch_loss(learner.model, new, indices, states, labels), params)
     alpha, method.alpha = method.alpha, 0.0
-    without = torch.autograd.grad(method.batch_loss(learner, new, indices, states, labels), params)
+    without = torch.autograd.grad(method.batch_loss(learner.model, new, indices, states, labels), params)
     method.alpha = alpha
-    with learner.adapter.select([SHARED] * 8):
+    with learner.model.adapter.select([SHARED] * 8):
         pooled = learner.backbone(**learner.backbone.collate([ids[i] for i in indices]))
-    assert method.distillation(learner, pooled, indices).item() > 1e-4
+    assert method.distillation(learner.model, pooled, indices).item() > 1e-4
     difference = sum((a - b).abs().sum().item() for a, b in zip(with_kd, without))
     assert difference > 1e-6
 
@@ -320,9 +320,9 @@ def test_replay_mixes_old_tasks_into_batches_and_trains_their_heads(tiny_config,
     old, new = tasks
     learner.learn(old)
     assert len(learner.method.buffer) == 10 and {m.task for m in learner.method.buffer.items} == {old.name}
-    head = {k: v.clone() for k, v in learner.heads.heads[old.name].state_dict().items()}
+    head = {k: v.clone() for k, v in learner.model.heads.heads[old.name].state_dict().items()}
     learner.learn(new)
-    assert any(not torch.equal(v, head[k]) for k, v in learner.heads.heads[old.name].state_dict().items()), \
+    assert any(not torch.equal(v, head[k]) for k, v in learner.model.heads.heads[old.name].state_dict().items()), \
         "replayed rows never reached the old task's head"
     held = Counter(m.task for m in learner.method.buffer.items)
     assert held[old.name] > 0 and held[new.name] > 0 and sum(held.values()) == 10
@@ -372,7 +372,7 @@ def test_joint_learns_all_tasks_at_once_and_reports_only_the_last_row(tiny_confi
     learner = make(tiny_config, "joint")
     with pytest.raises(ValueError, match="method 'joint' learns all tasks at once"):
         learner.learn(tasks[0])
-    assert not learner.tasks and learner.adapter.entries() == []
+    assert not learner.tasks and learner.model.adapter.entries() == []
     report = run_joint(tasks, learner, tmp_path / "joint")
     R = report["accuracy_matrix"]
     assert R[0] == [None, None] and all(v is not None for v in R[1])
@@ -380,7 +380,7 @@ def test_joint_learns_all_tasks_at_once_and_reports_only_the_last_row(tiny_confi
     assert report["metrics"]["acc"] == pytest.approx(sum(R[1]) / 2)
     steps = {r["train_stats"]["steps"] for r in report["per_task"]}
     assert steps == {2 * 6}  # 48 examples / batch 8, 2 epochs: as many steps as one after another
-    assert learner.adapter.entries() == [SHARED] and set(learner.heads.heads) == {"kinds", "topics"}
+    assert learner.model.adapter.entries() == [SHARED] and set(learner.model.heads.heads) == {"kinds", "topics"}
     loaded = ContinualLearner.load(tmp_path / "joint" / "model", device="cpu")
     texts = [e.text for e in tasks[1].test]
     assert torch.equal(torch.stack(loaded.logits(texts, "topics")),

@@ -73,7 +73,7 @@ def test_footprint_within_a_tenth_of_a_percent(learned):
     for name in learner.tasks:
         footprint = learner.footprint(name)
         # keys, values and FFN activations of the top layers only
-        assert learner.top_layers == DEFAULT_ADAPT_LAYERS < 6
+        assert learner.model.top_layers == DEFAULT_ADAPT_LAYERS < 6
         assert footprint["adapter_parameters"] == DEFAULT_ADAPT_LAYERS * (384 + 384 + 1536)
         assert footprint["adapter_percent_of_backbone"] < 0.1
 

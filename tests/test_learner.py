@@ -21,13 +21,13 @@ def test_learning_a_task_leaves_backbone_and_other_tasks_bit_identical(tiny_conf
     learner.learn(tasks[0])
     texts = [e.text for e in tasks[0].test]
     logits_before = torch.stack(learner.logits(texts, tasks[0].name))
-    scales_before = [p.clone() for p in learner.adapter.parameters_of(tasks[0].name)]
+    scales_before = [p.clone() for p in learner.model.adapter.parameters_of(tasks[0].name)]
 
     learner.learn(tasks[1])
 
     logits_after = torch.stack(learner.logits(texts, tasks[0].name))
     assert torch.equal(logits_before, logits_after)
-    for old, new in zip(scales_before, learner.adapter.parameters_of(tasks[0].name)):
+    for old, new in zip(scales_before, learner.model.adapter.parameters_of(tasks[0].name)):
         assert torch.equal(old, new)
     for key, value in learner.backbone.encoder.state_dict().items():
         if "scales" not in key:
@@ -37,7 +37,7 @@ def test_learning_a_task_leaves_backbone_and_other_tasks_bit_identical(tiny_conf
 def test_training_moves_only_the_new_tasks_parameters(tiny_config, tasks):
     learner = make(tiny_config)
     learner.learn(tasks[0])
-    moved = [p for p in learner.adapter.parameters_of(tasks[0].name) if not torch.all(p == 1)]
+    moved = [p for p in learner.model.adapter.parameters_of(tasks[0].name) if not torch.all(p == 1)]
     assert moved, "scale vectors never left their initial value"
     record = learner.tasks[tasks[0].name]
     assert record.adapter_parameters == 2 * (32 + 32 + 64)
@@ -82,8 +82,8 @@ def test_failed_task_leaves_earlier_tasks_intact(tiny_config, tasks):
     with pytest.raises(RuntimeError, match="killed mid-task"):
         learner.learn(tasks[1], progress=crash)
     assert list(learner.tasks) == [tasks[0].name]
-    assert learner.adapter.entries() == [tasks[0].name]
-    assert tasks[1].name not in learner.heads
+    assert learner.model.adapter.entries() == [tasks[0].name]
+    assert tasks[1].name not in learner.model.heads
     assert torch.equal(before, torch.stack(learner.logits(texts, tasks[0].name)))
     learner.learn(tasks[1])  # and the task can be learned afterwards
     assert list(learner.tasks) == [t.name for t in tasks]
@@ -111,7 +111,7 @@ def test_delete_removes_the_task_only(tiny_config, tasks):
     kept = torch.stack(learner.logits(texts, tasks[1].name))
     learner.delete(tasks[0].name)
     assert list(learner.tasks) == [tasks[1].name]
-    assert learner.adapter.entries() == [tasks[1].name]
+    assert learner.model.adapter.entries() == [tasks[1].name]
     assert torch.equal(kept, torch.stack(learner.logits(texts, tasks[1].name)))
 
 
@@ -130,8 +130,8 @@ def test_bf16_training_learns_and_predicts_in_float32(tiny_config, tasks):
     learner.learn(tasks[0])
     logits = learner.logits([e.text for e in tasks[0].test], tasks[0].name)
     assert logits[0].dtype == torch.float32
-    assert all(p.dtype == torch.float32 for p in learner.adapter.parameters_of(tasks[0].name))
-    assert any(not torch.all(p == 1) for p in learner.adapter.parameters_of(tasks[0].name))
+    assert all(p.dtype == torch.float32 for p in learner.model.adapter.parameters_of(tasks[0].name))
+    assert any(not torch.all(p == 1) for p in learner.model.adapter.parameters_of(tasks[0].name))
     with pytest.raises(ValueError, match="precision must be one of \\['auto', 'fp32', 'bf16'\\], got 'fp8'"):
         TrainConfig(precision="fp8")
 
@@ -177,4 +177,4 @@ def test_failed_import_leaves_the_learner_as_it_was(tiny_config, tasks):
     with pytest.raises(ValueError, match="head tensors missing"):
         live.import_task(record, broken)
     assert list(live.tasks) == [tasks[0].name]
-    assert live.adapter.entries() == [tasks[0].name] and tasks[1].name not in live.heads
+    assert live.model.adapter.entries() == [tasks[0].name] and tasks[1].name not in live.model.heads

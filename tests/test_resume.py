@@ -66,7 +66,7 @@ def stripped(report):
 
 def model_tensors(directory):
     learner = ContinualLearner.load(directory, device="cpu")
-    return {t: learner.method.task_tensors(learner, t) for t in learner.tasks}
+    return {t: learner.method.task_tensors(learner.model, t) for t in learner.tasks}
 
 
 def assert_same_model(a, b):

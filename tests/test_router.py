@@ -34,7 +34,7 @@ def ia3(tiny_config, tasks):
 def test_router_reads_the_trunk_output_of_the_prediction_pass(ia3, tasks):
     # All layers adapted: the trunk is the embedding layer, as the original router read it.
     backbone = ia3.backbone
-    assert ia3.trunk_layers == 0
+    assert ia3.model.trunk_layers == 0
     texts = [e.text for e in tasks[0].test]
     batch = backbone.collate(backbone.tokenize(texts))
     seen = []

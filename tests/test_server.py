@@ -499,7 +499,7 @@ def test_a_save_that_fails_leaves_the_served_model_as_it_was(model_dir, tmp_path
         service.add_task(record, tensors)
     assert service.task_names() == ("kinds", "topics")
     assert list(service.learner.tasks) == ["kinds", "topics"]
-    assert service.learner.adapter.entries() == ["kinds", "topics"] and "beasts" not in service.learner.heads
+    assert service.learner.model.adapter.entries() == ["kinds", "topics"] and "beasts" not in service.learner.model.heads
     with pytest.raises(OSError):
         service.delete_task("kinds")
     assert service.task_names() == ("kinds", "topics") and list(service.learner.tasks) == ["kinds", "topics"]

@@ -25,17 +25,17 @@ class FaultyIA3(IA3Method):
         self.calls = 0
         self.sizes = []
 
-    def loss(self, learner, task, batch, labels):
+    def loss(self, model, task, batch, labels):
         if self.oom_above is not None and len(labels) > self.oom_above:
             raise torch.cuda.OutOfMemoryError(f"injected: {len(labels)} rows > {self.oom_above}")
         self.calls += 1
         self.sizes.append(len(labels))
-        loss = super().loss(learner, task, batch, labels)
+        loss = super().loss(model, task, batch, labels)
         if self.calls in self.nan_calls:
             return loss * float("nan")
         if self.calls in self.nan_grad_calls:
             # finite value (0), but d/dx sqrt(x) at 0 is inf, times 0: NaN gradients
-            scale = learner.adapter.parameters_of(task.name)[0]
+            scale = model.adapter.parameters_of(task.name)[0]
             return loss + torch.sqrt(scale.sum() * 0)
         return loss
 
@@ -50,7 +50,7 @@ def learner_with(tiny_config, method):
 
 
 def trained(learner, task) -> dict:
-    return learner.method.task_tensors(learner, task)
+    return learner.method.task_tensors(learner.model, task)
 
 
 def config(**kw):
@@ -67,7 +67,7 @@ def test_non_finite_loss_and_gradient_steps_are_skipped_and_counted(tiny_config,
     assert record.stats["steps"] == 6 and method.calls == 6
     for name, value in trained(learner, tasks[0].name).items():
         assert torch.isfinite(value).all(), name
-    assert any(not torch.all(p == 1) for p in learner.adapter.parameters_of(tasks[0].name))
+    assert any(not torch.all(p == 1) for p in learner.model.adapter.parameters_of(tasks[0].name))
     assert learner.evaluate(tasks[0]) > 0.5
 
 
@@ -79,7 +79,7 @@ def test_repeated_failures_go_back_to_the_epoch_start_with_half_the_rate(tiny_co
     seen = []
 
     def progress(done, total, loss):
-        seen.append((done, [p.detach().clone() for p in learner.adapter.parameters_of(tasks[0].name)]))
+        seen.append((done, [p.detach().clone() for p in learner.model.adapter.parameters_of(tasks[0].name)]))
 
     record = learner.learn(tasks[0], progress=progress)
     assert [done for done, _ in seen] == [1, 2, 3, 4, 5, 3, 4, 5, 6]
@@ -105,7 +105,7 @@ def test_a_task_that_cannot_be_learned_fails_clearly_and_keeps_earlier_tasks(tin
                        r"to 0.25x; 6 steps skipped in all. Lower the learning rates"):
         learner.learn(tasks[1])
     assert list(learner.tasks) == [tasks[0].name]
-    assert learner.adapter.entries() == [tasks[0].name] and tasks[1].name not in learner.heads
+    assert learner.model.adapter.entries() == [tasks[0].name] and tasks[1].name not in learner.model.heads
     assert torch.equal(before, torch.stack(learner.logits(texts, tasks[0].name)))
 
 
@@ -127,7 +127,7 @@ def test_out_of_memory_on_one_example_is_a_clear_error(tiny_config, tasks):
     learner = learner_with(tiny_config, FaultyIA3(config(), oom_above=0))
     with pytest.raises(TrainingError, match="out of memory even with micro-batches of one example"):
         learner.learn(tasks[0])
-    assert not learner.tasks and not learner.adapter.entries()
+    assert not learner.tasks and not learner.model.adapter.entries()
 
 
 class Stop(Exception):
@@ -204,7 +204,7 @@ def test_token_budget_splits_long_batches_and_keeps_the_update(tiny_config, task
     whole.learn(tasks[0])
     method = FaultyIA3(config())
     split = learner_with(tiny_config, method)
-    split.pass_tokens = 24  # the toy texts have 7-9 tokens: at most 3 rows per pass
+    split.model.pass_tokens = 24  # the toy texts have 7-9 tokens: at most 3 rows per pass
     split.learn(tasks[0])
     assert max(method.sizes) <= 3 and len(method.sizes) > 6
     expected, got = trained(whole, tasks[0].name), trained(split, tasks[0].name)

@@ -37,7 +37,7 @@ def test_all_layers_reproduce_the_original_method_bit_for_bit(tiny_config, tasks
     torch.manual_seed(0)
     learner = ContinualLearner(tiny_config, train=TrainConfig(epochs=2, precision=precision),
                                device="cpu")
-    assert learner.trunk_layers == 0 and learner.top_layers == 2
+    assert learner.model.trunk_layers == 0 and learner.model.top_layers == 2
     for task in tasks:
         learner.learn(task)
     assert {t.name: _sha(learner.task_tensors(t.name)) for t in tasks} == golden["tasks"]
@@ -59,9 +59,9 @@ def test_top_k_adapts_only_the_top_layers(tiny_config, tasks):
 
     learner = ContinualLearner(tiny_config, method=make_method("ia3", {"adapt_layers": 1}),
                                device="cpu")
-    assert (learner.trunk_layers, learner.top_layers) == (1, 1)
-    assert sorted(learner.adapter.layers) and all(".layer__1__" in f".{n}" or n.startswith("encoder__layer__1__")
-                                                   for n in learner.adapter.layers)
+    assert (learner.model.trunk_layers, learner.model.top_layers) == (1, 1)
+    assert sorted(learner.model.adapter.layers) and all(".layer__1__" in f".{n}" or n.startswith("encoder__layer__1__")
+                                                   for n in learner.model.adapter.layers)
     record = learner.learn(tasks[0])
     assert record.adapter_parameters == 32 + 32 + 64  # one layer: key, value, FFN
     assert learner.method.hyperparameters()["adapt_layers"] == 1
@@ -100,7 +100,7 @@ def test_checkpoint_from_before_the_split_loads_and_predicts_as_before(tmp_path)
     model = shutil.copytree(DATA / "checkpoint_v1", tmp_path / "model")
     assert read_manifest(model)["format_version"] == 1
     learner = ContinualLearner.load(model, device="cpu")
-    assert (learner.trunk_layers, learner.top_layers) == (0, 6)  # every layer, as it was written
+    assert (learner.model.trunk_layers, learner.model.top_layers) == (0, 6)  # every layer, as it was written
     assert learner.method.hyperparameters()["adapt_layers"] == 6
     texts = expected["texts"]
     for task, rows in expected["logits"].items():

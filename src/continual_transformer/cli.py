@@ -155,8 +155,8 @@ def run(
                 method, {"train": train.to_dict(), "adapt_layers": adapt_layers}))
     except _user_errors() as exc:
         _fail(str(exc))
-    top = (f"; scales in the top {learner.top_layers} of {learner.backbone.num_layers} layers"
-           if learner.top_layers else "")
+    top = (f"; scales in the top {learner.model.top_layers} of {learner.backbone.num_layers} layers"
+           if learner.model.top_layers else "")
     console.print(f"stream [bold]{stream}[/]: {len(tasks)} tasks; backbone "
                   f"{learner.backbone.ref.name} ({learner.backbone_parameters:,} parameters) "
                   f"on {learner.device}; method {method}{top}")

@@ -18,21 +18,17 @@ from typing import Sequence
 
 import torch
 
-from .model.scaling import IA3
+from .model.adapted import AdaptedModel
 from .model.backbone import Backbone, masked_mean
 from .config import BackboneConfig, TrainConfig
 from .types import Prediction, Task, TaskRecord, check_task_name
-from .model.heads import TaskHeads
 from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
-from .training.precision import training_autocast, uses_bf16
 from .model.router import Router
 from .training.loop import Checkpointing, Progress
 from .model.trunk import TopInput, TrunkStates, release_freed_memory
 
 INFERENCE_BATCH = 64
-LENGTH_MULTIPLE = 16  # batch lengths above a trunk: at most 8 shapes at 128 tokens
-PASS_TOKENS = 2048  # training pass size above a trunk: bounds its activation memory
 
 
 @dataclass(frozen=True)
@@ -70,22 +66,9 @@ class ContinualLearner:
             raise ValueError(f"method {method.name!r} is not trained by gradient; `train` does not apply")
         self.method = method
         self.backbone_parameters = self.backbone.num_parameters()
-        depth = self.backbone.num_layers
         # The top layers carry the tasks' scale vectors; the trunk below them is shared.
-        self.top_layers = method.resolve_adapt_layers(depth)
-        self.trunk_layers = depth - self.top_layers
-        self.adapter = IA3(self.backbone.encoder, self.backbone.ref.model_type,
-                           layers=range(self.trunk_layers, depth))
-        # Training passes of at most this many padded tokens (a longer batch is computed in
-        # micro-batches with the same update); None: whole batches.
-        self.pass_tokens: int | None = None
-        if self.trunk_layers and self.top_layers:
-            # The trunk/top split runs its own kernels (see `training_kernels` too); with every
-            # layer adapted the passes stay exactly those of the all-layer method.
-            self.backbone.length_multiple = LENGTH_MULTIPLE
-            self.adapter.in_activation_dtype = True
-            self.pass_tokens = PASS_TOKENS
-        self.heads = TaskHeads(self.backbone.hidden_size)
+        # The method learns on this model and sees nothing else of the learner.
+        self.model = AdaptedModel(self.backbone, method.resolve_adapt_layers(self.backbone.num_layers))
         # Methods that classify over all tasks' labels route themselves; the others get a router.
         self.router = None if method.routes_itself else Router(
             self.backbone.hidden_size, **(router or {}))
@@ -109,25 +92,29 @@ class ContinualLearner:
         if task.name in self.tasks:
             raise ValueError(f"task {task.name!r} is already learned; delete it first")
         _check_task(task)
+        if self.method.learns_jointly:
+            raise ValueError(
+                f"method {self.method.name!r} learns all tasks at once, not one after another: "
+                "use ContinualLearner.learn_jointly(tasks) (`ctt run --method joint` does)")
         resumed = checkpointing.resume_from if checkpointing else None
         start = time.perf_counter() - (resumed.seconds if resumed else 0.0)
         try:
-            with self.training_kernels():
+            with self.model.training_kernels():
                 states = self.trunk_states(self.backbone.tokenize([e.text for e in task.train]))
-                stats = self.method.learn(self, task, states, progress, checkpointing)
+                stats = self.method.learn(self.model, task, states, progress, checkpointing)
             stats["trunk_cache"] = {"texts": len(states), "stored": states.stored,
                                     "bytes": states.stored_bytes}
             if self.router is not None:
                 self.router.partial_fit(states.features, task.name)
         except BaseException:
-            self.method.forget(self, task.name)
+            self.method.rollback(self.model, task.name)
             if self.router is not None:
                 self.router.remove(task.name)
             raise
         finally:
             states = None
             release_freed_memory()
-        adapter_parameters, head_parameters = self.method.footprint(self, task.name)
+        adapter_parameters, head_parameters = self.method.footprint(self.model, task.name)
         record = TaskRecord(
             name=task.name,
             labels=tuple(task.labels),
@@ -148,8 +135,7 @@ class ContinualLearner:
         Each task's record gets the share of the training time of its training examples.
         On any failure the learner is left as it was (empty).
         """
-        learn = getattr(self.method, "learn_jointly", None)
-        if learn is None:
+        if not self.method.learns_jointly:
             raise ValueError(f"method {self.method.name!r} learns tasks one after another; use learn()")
         if self.tasks:
             raise ValueError(f"joint training starts from an empty model; it knows {list(self.tasks)}")
@@ -161,10 +147,10 @@ class ContinualLearner:
             _check_task(task)
         start = time.perf_counter()
         try:
-            with self.training_kernels():
+            with self.model.training_kernels():
                 states = self.trunk_states([row for task in tasks for row in
                                             self.backbone.tokenize([e.text for e in task.train])])
-                stats = learn(self, list(tasks), states, progress)
+                stats = self.method.learn_jointly(self.model, list(tasks), states, progress)
             if self.router is not None:
                 first = 0
                 for task in tasks:
@@ -172,7 +158,7 @@ class ContinualLearner:
                     first += len(task.train)
         except BaseException:
             for task in tasks:
-                self.method.forget(self, task.name)
+                self.method.rollback(self.model, task.name)
                 if self.router is not None:
                     self.router.remove(task.name)
             raise
@@ -180,7 +166,7 @@ class ContinualLearner:
         total = sum(len(t.train) for t in tasks)
         learned_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for task in tasks:
-            adapter_parameters, head_parameters = self.method.footprint(self, task.name)
+            adapter_parameters, head_parameters = self.method.footprint(self.model, task.name)
             self.tasks[task.name] = TaskRecord(
                 name=task.name, labels=tuple(task.labels), learned_at=learned_at,
                 train_examples=len(task.train),
@@ -193,7 +179,7 @@ class ContinualLearner:
 
     def delete(self, task: str) -> None:
         self._require(task)
-        self.method.forget(self, task)
+        self.method.delete(self.model, task)
         if self.router is not None:
             self.router.remove(task)
         del self.tasks[task]
@@ -222,7 +208,7 @@ class ContinualLearner:
         check_task_name(record.name)
         if record.name in self.tasks:
             raise ValueError(f"task {record.name!r} is already learned; delete it first")
-        if self.method.shares_state or self.method.shared_tensors(self):
+        if self.method.shares_state or self.method.shared_tensors(self.model):
             raise ValueError(
                 f"method {self.method.name!r} shares state between tasks; a task learned "
                 "elsewhere cannot be imported alone"
@@ -233,59 +219,21 @@ class ContinualLearner:
             if shared_increment and self.router is not None:
                 self.router.add_shared_tensors(shared_increment)
         except BaseException:
-            self.method.forget(self, record.name)
+            self.method.rollback(self.model, record.name)
             self.tasks.pop(record.name, None)
             if router_before is not None:
                 self.router.restore(router_before)
             raise
 
-    # -- the trunk and the top -----------------------------------------------------------------
+    # -- the trunk ---------------------------------------------------------------------------
     def trunk_states(self, ids: Sequence[Sequence[int]], store: bool = True) -> TrunkStates:
         """The trunk run once over tokenised texts, in the method's training precision: the
         router's features, and (with `store`, for methods that train) the stored trunk output
         the top trains on."""
-        precision = self.method.precision
-        bf16 = uses_bf16(precision, self.device)
-        return TrunkStates(
-            self.backbone, ids, self.trunk_layers,
-            autocast=training_autocast(precision, self.device),
-            store_dtype=torch.bfloat16 if bf16 else torch.float32,
-            cache_bytes=int(self.method.trunk_cache_mb * 2**20) if store else 0,
-            with_features=self.router is not None,
-        )
-
-    def training_kernels(self):
-        """The context learning runs in. With a trunk below the adapted top, attention runs as
-        plain matrix products ("eager"): on a CPU the fused attention's backward pass made a
-        top-3 training step 2.3x slower (197 vs 87 ms; MiniLM, 32 texts). With every layer
-        adapted (no trunk) the pass stays the original one, so that it reproduces the all-layer
-        method bit for bit."""
-        if self.trunk_layers == 0 or self.top_layers == 0:
-            return contextlib.nullcontext()
-        return self.backbone.attention("eager")
-
-    def top_pooled(self, inputs: TopInput, keys: Sequence[str | None]) -> torch.Tensor:
-        """The top layers on a trunk output, row i under adapter entry `keys[i]` (None: the
-        plain backbone), pooled: (B, H). Differentiable (used in training)."""
-        try:
-            self._select(keys)
-            hidden = self.backbone.run_layers(inputs.hidden, inputs.call, self.trunk_layers,
-                                              self.backbone.num_layers)  # (B, T, H)
-        finally:
-            self.adapter.clear()
-        return self.backbone.pool(hidden, inputs.attention_mask)
-
-    def top_logits(self, inputs: TopInput, task: str) -> torch.Tensor:
-        """Logits of a single-task batch: (B, C_task). Differentiable (used in training)."""
-        key = self.method.adapter_key(task)
-        pooled = self.top_pooled(inputs, [key] * inputs.hidden.shape[0])  # (B, H)
-        return self.heads(pooled, task)
-
-    def trunk(self, batch: dict[str, torch.Tensor]) -> TopInput:
-        """The trunk's output for a batch of token ids (no task's scales apply there)."""
-        hidden, call = self.backbone.start(**batch)
-        hidden = self.backbone.run_layers(hidden, call, 0, self.trunk_layers)  # (B, T, H)
-        return TopInput(hidden, call, batch["attention_mask"])
+        return self.model.trunk_states(
+            ids, precision=self.method.precision,
+            cache_mb=self.method.trunk_cache_mb if store else 0,
+            with_features=self.router is not None)
 
     # -- inference ---------------------------------------------------------------------------
     def route(self, features: torch.Tensor) -> list[str]:
@@ -310,26 +258,19 @@ class ContinualLearner:
         missing = [i for i, t in enumerate(tasks) if t is None]
         if missing and not self.tasks:
             raise ValueError("no task given and no task learned yet")
-        inputs = self.trunk(batch)
+        inputs = self.model.trunk(batch)
         if self.router is None:  # the method classifies over all tasks on the plain backbone
-            pooled = self.top_pooled(inputs, [None] * len(tasks))  # (B, H)
+            pooled = self.model.top_pooled(inputs, [None] * len(tasks))  # (B, H)
             if missing:
-                for i, name in zip(missing, self.method.infer_tasks(self, pooled[missing])):
+                for i, name in zip(missing, self.method.infer_tasks(self.model, pooled[missing])):
                     tasks[i] = name
         else:
             if missing:
                 features = masked_mean(inputs.hidden, inputs.attention_mask)[missing]  # (M, H)
                 for i, name in zip(missing, self.route(features)):
                     tasks[i] = name
-            pooled = self.top_pooled(inputs, [self.method.adapter_key(t) for t in tasks])
-        return tasks, self.method.head_logits(self, pooled, tasks)
-
-    def _select(self, keys: Sequence[str | None]) -> None:
-        if all(k is None for k in keys):
-            return
-        if any(k is None for k in keys):
-            raise ValueError("cannot mix adapter-free and adapted tasks in one batch")
-        self.adapter.route(list(keys))
+            pooled = self.model.top_pooled(inputs, [self.method.adapter_key(t) for t in tasks])
+        return tasks, self.method.head_logits(self.model, pooled, tasks)
 
     @torch.inference_mode()
     def _run(self, texts: Sequence[str], row_tasks: list[str | None]) -> tuple[list[str], list[torch.Tensor]]:
@@ -386,15 +327,15 @@ class ContinualLearner:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # as `predict` batches them
         for start in range(0, len(order), INFERENCE_BATCH):
             chunk = order[start : start + INFERENCE_BATCH]
-            inputs = self.trunk(self.backbone.collate([ids[i] for i in chunk]))
-            pooled = self.top_pooled(inputs, [key] * len(chunk))  # (B, H)
-            logits = self.method.head_logits(self, pooled, [task.name] * len(chunk))
+            inputs = self.model.trunk(self.backbone.collate([ids[i] for i in chunk]))
+            pooled = self.model.top_pooled(inputs, [key] * len(chunk))  # (B, H)
+            logits = self.method.head_logits(self.model, pooled, [task.name] * len(chunk))
             for i, row in zip(chunk, logits):
                 correct[i] = int(row.argmax()) == index[task.test[i].label]
             if features is not None:
                 features[chunk] = masked_mean(inputs.hidden, inputs.attention_mask).float().cpu()
             else:
-                for i, name in zip(chunk, self.method.infer_tasks(self, pooled)):
+                for i, name in zip(chunk, self.method.infer_tasks(self.model, pooled)):
                     inferred[i] = name
         return TestPass(correct, features, inferred)
 
@@ -423,22 +364,22 @@ class ContinualLearner:
         if task.name in self.tasks:
             raise ValueError(f"task {task.name!r} is already learned")
         probe = _probe_task(self.method, task.name)
-        self.heads.add(probe, len(task.labels), _head_seed(self.method, task.name), self.device)
+        self.model.heads.add(probe, task.labels, _head_seed(self.method, task.name), self.device)
         try:
             ids = self.backbone.tokenize([e.text for e in task.test])
             index = task.label_index()
             correct = 0
             key = self.method.adapter_key(probe)
-            if key not in self.adapter.entries():
+            if key not in self.model.adapter.entries():
                 key = None  # an entry that does not exist yet starts at 1: the plain backbone
             for start in range(0, len(ids), INFERENCE_BATCH):
                 batch = self.backbone.collate(ids[start : start + INFERENCE_BATCH])
-                pooled = self.top_pooled(self.trunk(batch), [key] * batch["input_ids"].shape[0])
-                predicted = self.heads(pooled, probe).argmax(-1).tolist()
+                pooled = self.model.top_pooled(self.model.trunk(batch), [key] * batch["input_ids"].shape[0])
+                predicted = self.model.heads(pooled, probe).argmax(-1).tolist()
                 gold = [index[e.label] for e in task.test[start : start + INFERENCE_BATCH]]
                 correct += sum(p == g for p, g in zip(predicted, gold))
         finally:
-            self.heads.remove(probe)
+            self.model.heads.remove(probe)
         return correct / len(task.test)
 
     # -- footprint ---------------------------------------------------------------------------
@@ -463,12 +404,12 @@ class ContinualLearner:
         """Numbers every task shares (constant in the number of examples): router, method."""
         return {
             "router": self.router.state_numbers()["shared"] if self.router is not None else 0,
-            "method": self.method.shared_numbers(self),
+            "method": self.method.shared_numbers(self.model),
         }
 
     # -- checkpoint state --------------------------------------------------------------------
     def task_tensors(self, task: str) -> dict[str, torch.Tensor]:
-        tensors = dict(self.method.task_tensors(self, task))
+        tensors = dict(self.method.task_tensors(self.model, task))
         if self.router is not None:
             tensors.update(self.router.task_tensors(task))
         return tensors
@@ -477,11 +418,11 @@ class ContinualLearner:
         if self.router is not None:
             self.router.load_task_tensors(record.name, tensors)
         own = {k: v for k, v in tensors.items() if not k.startswith("router.")}
-        self.method.load_task_tensors(self, record.name, record.labels, own)
+        self.method.load_task_tensors(self.model, record.name, record.labels, own)
         self.tasks[record.name] = record
 
     def shared_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = dict(self.method.shared_tensors(self))
+        tensors = dict(self.method.shared_tensors(self.model))
         if self.router is not None:
             tensors.update(self.router.shared_tensors())
         return tensors
@@ -490,7 +431,7 @@ class ContinualLearner:
         if self.router is not None:
             self.router.load_shared_tensors(tensors)
         self.method.load_shared_tensors(
-            self, {k: v for k, v in tensors.items() if not k.startswith("router.")})
+            self.model, {k: v for k, v in tensors.items() if not k.startswith("router.")})
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

@@ -180,7 +180,7 @@ def save(learner: "ContinualLearner", directory: Path) -> Path:
     if shared:
         shared_file, data = tensor_file("shared", shared)
         put(shared_file, data)
-    shared_json = learner.method.shared_json(learner)
+    shared_json = learner.method.shared_json(learner.model)
     shared_json_file = None
     if shared_json is not None:
         data = json.dumps(shared_json, sort_keys=True).encode()
@@ -432,7 +432,7 @@ def _install(learner: "ContinualLearner", directory: Path, manifest: dict) -> No
         raise CheckpointError(f"{directory / manifest['shared_file']}: {exc}") from None
     try:
         if shared_data is not None:
-            learner.method.load_shared_json(learner, shared_data)
+            learner.method.load_shared_json(learner.model, shared_data)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory / manifest['shared_json_file']}: {exc}") from None
     for entry, tensors in zip(manifest["tasks"], task_tensors):

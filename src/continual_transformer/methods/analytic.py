@@ -45,21 +45,21 @@ class AnalyticMethod(Method):
     def adapter_key(self, task: str) -> None:
         return None  # the plain frozen backbone
 
-    def _classifier(self, learner) -> AnalyticClassifier:
+    def _classifier(self, model) -> AnalyticClassifier:
         if self.classifier is None:
-            self.classifier = AnalyticClassifier(in_dim=learner.backbone.hidden_size, **self.options)
+            self.classifier = AnalyticClassifier(in_dim=model.backbone.hidden_size, **self.options)
         return self.classifier
 
     @torch.inference_mode()
-    def learn(self, learner, task: Task, states, progress, checkpointing=None) -> dict:
+    def learn(self, model, task: Task, states, progress, checkpointing=None) -> dict:
         del checkpointing  # one pass, no steps: nothing to save within the task
-        classifier = self._classifier(learner)
+        classifier = self._classifier(model)
         ids = states.ids
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         total = (len(order) + INFERENCE_BATCH - 1) // INFERENCE_BATCH
         for step, start in enumerate(range(0, len(order), INFERENCE_BATCH), start=1):
             chunk = order[start : start + INFERENCE_BATCH]
-            pooled = learner.backbone(**learner.backbone.collate([ids[i] for i in chunk]))  # (B, H)
+            pooled = model.backbone(**model.backbone.collate([ids[i] for i in chunk]))  # (B, H)
             classifier.partial_fit(pooled, [class_key(task.name, task.train[i].label) for i in chunk])
             if progress is not None:
                 progress(step, total, float("nan"))
@@ -72,36 +72,36 @@ class AnalyticMethod(Method):
         index = {c: i for i, c in enumerate(self.classifier.classes_)}
         return [index[class_key(task, label)] for label in self.labels[task]]
 
-    def head_logits(self, learner, pooled: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
+    def head_logits(self, model, pooled: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         scores = self.classifier.decision_function(pooled).to(torch.float32)  # (B, K_all)
         columns = {t: self._columns(t) for t in dict.fromkeys(tasks)}
         return [scores[i, columns[t]] for i, t in enumerate(tasks)]
 
-    def infer_tasks(self, learner, pooled: torch.Tensor) -> list[str]:
+    def infer_tasks(self, model, pooled: torch.Tensor) -> list[str]:
         """The task of the best class over all labels of all tasks (class-incremental)."""
         return [key.split(SEP, 1)[0] for key in self.classifier.predict(pooled)]
 
-    def forget(self, learner, task: str) -> None:
+    def delete(self, model, task: str) -> None:
         if task in self.labels:
             self.classifier.remove_classes([class_key(task, label) for label in self.labels[task]])
             del self.labels[task]
 
-    def footprint(self, learner, task: str) -> tuple[int, int]:
+    def footprint(self, model, task: str) -> tuple[int, int]:
         return 0, len(self.labels[task]) * self.classifier.state_numbers()["per_class"]
 
-    def shared_numbers(self, learner) -> int:
-        return self._classifier(learner).state_numbers()["shared"]
+    def shared_numbers(self, model) -> int:
+        return self._classifier(model).state_numbers()["shared"]
 
-    def task_tensors(self, learner, task: str) -> dict[str, torch.Tensor]:
+    def task_tensors(self, model, task: str) -> dict[str, torch.Tensor]:
         keys = [class_key(task, label) for label in self.labels[task]]
         return self.classifier.class_state(keys)
 
-    def load_task_tensors(self, learner, task: str, labels, tensors) -> None:
-        self._classifier(learner).load_class_state([class_key(task, l) for l in labels], tensors)
+    def load_task_tensors(self, model, task: str, labels, tensors) -> None:
+        self._classifier(model).load_class_state([class_key(task, l) for l in labels], tensors)
         self.labels[task] = tuple(labels)
 
-    def shared_tensors(self, learner) -> dict[str, torch.Tensor]:
-        return self._classifier(learner).shared_state()
+    def shared_tensors(self, model) -> dict[str, torch.Tensor]:
+        return self._classifier(model).shared_state()
 
-    def load_shared_tensors(self, learner, tensors) -> None:
-        self._classifier(learner).load_shared_state(tensors)
+    def load_shared_tensors(self, model, tensors) -> None:
+        self._classifier(model).load_shared_state(tensors)

@@ -15,7 +15,7 @@ from ..training.loop import Checkpointing, Progress, TrainResult, fit
 from ..model.trunk import TopInput, TrunkStates
 
 if TYPE_CHECKING:
-    from ..learner import ContinualLearner
+    from ..model.adapted import AdaptedModel
 
 
 def task_seed(seed: int, task: str) -> int:
@@ -33,10 +33,12 @@ class Method:
 
     name: ClassVar[str]
     # True when the method classifies over all tasks' labels and so predicts the task itself;
-    # otherwise the learner routes task-free inputs with its router.
+    # otherwise the model routes task-free inputs with its router.
     routes_itself: ClassVar[bool] = False
     # True when learning one task can change what another task's inputs meet (shared state).
     shares_state: ClassVar[bool] = False
+    # True when the method learns all tasks at once (`learn_jointly`), never one by one.
+    learns_jointly: ClassVar[bool] = False
     # Bytes per number of the state counted as the task's "head" (float32 weights by default).
     head_number_bytes: ClassVar[int] = 4
     # Precision of the passes that learning makes, and the memory (MiB) a task's stored trunk
@@ -55,7 +57,7 @@ class Method:
         raise NotImplementedError
 
     def learn(
-        self, learner: "ContinualLearner", task: Task, states: TrunkStates,
+        self, model: "AdaptedModel", task: Task, states: TrunkStates,
         progress: Progress | None, checkpointing: Checkpointing | None = None,
     ) -> dict:
         """Learn the task from its training texts' trunk states (the token ids, and the trunk's
@@ -63,51 +65,63 @@ class Method:
         `checkpointing`; the others learn a task in one go and ignore it."""
         raise NotImplementedError
 
+    def learn_jointly(self, model: "AdaptedModel", tasks: list[Task], states: TrunkStates,
+                      progress: Progress | None) -> dict:
+        """Learn `tasks` at once from the trunk states of all their training texts (task after
+        task, in order); only for methods that declare `learns_jointly`."""
+        raise NotImplementedError
+
     def head_logits(
-        self, learner: "ContinualLearner", pooled: torch.Tensor, tasks: list[str]
+        self, model: "AdaptedModel", pooled: torch.Tensor, tasks: list[str]
     ) -> list[torch.Tensor]:
         """Logits per row from the pooled backbone output (B, H), each under its own task."""
-        return learner.heads.per_row(pooled, tasks)
+        return model.heads.per_row(pooled, tasks)
 
-    def infer_tasks(self, learner: "ContinualLearner", pooled: torch.Tensor) -> list[str]:
+    def infer_tasks(self, model: "AdaptedModel", pooled: torch.Tensor) -> list[str]:
         raise NotImplementedError(f"method {self.name!r} does not predict tasks; use the router")
 
-    def footprint(self, learner: "ContinualLearner", task: str) -> tuple[int, int]:
+    def footprint(self, model: "AdaptedModel", task: str) -> tuple[int, int]:
         """(scale-vector parameters, head parameters) the task owns."""
         key = self.adapter_key(task)
-        adapter = learner.adapter.num_parameters(key) if key == task else 0
-        head = learner.heads.num_parameters(task) if task in learner.heads else 0
+        adapter = model.adapter.num_parameters(key) if key == task else 0
+        head = model.heads.num_parameters(task) if task in model.heads else 0
         return adapter, head
 
-    def shared_numbers(self, learner: "ContinualLearner") -> int:
+    def shared_numbers(self, model: "AdaptedModel") -> int:
         """Numbers of state shared by all tasks."""
         return 0
 
-    def forget(self, learner: "ContinualLearner", task: str) -> None:
-        """Remove everything the task owns; used to delete a task or undo a failed one."""
+    def delete(self, model: "AdaptedModel", task: str) -> None:
+        """Remove everything a learned task owns."""
         raise NotImplementedError
 
-    def task_tensors(self, learner: "ContinualLearner", task: str) -> dict[str, torch.Tensor]:
+    def rollback(self, model: "AdaptedModel", task: str) -> None:
+        """Undo a `learn` (or `learn_jointly`, or a load) of `task` that did not finish: the
+        model and the method's state are put back as they were before it began. A method
+        whose task owns all it writes undoes it by deleting it."""
+        self.delete(model, task)
+
+    def task_tensors(self, model: "AdaptedModel", task: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def load_task_tensors(
-        self, learner: "ContinualLearner", task: str, labels: tuple[str, ...],
+        self, model: "AdaptedModel", task: str, labels: tuple[str, ...],
         tensors: dict[str, torch.Tensor],
     ) -> None:
         raise NotImplementedError
 
-    def shared_tensors(self, learner: "ContinualLearner") -> dict[str, torch.Tensor]:
+    def shared_tensors(self, model: "AdaptedModel") -> dict[str, torch.Tensor]:
         return {}
 
-    def load_shared_tensors(self, learner: "ContinualLearner", tensors: dict[str, torch.Tensor]) -> None:
+    def load_shared_tensors(self, model: "AdaptedModel", tensors: dict[str, torch.Tensor]) -> None:
         if tensors:
             raise ValueError(f"method {self.name!r} has no shared state, got {sorted(tensors)[:3]}")
 
-    def shared_json(self, learner: "ContinualLearner") -> dict | None:
+    def shared_json(self, model: "AdaptedModel") -> dict | None:
         """Shared state that is not tensors (replay's stored texts), saved as JSON; None: none."""
         return None
 
-    def load_shared_json(self, learner: "ContinualLearner", data: dict) -> None:
+    def load_shared_json(self, model: "AdaptedModel", data: dict) -> None:
         raise ValueError(f"method {self.name!r} has no JSON state, got keys {sorted(data)[:3]}")
 
 
@@ -116,7 +130,7 @@ class GradientMethod(Method):
 
     `adapt_layers` is how many top layers of the backbone carry scale vectors: a number, "all",
     or None for the default (`DEFAULT_ADAPT_LAYERS`, or every layer of a shallower backbone);
-    the layers below them are the shared trunk, run once per training text. The learner turns
+    the layers below them are the shared trunk, run once per training text. The model turns
     it into a number once it knows the backbone.
     """
 
@@ -149,47 +163,52 @@ class GradientMethod(Method):
                              f"{depth} layers")
         return self.adapt_layers
 
-    def begin_task(self, learner: "ContinualLearner", task: Task, states: TrunkStates) -> None:
-        learner.heads.add(task.name, len(task.labels), task_seed(self.train.seed, task.name),
-                          learner.device)
+    def begin_task(self, model: "AdaptedModel", task: Task, states: TrunkStates) -> None:
+        model.heads.add(task.name, task.labels, task_seed(self.train.seed, task.name),
+                          model.device)
 
-    def param_groups(self, learner: "ContinualLearner", task: Task) -> list[dict]:
+    def param_groups(self, model: "AdaptedModel", task: Task) -> list[dict]:
         raise NotImplementedError
 
+    def logits(self, model: "AdaptedModel", inputs: TopInput, task: str) -> torch.Tensor:
+        """Logits of a single-task batch: (B, C_task). Differentiable (used in training)."""
+        keys = [self.adapter_key(task)] * inputs.hidden.shape[0]
+        return model.heads(model.top_pooled(inputs, keys), task)
+
     def loss(
-        self, learner: "ContinualLearner", task: Task, inputs: TopInput, labels: torch.Tensor
+        self, model: "AdaptedModel", task: Task, inputs: TopInput, labels: torch.Tensor
     ) -> torch.Tensor:
-        return F.cross_entropy(learner.top_logits(inputs, task.name), labels)
+        return F.cross_entropy(self.logits(model, inputs, task.name), labels)
 
     def batch_loss(
-        self, learner: "ContinualLearner", task: Task, indices: list[int], states: TrunkStates,
+        self, model: "AdaptedModel", task: Task, indices: list[int], states: TrunkStates,
         labels: torch.Tensor,
     ) -> torch.Tensor:
         """Loss of the training batch `indices` into the task's texts; a method that adds rows
         (replay) or per-example targets (distillation) overrides this."""
-        return self.loss(learner, task, states.batch(indices), labels[indices])
+        return self.loss(model, task, states.batch(indices), labels[indices])
 
-    def end_task(self, learner: "ContinualLearner", task: Task, states: TrunkStates) -> None:
+    def end_task(self, model: "AdaptedModel", task: Task, states: TrunkStates) -> None:
         pass
 
     def learn(
-        self, learner: "ContinualLearner", task: Task, states: TrunkStates,
+        self, model: "AdaptedModel", task: Task, states: TrunkStates,
         progress: Progress | None, checkpointing: Checkpointing | None = None,
     ) -> dict:
-        self.begin_task(learner, task, states)
+        self.begin_task(model, task, states)
         index = task.label_index()
-        labels = torch.tensor([index[e.label] for e in task.train], device=learner.device)
+        labels = torch.tensor([index[e.label] for e in task.train], device=model.device)
 
-        autocast = training_autocast(self.train.precision, learner.device)
+        autocast = training_autocast(self.train.precision, model.device)
 
         def batch_loss(indices: list[int]) -> torch.Tensor:
             with autocast():
-                return self.batch_loss(learner, task, indices, states, labels).float()
+                return self.batch_loss(model, task, indices, states, labels).float()
 
         result: TrainResult = fit(
-            self.param_groups(learner, task), batch_loss, len(states), self.train,
+            self.param_groups(model, task), batch_loss, len(states), self.train,
             task_seed(self.train.seed, task.name), progress, lengths=states.lengths,
-            checkpointing=checkpointing, max_tokens=learner.pass_tokens,
+            checkpointing=checkpointing, max_tokens=model.pass_tokens,
         )
-        self.end_task(learner, task, states)
+        self.end_task(model, task, states)
         return result.stats()

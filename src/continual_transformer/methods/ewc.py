@@ -58,54 +58,59 @@ class EWCMethod(SharedAdapterMethod):
         return {**super().hyperparameters(), "ewc_lambda": self.ewc_lambda, "decay": self.decay,
                 "fisher_examples": self.fisher_examples}
 
-    def penalty(self, learner) -> torch.Tensor:
+    def penalty(self, model) -> torch.Tensor:
         """(lambda / 2) * sum F * (theta - theta*)^2; zero before the first task has ended."""
         if self.fisher is None:
-            return torch.zeros((), device=learner.device)
-        params = learner.adapter.parameters_of(SHARED)
+            return torch.zeros((), device=model.device)
+        params = model.adapter.parameters_of(SHARED)
         total = sum(((f * (p - a) ** 2).sum() for p, f, a in zip(params, self.fisher, self.anchor)))
         return 0.5 * self.ewc_lambda * total
 
-    def loss(self, learner, task: Task, inputs, labels: torch.Tensor) -> torch.Tensor:
-        return super().loss(learner, task, inputs, labels) + self.penalty(learner)
+    def loss(self, model, task: Task, inputs, labels: torch.Tensor) -> torch.Tensor:
+        return super().loss(model, task, inputs, labels) + self.penalty(model)
 
-    def begin_task(self, learner, task: Task, states) -> None:
+    def begin_task(self, model, task: Task, states) -> None:
         self._state_before = (self.fisher, self.anchor)
-        super().begin_task(learner, task, states)
+        super().begin_task(model, task, states)
 
-    def forget(self, learner, task: str) -> None:
-        if self.failed_learn(learner, task):
+    def rollback(self, model, task: str) -> None:
+        if self.began(task):
             self.fisher, self.anchor = self._state_before
-        super().forget(learner, task)
-        if SHARED not in learner.adapter.entries():  # no task left
+        super().rollback(model, task)
+        if SHARED not in model.adapter.entries():  # no task left
             self.fisher = self.anchor = None
 
-    def end_task(self, learner, task: Task, states) -> None:
-        fisher = self.fisher_diagonal(learner, task, states)
+    def delete(self, model, task: str) -> None:
+        super().delete(model, task)
+        if SHARED not in model.adapter.entries():  # no task left
+            self.fisher = self.anchor = None
+
+    def end_task(self, model, task: Task, states) -> None:
+        fisher = self.fisher_diagonal(model, task, states)
         if self.fisher is not None:
             fisher = [self.decay * old + new for old, new in zip(self.fisher, fisher)]
-        anchor = [p.detach().clone() for p in learner.adapter.parameters_of(SHARED)]
+        anchor = [p.detach().clone() for p in model.adapter.parameters_of(SHARED)]
         self.fisher, self.anchor = fisher, anchor
 
-    def fisher_diagonal(self, learner, task: Task, states) -> list[torch.Tensor]:
+    def fisher_diagonal(self, model, task: Task, states) -> list[torch.Tensor]:
         """Mean squared per-example gradient of the log-likelihood w.r.t. the shared entry."""
         n = len(task.train)
         generator = torch.Generator().manual_seed(task_seed(self.train.seed, task.name) + 1)
         chosen = sorted(torch.randperm(n, generator=generator)[: self.fisher_examples].tolist())
         index = task.label_index()
-        labels = torch.tensor([index[task.train[i].label] for i in chosen], device=learner.device)
-        shared = learner.adapter.state_of(SHARED)
-        fisher = [torch.zeros_like(p) for p in learner.adapter.parameters_of(SHARED)]
+        labels = torch.tensor([index[task.train[i].label] for i in chosen], device=model.device)
+        shared = model.adapter.state_of(SHARED)
+        fisher = [torch.zeros_like(p) for p in model.adapter.parameters_of(SHARED)]
         copies = [_COPY.format(i) for i in range(min(FISHER_BATCH, len(chosen)))]
         for key in copies:
-            learner.adapter.load_state_of(key, shared)
+            model.adapter.load_state_of(key, shared)
         try:
             for start in range(0, len(chosen), FISHER_BATCH):
                 rows = list(range(start, min(start + FISHER_BATCH, len(chosen))))
                 keys = copies[: len(rows)]
-                pooled = learner.top_pooled(states.batch([chosen[i] for i in rows]), keys)  # (B, H)
-                nll = F.cross_entropy(learner.heads(pooled, task.name), labels[rows], reduction="sum")
-                params = [p for key in keys for p in learner.adapter.parameters_of(key)]
+                pooled = model.top_pooled(states.batch([chosen[i] for i in rows]), keys)  # (B, H)
+                nll = F.cross_entropy(model.heads(pooled, task.name), labels[rows], reduction="sum")
+                params = [p for key in keys for p in model.adapter.parameters_of(key)]
                 grads = torch.autograd.grad(nll, params)
                 per_row = len(fisher)
                 for r in range(len(rows)):
@@ -113,32 +118,32 @@ class EWCMethod(SharedAdapterMethod):
                         fisher[k] += g.detach() ** 2
         finally:
             for key in copies:
-                learner.adapter.remove(key)
+                model.adapter.remove(key)
         return [f / len(chosen) for f in fisher]
 
-    def shared_numbers(self, learner) -> int:
+    def shared_numbers(self, model) -> int:
         extra = 0 if self.fisher is None else 2 * sum(f.numel() for f in self.fisher)
-        return super().shared_numbers(learner) + extra
+        return super().shared_numbers(model) + extra
 
-    def shared_tensors(self, learner) -> dict[str, torch.Tensor]:
-        tensors = super().shared_tensors(learner)
+    def shared_tensors(self, model) -> dict[str, torch.Tensor]:
+        tensors = super().shared_tensors(model)
         if self.fisher is not None:
-            for name, f, a in zip(learner.adapter.layers, self.fisher, self.anchor):
+            for name, f, a in zip(model.adapter.layers, self.fisher, self.anchor):
                 tensors[FISHER + name] = f.detach().cpu()
                 tensors[ANCHOR + name] = a.detach().cpu()
         return tensors
 
-    def load_shared_tensors(self, learner, tensors: dict[str, torch.Tensor]) -> None:
+    def load_shared_tensors(self, model, tensors: dict[str, torch.Tensor]) -> None:
         own = {k: v for k, v in tensors.items() if k.startswith((FISHER, ANCHOR))}
-        super().load_shared_tensors(learner, {k: v for k, v in tensors.items() if k not in own})
+        super().load_shared_tensors(model, {k: v for k, v in tensors.items() if k not in own})
         if not own:
             return
-        names = list(learner.adapter.layers)
+        names = list(model.adapter.layers)
         expected = {FISHER + n for n in names} | {ANCHOR + n for n in names}
         if set(own) != expected:
             raise ValueError(f"method 'ewc': Fisher/anchor tensors do not fit this backbone: "
                              f"missing {sorted(expected - set(own))[:3]}, "
                              f"unexpected {sorted(set(own) - expected)[:3]}")
-        device = learner.device
+        device = model.device
         self.fisher = [own[FISHER + n].to(device) for n in names]
         self.anchor = [own[ANCHOR + n].to(device) for n in names]

@@ -23,47 +23,42 @@ from .shared_adapter import SHARED, SharedAdapterMethod, rows_cross_entropy, sha
 
 class JointMethod(SharedAdapterMethod):
     name = "joint"
+    learns_jointly = True
 
-    def learn(self, learner, task: Task, states, progress, checkpointing=None) -> dict:
-        raise ValueError("method 'joint' learns all tasks at once, not one after another: "
-                         "use ContinualLearner.learn_jointly(tasks) (`ctt run --method joint` does)")
-
-    def learn_jointly(self, learner, tasks: list[Task], states, progress) -> dict:
-        """Learn `tasks` at once from `states`, the trunk states of all their training texts
-        (task after task, in order)."""
-        if SHARED in learner.adapter.entries() or list(learner.heads.heads):
+    def learn_jointly(self, model, tasks: list[Task], states, progress) -> dict:
+        if SHARED in model.adapter.entries() or list(model.heads.heads):
             raise ValueError("method 'joint' trains once, from the plain backbone; this model "
                              "already has learned state")
-        learner.adapter.add(SHARED)
+        model.adapter.add(SHARED)
         try:
             for task in tasks:
-                learner.heads.add(task.name, len(task.labels),
-                                  task_seed(self.train.seed, task.name), learner.device)
+                model.heads.add(task.name, task.labels,
+                                  task_seed(self.train.seed, task.name), model.device)
             row_tasks, labels = [], []
             for task in tasks:
                 index = task.label_index()
                 row_tasks += [task.name] * len(task.train)
                 labels += [index[e.label] for e in task.train]
-            targets = torch.tensor(labels, device=learner.device)
-            autocast = training_autocast(self.train.precision, learner.device)
+            targets = torch.tensor(labels, device=model.device)
+            autocast = training_autocast(self.train.precision, model.device)
 
             def batch_loss(indices: list[int]) -> torch.Tensor:
                 with autocast():
-                    pooled = shared_pooled(learner, states.batch(indices))
-                    return rows_cross_entropy(learner, pooled, [row_tasks[i] for i in indices],
+                    pooled = shared_pooled(model, states.batch(indices))
+                    return rows_cross_entropy(model, pooled, [row_tasks[i] for i in indices],
                                               targets[indices]).float()
 
             groups = [
-                {"params": learner.adapter.parameters_of(SHARED), "lr": self.train.lr},
-                {"params": list(learner.heads.parameters()), "lr": self.train.head_lr},
+                {"params": model.adapter.parameters_of(SHARED), "lr": self.train.lr},
+                {"params": list(model.heads.parameters()), "lr": self.train.head_lr},
             ]
             result = fit(groups, batch_loss, len(states), self.train,
                          task_seed(self.train.seed, "\x00joint"), progress, lengths=states.lengths,
-                         max_tokens=learner.pass_tokens)
+                         max_tokens=model.pass_tokens)
         except BaseException:
             for task in tasks:
-                if task.name in learner.heads:
-                    learner.heads.remove(task.name)
-            learner.adapter.remove(SHARED)
+                if task.name in model.heads:
+                    model.heads.remove(task.name)
+            model.adapter.remove(SHARED)
             raise
         return {**result.stats(), "joint_examples": len(states)}

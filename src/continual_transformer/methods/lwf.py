@@ -44,41 +44,41 @@ class LwFMethod(SharedAdapterMethod):
     def hyperparameters(self) -> dict:
         return {**super().hyperparameters(), "alpha": self.alpha, "temperature": self.temperature}
 
-    def begin_task(self, learner, task: Task, states) -> None:
-        earlier = list(learner.tasks)
-        super().begin_task(learner, task, states)
-        self.snapshot = {k: v.clone() for k, v in learner.adapter.state_of(SHARED).items()}
-        self.teacher = self.teacher_logits(learner, states, earlier) if earlier else {}
+    def begin_task(self, model, task: Task, states) -> None:
+        earlier = list(model.heads.heads)  # the tasks learned before this one
+        super().begin_task(model, task, states)
+        self.snapshot = {k: v.clone() for k, v in model.adapter.state_of(SHARED).items()}
+        self.teacher = self.teacher_logits(model, states, earlier) if earlier else {}
 
     @torch.inference_mode()
-    def teacher_logits(self, learner, states, earlier: list[str]) -> dict[str, torch.Tensor]:
+    def teacher_logits(self, model, states, earlier: list[str]) -> dict[str, torch.Tensor]:
         """Logits of every earlier head on each training input of the task, under the shared
         entry as it is now (before training): {task: (N, C_task)}."""
         lengths = states.lengths
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # little padding
-        out = {name: torch.empty(len(lengths), len(learner.tasks[name].labels), device=learner.device)
+        out = {name: torch.empty(len(lengths), len(model.heads.labels[name]), device=model.device)
                for name in earlier}
         for start in range(0, len(order), TEACHER_BATCH):
             chunk = order[start : start + TEACHER_BATCH]
-            pooled = shared_pooled(learner, states.batch(chunk))
+            pooled = shared_pooled(model, states.batch(chunk))
             for name in earlier:
-                out[name][chunk] = learner.heads(pooled, name).float()
+                out[name][chunk] = model.heads(pooled, name).float()
         return out
 
-    def distillation(self, learner, pooled: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    def distillation(self, model, pooled: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """alpha * sum_j T^2 KL(teacher_j || student_j) over the batch rows `indices` (B, H)."""
         total = pooled.new_zeros(())
         T = self.temperature
         for name, logits in self.teacher.items():
-            student = F.log_softmax(learner.heads(pooled, name) / T, dim=-1)  # (B, C_j)
+            student = F.log_softmax(model.heads(pooled, name) / T, dim=-1)  # (B, C_j)
             target = F.softmax(logits[indices] / T, dim=-1)
             total = total + F.kl_div(student, target, reduction="batchmean") * T * T
         return self.alpha * total
 
-    def batch_loss(self, learner, task: Task, indices, states, labels) -> torch.Tensor:
-        pooled = shared_pooled(learner, states.batch(indices))
-        loss = F.cross_entropy(learner.heads(pooled, task.name), labels[indices])
-        return loss + self.distillation(learner, pooled, indices)
+    def batch_loss(self, model, task: Task, indices, states, labels) -> torch.Tensor:
+        pooled = shared_pooled(model, states.batch(indices))
+        loss = F.cross_entropy(model.heads(pooled, task.name), labels[indices])
+        return loss + self.distillation(model, pooled, indices)
 
-    def end_task(self, learner, task: Task, states) -> None:
+    def end_task(self, model, task: Task, states) -> None:
         self.teacher = {}  # only needed while the task trains

@@ -98,17 +98,19 @@ class ReplayMethod(SharedAdapterMethod):
         return {**super().hyperparameters(), "buffer_size": self.buffer.capacity,
                 "replay_batch_size": self.replay_batch_size}
 
-    def begin_task(self, learner, task: Task, states) -> None:
+    def begin_task(self, model, task: Task, states) -> None:
         self._buffer_before = self.buffer.copy()
-        super().begin_task(learner, task, states)
+        super().begin_task(model, task, states)
         items = self.buffer.items
-        memory = (learner.trunk_states(learner.backbone.tokenize([m.text for m in items]))
+        memory = (model.trunk_states(model.backbone.tokenize([m.text for m in items]),
+                                     precision=self.precision, cache_mb=self.trunk_cache_mb,
+                                     with_features=False)
                   if items else None)
-        labels = [learner.tasks[m.task].labels.index(m.label) for m in items]
-        self._replay = (memory, [m.task for m in items], torch.tensor(labels, device=learner.device))
+        labels = [model.heads.labels[m.task].index(m.label) for m in items]
+        self._replay = (memory, [m.task for m in items], torch.tensor(labels, device=model.device))
         self._generator = torch.Generator().manual_seed(task_seed(self.train.seed, task.name) + 2)
 
-    def batch_loss(self, learner, task: Task, indices, states, labels) -> torch.Tensor:
+    def batch_loss(self, model, task: Task, indices, states, labels) -> torch.Tensor:
         rows = [(states, i) for i in indices]
         tasks = [task.name] * len(indices)
         targets = labels[indices]
@@ -119,25 +121,27 @@ class ReplayMethod(SharedAdapterMethod):
             rows += [(memory, i) for i in drawn]
             tasks += [memory_tasks[i] for i in drawn]
             targets = torch.cat([targets, memory_labels[drawn]])
-        pooled = shared_pooled(learner, gather(rows))  # (B + k, H)
-        return rows_cross_entropy(learner, pooled, tasks, targets)
+        pooled = shared_pooled(model, gather(rows))  # (B + k, H)
+        return rows_cross_entropy(model, pooled, tasks, targets)
 
-    def end_task(self, learner, task: Task, states) -> None:
+    def end_task(self, model, task: Task, states) -> None:
         self._replay = None
         for example in task.train:
             self.buffer.offer(Memory(task.name, example.text, example.label))
 
-    def forget(self, learner, task: str) -> None:
-        if self.failed_learn(learner, task):
+    def rollback(self, model, task: str) -> None:
+        if self.began(task):
             self.buffer = self._buffer_before
-        else:
-            self.buffer.remove_task(task)
-        super().forget(learner, task)
+        super().rollback(model, task)
 
-    def shared_json(self, learner) -> dict | None:
+    def delete(self, model, task: str) -> None:
+        self.buffer.remove_task(task)
+        super().delete(model, task)
+
+    def shared_json(self, model) -> dict | None:
         return {"buffer": self.buffer.to_json()} if self.buffer.seen else None
 
-    def load_shared_json(self, learner, data: dict) -> None:
+    def load_shared_json(self, model, data: dict) -> None:
         if set(data) != {"buffer"}:
             raise ValueError(f"method 'replay': expected JSON state with key 'buffer', got {sorted(data)}")
         self.buffer = ReservoirBuffer.from_json(data["buffer"])

@@ -50,91 +50,96 @@ class SharedAdapterMethod(GradientMethod):
     def adapter_key(self, task: str) -> str:
         return SHARED
 
-    def begin_task(self, learner, task: Task, states) -> None:
+    def begin_task(self, model, task: Task, states) -> None:
         entry = None
-        if SHARED in learner.adapter.entries():
-            entry = {k: v.clone() for k, v in learner.adapter.state_of(SHARED).items()}
+        if SHARED in model.adapter.entries():
+            entry = {k: v.clone() for k, v in model.adapter.state_of(SHARED).items()}
         heads = {name: {k: v.detach().clone() for k, v in head.state_dict().items()}
-                 for name, head in learner.heads.heads.items()}
+                 for name, head in model.heads.heads.items()}
         self._before = _Before(task.name, entry, heads)
         if entry is None:
-            learner.adapter.add(SHARED)
-        super().begin_task(learner, task, states)
+            model.adapter.add(SHARED)
+        super().begin_task(model, task, states)
 
-    def param_groups(self, learner, task: Task) -> list[dict]:
-        heads = list(learner.heads.heads) if self.trains_old_heads else [task.name]
+    def param_groups(self, model, task: Task) -> list[dict]:
+        heads = list(model.heads.heads) if self.trains_old_heads else [task.name]
         return [
-            {"params": learner.adapter.parameters_of(SHARED), "lr": self.train.lr},
-            {"params": [p for name in heads for p in learner.heads.heads[name].parameters()],
+            {"params": model.adapter.parameters_of(SHARED), "lr": self.train.lr},
+            {"params": [p for name in heads for p in model.heads.heads[name].parameters()],
              "lr": self.train.head_lr},
         ]
 
-    def failed_learn(self, learner, task: str) -> bool:
-        """Whether `forget(task)` is undoing a `learn` of it that did not finish."""
-        return self._before is not None and self._before.task == task and task not in learner.tasks
+    def began(self, task: str) -> bool:
+        """Whether the last `learn` to begin was `task`'s (what `rollback` restores is its)."""
+        return self._before is not None and self._before.task == task
 
-    def forget(self, learner, task: str) -> None:
-        if self.failed_learn(learner, task):
+    def rollback(self, model, task: str) -> None:
+        if self.began(task):
             before, self._before = self._before, None
-            if task in learner.heads:
-                learner.heads.remove(task)
+            if task in model.heads:
+                model.heads.remove(task)
             if before.entry is None:
-                if SHARED in learner.adapter.entries():
-                    learner.adapter.remove(SHARED)
+                if SHARED in model.adapter.entries():
+                    model.adapter.remove(SHARED)
             else:
-                learner.adapter.load_state_of(SHARED, before.entry)
+                model.adapter.load_state_of(SHARED, before.entry)
             with torch.no_grad():
                 for name, state in before.heads.items():
-                    learner.heads.heads[name].load_state_dict(state)
+                    model.heads.heads[name].load_state_dict(state)
             return
-        if task in learner.heads:
-            learner.heads.remove(task)
-        if not list(learner.heads.heads) and SHARED in learner.adapter.entries():
-            learner.adapter.remove(SHARED)  # no task left: back to the plain backbone
+        self.delete(model, task)  # nothing of it began: only what a load wrote, if anything
 
-    def footprint(self, learner, task: str) -> tuple[int, int]:
-        return 0, learner.heads.num_parameters(task)  # the shared entry: `shared_numbers`
+    def delete(self, model, task: str) -> None:
+        if self.began(task):
+            self._before = None  # a later failed learn of the same name must not restore it
+        if task in model.heads:
+            model.heads.remove(task)
+        if not list(model.heads.heads) and SHARED in model.adapter.entries():
+            model.adapter.remove(SHARED)  # no task left: back to the plain backbone
 
-    def shared_numbers(self, learner) -> int:
-        return learner.adapter.num_parameters(SHARED) if SHARED in learner.adapter.entries() else 0
+    def footprint(self, model, task: str) -> tuple[int, int]:
+        return 0, model.heads.num_parameters(task)  # the shared entry: `shared_numbers`
+
+    def shared_numbers(self, model) -> int:
+        return model.adapter.num_parameters(SHARED) if SHARED in model.adapter.entries() else 0
 
     # -- checkpoint ----------------------------------------------------------------------------
-    def task_tensors(self, learner, task: str) -> dict[str, torch.Tensor]:
-        head = learner.heads.heads[task]
+    def task_tensors(self, model, task: str) -> dict[str, torch.Tensor]:
+        head = model.heads.heads[task]
         return {HEAD + "weight": head.weight.detach().cpu(), HEAD + "bias": head.bias.detach().cpu()}
 
-    def load_task_tensors(self, learner, task: str, labels, tensors) -> None:
+    def load_task_tensors(self, model, task: str, labels, tensors) -> None:
         unexpected = sorted(k for k in tensors if not k.startswith(HEAD))
         if unexpected:
             raise ValueError(f"task {task!r}: unexpected tensors {unexpected[:3]} for method "
                              f"{self.name!r} (a task owns only its head)")
-        load_head(learner, task, labels, tensors)
+        load_head(model, task, labels, tensors)
 
-    def shared_tensors(self, learner) -> dict[str, torch.Tensor]:
-        if SHARED not in learner.adapter.entries():
+    def shared_tensors(self, model) -> dict[str, torch.Tensor]:
+        if SHARED not in model.adapter.entries():
             return {}
-        return {ADAPTER + k: v for k, v in learner.adapter.state_of(SHARED).items()}
+        return {ADAPTER + k: v for k, v in model.adapter.state_of(SHARED).items()}
 
-    def load_shared_tensors(self, learner, tensors: dict[str, torch.Tensor]) -> None:
+    def load_shared_tensors(self, model, tensors: dict[str, torch.Tensor]) -> None:
         unexpected = sorted(k for k in tensors if not k.startswith(ADAPTER))
         if unexpected:
             raise ValueError(f"method {self.name!r}: unexpected shared tensors {unexpected[:3]}")
         adapter = {k[len(ADAPTER):]: v for k, v in tensors.items()}
         if adapter:
-            learner.adapter.load_state_of(SHARED, adapter)
+            model.adapter.load_state_of(SHARED, adapter)
 
 
-def shared_pooled(learner, inputs: TopInput) -> torch.Tensor:
+def shared_pooled(model, inputs: TopInput) -> torch.Tensor:
     """The pooled output (B, H) of a batch under the shared entry; differentiable."""
-    return learner.top_pooled(inputs, [SHARED] * inputs.hidden.shape[0])
+    return model.top_pooled(inputs, [SHARED] * inputs.hidden.shape[0])
 
 
-def rows_cross_entropy(learner, pooled: torch.Tensor, tasks: list[str], labels: torch.Tensor) -> torch.Tensor:
+def rows_cross_entropy(model, pooled: torch.Tensor, tasks: list[str], labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over rows that may belong to different tasks, each row through its
     own task's head (one head call per distinct task, never per row)."""
     total = pooled.new_zeros(())
     for task in dict.fromkeys(tasks):
         rows = [i for i, t in enumerate(tasks) if t == task]
-        logits = learner.heads(pooled[rows], task)  # (B_task, C_task)
+        logits = model.heads(pooled[rows], task)  # (B_task, C_task)
         total = total + F.cross_entropy(logits, labels[rows], reduction="sum")
     return total / len(tasks)

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import torch
+from typing import Sequence
+
 from torch import nn
 
 
 class TaskHeads(nn.Module):
-    """One `nn.Linear(hidden, n_labels)` per task, keyed by task name."""
+    """One `nn.Linear(hidden, n_labels)` per task, keyed by task name, and the task's labels
+    in the order of the head's outputs."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.hidden_size = hidden_size
         self.heads = nn.ModuleDict()
+        self.labels: dict[str, tuple[str, ...]] = {}
 
-    def add(self, task: str, num_labels: int, seed: int, device: torch.device | str = "cpu") -> None:
+    def add(self, task: str, labels: Sequence[str], seed: int,
+            device: torch.device | str = "cpu") -> None:
         if task in self.heads:
             raise ValueError(f"a head for task {task!r} already exists")
+        num_labels = len(labels)
         # Seeded per task, so a task's initial head does not depend on what was learned before.
         generator = torch.Generator().manual_seed(seed)
         head = nn.Linear(self.hidden_size, num_labels)
@@ -25,9 +31,11 @@ class TaskHeads(nn.Module):
             head.weight.uniform_(-bound, bound, generator=generator)
             head.bias.zero_()
         self.heads[task] = head.to(device)
+        self.labels[task] = tuple(labels)
 
     def remove(self, task: str) -> None:
         del self.heads[task]
+        del self.labels[task]
 
     def __contains__(self, task: str) -> bool:
         return task in self.heads
