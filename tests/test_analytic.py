@@ -126,3 +126,85 @@ def test_lda_shrinkage_is_the_gcv_choice_unless_given():
     assert fixed.alpha_ == 0.5
     accuracy = np.mean([p == t for p, t in zip(lda.predict(X), y)])
     assert accuracy > 0.9
+
+
+
+def _gaussian_classes(train_counts, n_test_per_class, seed=0, d=10, spread=0.3):
+    """Train and held-out rows of classes with close means and correlated noise: many rows are
+    ambiguous, so the covariance and its shrinkage decide their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(train_counts), d)) * spread
+    mixing = rng.normal(size=(d, d)) / np.sqrt(d)
+
+    def draw(counts):
+        labels = [f"c{k}" for k, count in enumerate(counts) for _ in range(count)]
+        X = np.stack([centres[int(c[1:])] + rng.normal(size=d) @ mixing for c in labels])
+        order = rng.permutation(len(labels))
+        return X[order], [labels[i] for i in order]
+
+    return (*draw(train_counts), *draw([n_test_per_class] * len(train_counts)))
+
+
+def _streamed_lda(X, y, shrinkage, chunk=70):
+    clf = AnalyticClassifier(in_dim=X.shape[1], n_features=0, solver="lda", shrinkage=shrinkage)
+    for start in range(0, len(y), chunk):  # classes arrive over several calls
+        clf.partial_fit(torch.tensor(X[start:start + chunk]), y[start:start + chunk])
+    return clf
+
+
+def _unit_rows(X):
+    return X / np.linalg.norm(X, axis=1, keepdims=True)  # what RandomFeatures(n_features=0) does
+
+
+@pytest.mark.parametrize("shrinkage", [0.3, 2.0, None])
+def test_streaming_lda_equals_sklearn_shrunk_lda(shrinkage):
+    """The "lda" solver is scikit-learn's shrunk LDA with shrinkage s = a / (1 + a).
+
+    Ours solves (S + a tr(S)/D I) w_k = m_k, S the pooled within-class scatter W / (n - K), and
+    scores x.w_k - m_k.w_k / 2 (equal priors). sklearn's lsqr solver uses
+    sum_k pi_k [(1 - s) C_k + s tr(C_k)/D I] with C_k the biased class covariance; for
+    pi_k = n_k / n that is (1 - s) W/n + s tr(W/n)/D I, which is our matrix divided by
+    c = n (1 + a) / (n - K) when s = a / (1 + a). So sklearn's scores are c * ours + log pi_k.
+    With balanced classes the class proportions are uniform, and sklearn with
+    priors=uniform predicts exactly our labels, its scores being c * ours - log K.
+    `a` is `shrinkage`, or the GCV choice (alpha_) when it is None.
+    """
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    K = 5
+    X_train, y_train, X_test, y_test = _gaussian_classes([60] * K, 30)
+    ours = _streamed_lda(X_train, y_train, shrinkage)
+    ours.solution()
+    a, n = ours.alpha_, len(y_train)  # a == shrinkage when given
+    reference = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=a / (1 + a),
+                                           priors=np.full(K, 1.0 / K))
+    reference.fit(_unit_rows(X_train), y_train)
+
+    predicted = ours.predict(torch.tensor(X_test))
+    assert predicted == list(reference.predict(_unit_rows(X_test)))
+    permutation = [ours.classes_.index(c) for c in reference.classes_]  # sklearn sorts classes
+    scores = ours.decision_function(torch.tensor(X_test)).numpy()[:, permutation]
+    np.testing.assert_allclose(n * (1 + a) / (n - K) * scores - np.log(K),
+                               reference.decision_function(_unit_rows(X_test)),
+                               rtol=1e-7, atol=1e-7)
+    accuracy = np.mean([p == t for p, t in zip(predicted, y_test)])
+    assert 1 / K + 0.15 < accuracy < 0.95  # learned, yet many held-out rows are ambiguous
+
+
+def test_streaming_lda_with_unequal_classes_is_sklearn_lda_without_its_log_priors():
+    """With unequal classes our pooled covariance is still sklearn's with its default priors
+    (the class proportions pi_k), up to c = n (1 + a) / (n - K) at s = a / (1 + a); our rule has
+    equal priors, so c * ours = sklearn's scores - log pi_k."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    X_train, y_train, X_test, _ = _gaussian_classes([150, 90, 60, 30], 40, seed=1)
+    a, n, K = 0.4, len(y_train), 4
+    ours = _streamed_lda(X_train, y_train, a, chunk=45)
+    reference = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=a / (1 + a))
+    reference.fit(_unit_rows(X_train), y_train)
+    permutation = [ours.classes_.index(c) for c in reference.classes_]
+    scores = ours.decision_function(torch.tensor(X_test)).numpy()[:, permutation]
+    expected = reference.decision_function(_unit_rows(X_test)) - np.log(reference.priors_)
+    np.testing.assert_allclose(n * (1 + a) / (n - K) * scores, expected, rtol=1e-7, atol=1e-7)
+    # sklearn's own labels differ from ours, through its unequal priors alone.
+    assert ours.predict(torch.tensor(X_test)) != list(reference.predict(_unit_rows(X_test)))
