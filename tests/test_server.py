@@ -619,20 +619,6 @@ def test_ctt_serve_starts_uvicorn_and_stops_cleanly(model_dir, tmp_path):
     assert "Application startup complete" in output and "Traceback" not in output
 
 
-def test_length_groups_bound_padding_and_keep_every_row():
-    from continual_transformer.server.serving import length_groups
-
-    lengths = [5, 120, 7, 60, 6, 128, 64, 8]
-    groups = length_groups(lengths, max_tokens=130, max_rows=3)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    assert groups == [[0, 4, 2], [7, 3], [6], [1], [5]]  # sorted; 3 rows at most; 2 x 60 fits
-    for group in groups:
-        padded = len(group) * max(lengths[i] for i in group)
-        assert padded <= 130 or len(group) == 1
-    assert length_groups([300], max_tokens=100, max_rows=64) == [[0]]  # too long: alone
-    assert length_groups([], max_tokens=100, max_rows=64) == []
-
-
 def test_a_model_whose_method_shares_state_refuses_learning_up_front(tmp_path, tiny_config):
     from conftest import toy_rows, write_jsonl
 

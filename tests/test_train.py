@@ -186,19 +186,6 @@ def test_config_validates_guard_settings():
         Checkpointing(-1, print)
 
 
-def test_split_batch_bounds_rows_and_padded_tokens():
-    from continual_transformer.training.loop import split_batch
-
-    lengths = [3, 5, 8, 8, 20, 2]
-    rows = [0, 1, 2, 3, 4]
-    assert split_batch(rows, 5) == [rows]
-    assert split_batch(rows, 2) == [[0, 1], [2, 3], [4]]
-    # 2 rows of 8 tokens fill 16; a 20-token row passes the budget alone
-    assert split_batch(rows, 5, lengths, max_tokens=16) == [[0, 1], [2, 3], [4]]
-    assert split_batch([5, 0, 1], 5, lengths, max_tokens=16) == [[5, 0, 1]]  # 3 x 5 = 15
-    assert split_batch(rows, 5, lengths, max_tokens=None) == [rows]
-
-
 def test_token_budget_splits_long_batches_and_keeps_the_update(tiny_config, tasks):
     whole = learner_with(tiny_config, FaultyIA3(config()))
     whole.learn(tasks[0])

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from .model.adapted import AdaptedModel
+from .model.batching import collated
 from .model.backbone import Backbone, masked_mean
 from .config import BackboneConfig, TrainConfig
 from .types import Prediction, Task, TaskRecord, check_task_name
@@ -28,7 +29,6 @@ from .model.router import Router
 from .training.loop import Checkpointing, Progress
 from .model.trunk import TopInput, TrunkStates, release_freed_memory
 
-INFERENCE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -273,23 +273,19 @@ class ContinualLearner:
         return tasks, self.method.head_logits(self.model, pooled, tasks)
 
     @torch.inference_mode()
-    def _run(self, texts: Sequence[str], row_tasks: list[str | None]) -> tuple[list[str], list[torch.Tensor]]:
-        ids = self.backbone.tokenize(list(texts))
+    def _run(self, ids: Sequence[Sequence[int]], row_tasks: list[str | None]) -> tuple[list[str], list[torch.Tensor]]:
         tasks: list[str | None] = list(row_tasks)
         out: list[torch.Tensor | None] = [None] * len(ids)
-        # Length-sorted batches waste little on padding.
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), INFERENCE_BATCH):
-            chunk = order[start : start + INFERENCE_BATCH]
-            batch = self.backbone.collate([ids[i] for i in chunk])
-            resolved, logits = self.row_logits(batch, [row_tasks[i] for i in chunk])
-            for i, name, row in zip(chunk, resolved, logits):
+        for rows, batch in collated(self.backbone, ids):
+            resolved, logits = self.row_logits(batch, [row_tasks[i] for i in rows])
+            for i, name, row in zip(rows, resolved, logits):
                 tasks[i], out[i] = name, row.float().cpu()
         return tasks, out  # type: ignore[return-value]
 
     def logits(self, texts: Sequence[str], task: str | Sequence[str]) -> list[torch.Tensor]:
         """Logits for each text under its task (one name for all, or one per text)."""
-        return self._run(texts, self._row_tasks(texts, task))[1]
+        row_tasks = self._row_tasks(texts, task)
+        return self._run(self.backbone.tokenize(list(texts)), row_tasks)[1]
 
     def predict(
         self, texts: Sequence[str], task: str | Sequence[str | None] | None = None
@@ -299,7 +295,15 @@ class ContinualLearner:
         `task` is one task name for all texts, one name (or None) per text, or None: texts
         without a task are routed to the task the model predicts for them.
         """
-        tasks, logits = self._run(texts, self._row_tasks(texts, task))
+        row_tasks = self._row_tasks(texts, task)
+        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks)
+
+    def predict_ids(
+        self, ids: Sequence[Sequence[int]], task: str | Sequence[str | None] | None = None
+    ) -> list[Prediction]:
+        """`predict` for texts already tokenised by `backbone.tokenize` (the server tokenises
+        a request once, to batch it, and predicts from those ids)."""
+        tasks, logits = self._run(ids, self._row_tasks(ids, task))
         predictions = []
         for name, row in zip(tasks, logits):
             labels = self.tasks[name].labels
@@ -324,18 +328,16 @@ class ContinualLearner:
         features = torch.empty(len(ids), self.backbone.hidden_size) if self.router else None
         inferred: list[str] | None = None if self.router else [""] * len(ids)
         key = self.method.adapter_key(task.name)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # as `predict` batches them
-        for start in range(0, len(order), INFERENCE_BATCH):
-            chunk = order[start : start + INFERENCE_BATCH]
-            inputs = self.model.trunk(self.backbone.collate([ids[i] for i in chunk]))
-            pooled = self.model.top_pooled(inputs, [key] * len(chunk))  # (B, H)
-            logits = self.method.head_logits(self.model, pooled, [task.name] * len(chunk))
-            for i, row in zip(chunk, logits):
+        for rows, batch in collated(self.backbone, ids):  # as `predict` batches them
+            inputs = self.model.trunk(batch)
+            pooled = self.model.top_pooled(inputs, [key] * len(rows))  # (B, H)
+            logits = self.method.head_logits(self.model, pooled, [task.name] * len(rows))
+            for i, row in zip(rows, logits):
                 correct[i] = int(row.argmax()) == index[task.test[i].label]
             if features is not None:
-                features[chunk] = masked_mean(inputs.hidden, inputs.attention_mask).float().cpu()
+                features[rows] = masked_mean(inputs.hidden, inputs.attention_mask).float().cpu()
             else:
-                for i, name in zip(chunk, self.method.infer_tasks(self.model, pooled)):
+                for i, name in zip(rows, self.method.infer_tasks(self.model, pooled)):
                     inferred[i] = name
         return TestPass(correct, features, inferred)
 
@@ -372,12 +374,10 @@ class ContinualLearner:
             key = self.method.adapter_key(probe)
             if key not in self.model.adapter.entries():
                 key = None  # an entry that does not exist yet starts at 1: the plain backbone
-            for start in range(0, len(ids), INFERENCE_BATCH):
-                batch = self.backbone.collate(ids[start : start + INFERENCE_BATCH])
-                pooled = self.model.top_pooled(self.model.trunk(batch), [key] * batch["input_ids"].shape[0])
+            for rows, batch in collated(self.backbone, ids):
+                pooled = self.model.top_pooled(self.model.trunk(batch), [key] * len(rows))  # (B, H)
                 predicted = self.model.heads(pooled, probe).argmax(-1).tolist()
-                gold = [index[e.label] for e in task.test[start : start + INFERENCE_BATCH]]
-                correct += sum(p == g for p, g in zip(predicted, gold))
+                correct += sum(p == index[task.test[i].label] for p, i in zip(predicted, rows))
         finally:
             self.model.heads.remove(probe)
         return correct / len(task.test)

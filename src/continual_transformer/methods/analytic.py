@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ..model.batching import BATCH_ROWS, collated
 from ..model.closed_form import AnalyticClassifier
 from ..types import Task
 from .base import Method
 
 SEP = "\x1f"  # between task and label in a class key; task names cannot contain it
-INFERENCE_BATCH = 64  # rows per forward pass (length-sorted)
 
 
 def class_key(task: str, label: str) -> str:
@@ -55,12 +55,11 @@ class AnalyticMethod(Method):
         del checkpointing  # one pass, no steps: nothing to save within the task
         classifier = self._classifier(model)
         ids = states.ids
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        total = (len(order) + INFERENCE_BATCH - 1) // INFERENCE_BATCH
-        for step, start in enumerate(range(0, len(order), INFERENCE_BATCH), start=1):
-            chunk = order[start : start + INFERENCE_BATCH]
-            pooled = model.backbone(**model.backbone.collate([ids[i] for i in chunk]))  # (B, H)
-            classifier.partial_fit(pooled, [class_key(task.name, task.train[i].label) for i in chunk])
+        batches = collated(model.backbone, ids)
+        total = -(-len(ids) // BATCH_ROWS)
+        for step, (rows, batch) in enumerate(batches, start=1):
+            pooled = model.backbone(**batch)  # (B, H)
+            classifier.partial_fit(pooled, [class_key(task.name, task.train[i].label) for i in rows])
             if progress is not None:
                 progress(step, total, float("nan"))
         self.labels[task.name] = tuple(task.labels)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..model.batching import length_batches
 from ..types import Task
 from .base import task_seed
 from .shared_adapter import SHARED, SharedAdapterMethod
@@ -105,8 +106,9 @@ class EWCMethod(SharedAdapterMethod):
         for key in copies:
             model.adapter.load_state_of(key, shared)
         try:
-            for start in range(0, len(chosen), FISHER_BATCH):
-                rows = list(range(start, min(start + FISHER_BATCH, len(chosen))))
+            # In the sampled order: the sum's float rounding does not depend on text lengths.
+            for rows in length_batches(None, rows=range(len(chosen)), max_rows=FISHER_BATCH,
+                                       sort=False):
                 keys = copies[: len(rows)]
                 pooled = model.top_pooled(states.batch([chosen[i] for i in rows]), keys)  # (B, H)
                 nll = F.cross_entropy(model.heads(pooled, task.name), labels[rows], reduction="sum")

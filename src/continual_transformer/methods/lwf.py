@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..model.batching import length_batches
 from ..types import Task
 from .shared_adapter import SHARED, SharedAdapterMethod, shared_pooled
-
-TEACHER_BATCH = 64
 
 
 class LwFMethod(SharedAdapterMethod):
@@ -54,15 +53,13 @@ class LwFMethod(SharedAdapterMethod):
     def teacher_logits(self, model, states, earlier: list[str]) -> dict[str, torch.Tensor]:
         """Logits of every earlier head on each training input of the task, under the shared
         entry as it is now (before training): {task: (N, C_task)}."""
-        lengths = states.lengths
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # little padding
-        out = {name: torch.empty(len(lengths), len(model.heads.labels[name]), device=model.device)
+        n = len(states)
+        out = {name: torch.empty(n, len(model.heads.labels[name]), device=model.device)
                for name in earlier}
-        for start in range(0, len(order), TEACHER_BATCH):
-            chunk = order[start : start + TEACHER_BATCH]
-            pooled = shared_pooled(model, states.batch(chunk))
+        for rows in length_batches(states.lengths):  # little padding
+            pooled = shared_pooled(model, states.batch(rows))
             for name in earlier:
-                out[name][chunk] = model.heads(pooled, name).float()
+                out[name][rows] = model.heads(pooled, name).float()
         return out
 
     def distillation(self, model, pooled: torch.Tensor, indices: list[int]) -> torch.Tensor:

@@ -32,8 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from .backbone import Backbone, LayerCall, masked_mean
-
-PASS_ROWS = 64  # rows per trunk pass (length-sorted, so little padding)
+from .batching import collated
 
 
 @dataclass
@@ -110,11 +109,8 @@ class TrunkStates:
                 used += len(row) * per_token
             self._states = torch.empty(used // per_token, hidden_size, dtype=self.store_dtype)
         features = torch.empty(len(self.ids), hidden_size) if with_features else None
-        order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
         with torch.inference_mode(), self._autocast():
-            for start in range(0, len(order), PASS_ROWS):
-                chunk = order[start : start + PASS_ROWS]
-                batch = self.backbone.collate([self.ids[i] for i in chunk])
+            for chunk, batch in collated(self.backbone, self.ids):
                 hidden, call = self.backbone.start(**batch)
                 hidden = self.backbone.run_layers(hidden, call, 0, self.trunk_layers)  # (B, T, H)
                 if features is not None:

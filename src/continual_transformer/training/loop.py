@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from ..config import TrainConfig
+from ..model.batching import length_batches
 
 Progress = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
 
@@ -202,26 +203,6 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 # -- one step -------------------------------------------------------------------------------------
-def split_batch(indices: list[int], micro: int, lengths: list[int] | None = None,
-                max_tokens: int | None = None) -> list[list[int]]:
-    """Consecutive micro-batches of at most `micro` rows and, given `lengths` and `max_tokens`,
-    at most `max_tokens` padded tokens (rows x longest row) each; a longer row goes alone."""
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in indices:
-        width = max(longest, lengths[i]) if lengths is not None else 0
-        if current and (len(current) == micro or (
-                max_tokens is not None and width * (len(current) + 1) > max_tokens)):
-            chunks.append(current)
-            current, width = [], lengths[i] if lengths is not None else 0
-        current.append(i)
-        longest = width
-    if current:
-        chunks.append(current)
-    return chunks
-
-
 def _forward_backward(
     batch_loss: Callable[[list[int]], torch.Tensor], indices: list[int], chunks: list[list[int]]
 ) -> float:
@@ -252,7 +233,8 @@ def _take_step(
         micro = min(state.micro_batch or len(indices), len(indices))
         try:
             return _forward_backward(batch_loss, indices,
-                                     split_batch(indices, micro, lengths, max_tokens))
+                                     length_batches(lengths, rows=indices, max_rows=micro,
+                                                    max_tokens=max_tokens, sort=False))
         except torch.cuda.OutOfMemoryError as exc:
             if micro == 1:
                 raise TrainingError(
