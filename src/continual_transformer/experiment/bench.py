@@ -17,14 +17,11 @@ times are comparable.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+
+from .workers import Send, Worker, WorkerDied, WorkerFailed
 
 DEFAULT_METHODS = ("ia3", "analytic", "finetune", "ewc", "lwf", "replay", "joint")
 JOINT = "joint"
@@ -124,7 +121,7 @@ def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None =
             if config.isolate:
                 result = _run_isolated(spec, events)
             else:
-                result = run_method(spec, _dispatch(events))
+                result = run_method(_dispatch(events), spec)
             finished.write_text(json.dumps({"spec": spec, "result": result}, indent=2))
         report = json.loads((out / method / "report.json").read_text())
         row = summarize(method, report, result)
@@ -261,14 +258,11 @@ def markdown(bench: dict) -> str:
 
 
 # -- one method, in this process or a fresh one ----------------------------------------------
-Send = Callable[..., None]
-
-
 def _dispatch(events: BenchEvents) -> Send:
     return lambda kind, *args: getattr(events, kind)(*args)
 
 
-def run_method(spec: dict, send: Send) -> dict:
+def run_method(send: Send, spec: dict) -> dict:
     """Learn the stream with one method; write DIR/<method>/; return process figures."""
     import torch
 
@@ -313,56 +307,14 @@ def run_method(spec: dict, send: Send) -> dict:
             "peak_rss_mb": round(peak_rss_mb(), 1) if config.isolate else None}
 
 
-_WORKER = "import sys; from continual_transformer.experiment.bench import _worker_main; _worker_main(int(sys.argv[1]))"
-
-
-def _worker_main(channel_fd: int) -> None:
-    """Entry point of a method's fresh process: the spec arrives as JSON on stdin; events and
-    the result leave as JSON lines on `channel_fd` (stdout stays free for libraries' prints)."""
-    spec = json.loads(sys.stdin.read())
-    with os.fdopen(channel_fd, "w", buffering=1) as channel:
-        def send(kind: str, *args) -> None:
-            channel.write(json.dumps([kind, *args]) + "\n")
-
-        try:
-            result = run_method(spec, send)
-        except BaseException:
-            send("error", traceback.format_exc())
-            raise SystemExit(1)
-        send("done", result)
-
-
 def _run_isolated(spec: dict, events: BenchEvents) -> dict:
-    """Run one method in a fresh interpreter (not a fork: nothing of this process is shared)."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    read_fd, write_fd = os.pipe()
-    process = subprocess.Popen([sys.executable, "-c", _WORKER, str(write_fd)], stdin=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, pass_fds=(write_fd,), env=env)
-    os.close(write_fd)
-    dispatch = _dispatch(events)
-    result = error = None
+    """Run one method in a fresh process; its stdout is silenced (libraries' prints would tear
+    the progress display)."""
+    worker = Worker(run_method, spec, name=f"ctt-bench-{spec['method']}", quiet=True)
     try:
-        process.stdin.write(json.dumps(spec).encode())
-        process.stdin.close()
-        with os.fdopen(read_fd) as channel:
-            for line in channel:  # ends when the process exits
-                kind, *args = json.loads(line)
-                if kind == "done":
-                    result = args[0]
-                elif kind == "error":
-                    error = args[0]
-                else:
-                    dispatch(kind, *args)
-        code = process.wait()
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait()
-    if error is not None:
-        raise BenchError(f"method {spec['method']!r} failed:\n{error}")
-    if result is None:
-        raise BenchError(f"method {spec['method']!r}: its process exited with code {code} "
-                         "without a result")
-    return result
+        return worker.start().wait(_dispatch(events))
+    except WorkerFailed as failure:
+        raise BenchError(f"method {spec['method']!r} failed:\n{failure.traceback}") from None
+    except WorkerDied as died:
+        raise BenchError(f"method {spec['method']!r}: its process exited with code {died.exitcode} "
+                         "without a result") from None

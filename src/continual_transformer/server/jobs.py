@@ -14,7 +14,6 @@ This module imports nothing heavy at import time: the learning process imports i
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import queue
 import threading
@@ -24,6 +23,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
+
+from ..experiment.workers import Send, Worker, WorkerDied, WorkerFailed
 
 if TYPE_CHECKING:
     from ..types import Task
@@ -79,7 +80,7 @@ class JobRunner:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[Job, "Task"] | None] = queue.SimpleQueue()
-        self._process: multiprocessing.process.BaseProcess | None = None
+        self._worker: Worker | None = None  # the running job's learning process
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="ctt-learning", daemon=True)
 
@@ -90,9 +91,9 @@ class JobRunner:
         """Fail queued jobs, end a running job's process (the model stays as it was), join."""
         with self._lock:
             self._stopping = True
-            process = self._process
-        if process is not None and process.is_alive():
-            process.terminate()
+            worker = self._worker
+        if worker is not None:
+            worker.terminate()
         self._queue.put(None)
         self._thread.join()
 
@@ -108,7 +109,7 @@ class JobRunner:
 
     def running_pid(self) -> int | None:
         with self._lock:
-            return self._process.pid if self._process is not None else None
+            return self._worker.pid if self._worker is not None else None
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(self, task: "Task", epochs: int | None) -> Job:
@@ -182,58 +183,41 @@ class JobRunner:
             "nice": self.nice,
             "device": self.device,
         }
-        context = multiprocessing.get_context("spawn")  # never fork a process that runs threads
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=learn_in_process, args=(sender, spec, task),
-                                  name=f"ctt-learn-{task.name}", daemon=True)
-        with self._lock:  # stop() either sees this process or this job sees `_stopping`
+        worker = Worker(learn_in_process, spec, task, name=f"ctt-learn-{task.name}")
+        with self._lock:  # stop() either sees this worker or this job sees `_stopping`
             stopping = self._stopping
             if not stopping:
-                self._process = process
-                process.start()
+                self._worker = worker.start()
         if stopping:
-            receiver.close()
-            sender.close()
             self._finish(job, "failed", "the server shut down before the job started")
             return
-        sender.close()
-        outcome = None
-        try:
-            outcome = self._follow(job, receiver, process)
-        finally:
-            receiver.close()
-            process.join()
-            with self._lock:
-                self._process = None
-        if outcome is None:
-            code = process.exitcode
-            why = "the server shut down" if self._stopping else f"exit code {code}"
-            self._finish(job, "failed", f"the learning process ended without a result ({why})")
-        elif outcome[0] == "failed":
-            self._finish(job, "failed", outcome[1])
+        outcome = self._follow(job, worker)
+        if isinstance(outcome, str):
+            self._finish(job, "failed", outcome)
         else:
             self._commit(job, outcome)
         self.metrics.job_seconds.labels(job.state).observe(time.perf_counter() - start)
 
-    def _follow(self, job: Job, receiver, process) -> tuple | None:
-        """Read the process's messages until its result; None if it ended without one."""
-        while True:
-            try:
-                message = receiver.recv()
-            except EOFError:
-                return None
-            if message[0] == "progress":
-                _, step, total, loss = message
-                self._set(job, step=step, total_steps=total, loss=loss)
-            else:
-                return message
+    def _follow(self, job: Job, worker: Worker) -> tuple | str:
+        """The learned task (record, tensors, shared increment), or why there is none."""
+        try:
+            return worker.wait(lambda _progress, step, total, loss:
+                               self._set(job, step=step, total_steps=total, loss=loss))
+        except WorkerFailed as failure:
+            return _failure_text(failure.error)
+        except WorkerDied as died:
+            why = "the server shut down" if self._stopping else f"exit code {died.exitcode}"
+            return f"the learning process ended without a result ({why})"
+        finally:
+            with self._lock:
+                self._worker = None
 
     def _commit(self, job: Job, outcome: tuple) -> None:
         from safetensors.torch import load as st_load
 
         from ..types import TaskRecord
 
-        _, record_dict, tensor_bytes, shared_bytes = outcome
+        record_dict, tensor_bytes, shared_bytes = outcome
         record = TaskRecord.from_dict(record_dict)
         try:
             self.service.add_task(record, st_load(tensor_bytes), st_load(shared_bytes))
@@ -245,9 +229,18 @@ class JobRunner:
         self._finish(job, "succeeded")
 
 
-def learn_in_process(sender, spec: dict, task: "Task") -> None:
-    """Entry point of a learning process: learn `task`, send ("done", record, task tensors,
-    shared increment) or ("failed", why)."""
+def _failure_text(exc: BaseException) -> str:
+    """What the API shows for a job whose learning raised `exc`: a bad input's message alone
+    (ValueError, KeyError), anything else with its type."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    if not isinstance(exc, (ValueError, KeyError)):
+        message = f"{type(exc).__name__}: {message}"
+    return message
+
+
+def learn_in_process(send: Send, spec: dict, task: "Task") -> tuple[dict, bytes, bytes]:
+    """Entry point of a learning process: learn `task`; send ("progress", step, total, loss);
+    return its record, its tensors and the shared increment (safetensors bytes)."""
     os.nice(spec["nice"])
     import torch
     from safetensors.torch import save as st_save
@@ -257,30 +250,22 @@ def learn_in_process(sender, spec: dict, task: "Task") -> None:
     from ..methods import make_method
 
     torch.set_num_threads(spec["threads"])
-    try:
-        backbone = Backbone.load(spec["backbone"], spec["device"])
-        if backbone.ref.sha256 != spec["backbone_sha256"]:
-            raise BackboneError(
-                f"backbone {backbone.ref.name!r} changed on disk since the server loaded it "
-                f"(SHA-256 {backbone.ref.sha256[:12]}…, served {spec['backbone_sha256'][:12]}…)"
-            )
-        hyperparameters = dict(spec["hyperparameters"])
-        if spec["epochs"] is not None:
-            hyperparameters["train"] = {**hyperparameters["train"], "epochs": spec["epochs"]}
-        # A fresh learner: its shared statistics (the router's) are exactly what this task adds.
-        learner = ContinualLearner(backbone, method=make_method(spec["method"], hyperparameters),
-                                   router=spec["router"])
-        record = learner.learn(task, lambda step, total, loss: sender.send(("progress", step, total, loss)))
-        if spec["epochs"] is not None:
-            record.stats["epochs"] = spec["epochs"]
-        if task.test:
-            record.stats["test_accuracy"] = learner.evaluate(task)
-        record, tensors = learner.task_state(task.name)
-        sender.send(("done", record.to_dict(), st_save(tensors), st_save(learner.shared_tensors())))
-    except Exception as exc:  # reported to the job, which the API shows; the process then ends
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        if not isinstance(exc, (ValueError, KeyError)):
-            message = f"{type(exc).__name__}: {message}"
-        sender.send(("failed", message))
-    finally:
-        sender.close()
+    backbone = Backbone.load(spec["backbone"], spec["device"])
+    if backbone.ref.sha256 != spec["backbone_sha256"]:
+        raise BackboneError(
+            f"backbone {backbone.ref.name!r} changed on disk since the server loaded it "
+            f"(SHA-256 {backbone.ref.sha256[:12]}…, served {spec['backbone_sha256'][:12]}…)"
+        )
+    hyperparameters = dict(spec["hyperparameters"])
+    if spec["epochs"] is not None:
+        hyperparameters["train"] = {**hyperparameters["train"], "epochs": spec["epochs"]}
+    # A fresh learner: its shared statistics (the router's) are exactly what this task adds.
+    learner = ContinualLearner(backbone, method=make_method(spec["method"], hyperparameters),
+                               router=spec["router"])
+    record = learner.learn(task, lambda step, total, loss: send("progress", step, total, loss))
+    if spec["epochs"] is not None:
+        record.stats["epochs"] = spec["epochs"]
+    if task.test:
+        record.stats["test_accuracy"] = learner.evaluate(task)
+    record, tensors = learner.task_state(task.name)
+    return record.to_dict(), st_save(tensors), st_save(learner.shared_tensors())
