@@ -96,7 +96,7 @@ def env() -> dict:
 # -- the child: the real CLI, with phase logging and an optional self-kill ---------------------------
 def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
     from continual_transformer import cli
-    from continual_transformer.io import checkpoint
+    from continual_transformer.io import store
     from continual_transformer.learner import ContinualLearner
     from continual_transformer.methods import GradientMethod
 
@@ -136,14 +136,14 @@ def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
         return original_loss(self, *args, **kwargs)
 
     GradientMethod.loss = loss
-    original_write = checkpoint.atomic_write
+    original_write = store.atomic_write
 
     def atomic_write(path: Path, data: bytes) -> None:
         where = Path(path).resolve().relative_to(out.resolve()).parts[0]
         name = {"model": "save-model", "resume": "save-state"}.get(where, "report")
         if event(name):
             if mode == "torn":  # what a kill during write() leaves: a half-written temp file
-                checkpoint.make_dirs(Path(path).parent)
+                store.make_dirs(Path(path).parent)
                 fd, _ = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
                 os.write(fd, data[: len(data) // 2])
                 die()
@@ -152,7 +152,7 @@ def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
         original_write(path, data)
         os.write(handle, f"{name}-done {time.time():.4f}\n".encode())
 
-    checkpoint.atomic_write = atomic_write
+    store.atomic_write = atomic_write
     event("start")
     try:
         cli.app(args=ctt_args, prog_name="ctt")

@@ -200,7 +200,7 @@ def test_leftovers_of_an_interrupted_save_load_and_are_cleaned_up(trained, tmp_p
 
 
 def test_a_listed_file_that_is_not_safetensors_is_refused(saved):
-    from continual_transformer.io.checkpoint import sha256_bytes
+    from continual_transformer.io.store import sha256_bytes
 
     directory, manifest = saved
     data = b"\x80\x04\x95 not safetensors, perhaps a pickle"
@@ -298,14 +298,14 @@ def test_save_rewrites_a_damaged_file_of_the_same_name(trained, tmp_path):
     assert ContinualLearner.load(directory, device="cpu").tasks
 
 
-def test_load_into_checks_the_method(saved, tiny_config):
-    from continual_transformer.io.checkpoint import load_into
+def test_load_state_checks_the_method(saved, tiny_config):
+    from continual_transformer.io import checkpoint
 
     directory, _ = saved
     other = ContinualLearner(tiny_config, train=TrainConfig(epochs=2, batch_size=8), device="cpu")
     with pytest.raises(CheckpointError, match="saved with method 'ia3'"):
-        load_into(other, directory)
+        other.load_state(checkpoint.read(directory))
     assert not other.tasks
     same = ContinualLearner(tiny_config, train=TrainConfig(epochs=1, batch_size=8), device="cpu")
-    load_into(same, directory)
+    same.load_state(checkpoint.read(directory))
     assert list(same.tasks) == ["kinds", "topics"]

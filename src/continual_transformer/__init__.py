@@ -23,7 +23,7 @@ _EXPORTS = {
     "load_stream": "data.stream",
     "default_stream_path": "data.stream",
     "run_stream": "experiment.run",
-    "CheckpointError": "io.checkpoint",
+    "CheckpointError": "io.store",
     "TrainingError": "training.loop",
 }
 
@@ -39,7 +39,7 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     from .config import BackboneConfig, TrainConfig
     from .data.stream import default_stream_path, load_stream
-    from .io.checkpoint import CheckpointError
+    from .io.store import CheckpointError
     from .experiment.run import run_stream
     from .learner import ContinualLearner
     from .types import Example, Prediction, StreamError, Task, TaskRecord

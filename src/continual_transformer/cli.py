@@ -113,11 +113,10 @@ def run(
     """
     import torch
 
-    from .config import BackboneConfig, TrainConfig
+    from .config import BackboneConfig, LearnerSpec, TrainConfig
     from .data.stream import default_stream_path, describe, load_stream
     from .experiment.run import run_joint, run_stream
     from .learner import ContinualLearner
-    from .methods import make_method
     from .io.runstate import read_config
     from .training.loop import TrainingError
 
@@ -147,12 +146,11 @@ def run(
                                  f"{sorted([*overrides, *(['adapt_layers'] if adapt_layers else [])])} "
                                  "do not apply")
             train = None
-            learner = ContinualLearner(config, method=make_method("analytic", {"seed": seed}),
-                                       device=device)
+            spec = LearnerSpec(config, "analytic", {"seed": seed})
         else:
             train = TrainConfig.from_dict({**(saved.get("train") or {}), **overrides, "seed": seed})
-            learner = ContinualLearner(config, device=device, method=make_method(
-                method, {"train": train.to_dict(), "adapt_layers": adapt_layers}))
+            spec = LearnerSpec(config, method, {"train": train.to_dict(), "adapt_layers": adapt_layers})
+        learner = ContinualLearner.from_spec(spec, device=device)
     except _user_errors() as exc:
         _fail(str(exc))
     top = (f"; scales in the top {learner.model.top_layers} of {learner.backbone.num_layers} layers"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 POOLINGS = ("mean", "cls")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -100,3 +100,19 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """Everything a learner is built from, as plain data: what a checkpoint stores, what a
+    worker process receives, what `ContinualLearner.from_spec` (the one factory) builds from.
+
+    `hyperparameters` are the method's, as `Method.hyperparameters()` reports them (for
+    gradient methods, `{"train": TrainConfig fields, "adapt_layers": ...}`); `router` the
+    router's options (None: its defaults; ignored by methods that route themselves).
+    """
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: str = "ia3"
+    hyperparameters: dict = field(default_factory=dict)
+    router: dict | None = None

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,14 +20,17 @@ import torch
 
 from .model.adapted import AdaptedModel
 from .model.batching import collated
-from .model.backbone import Backbone, masked_mean
-from .config import BackboneConfig, TrainConfig
+from .model.backbone import Backbone, BackboneError, masked_mean
+from .config import BackboneConfig, LearnerSpec, TrainConfig
+from .io import checkpoint
+from .io.checkpoint import SavedModel, SavedTask
+from .io.store import CheckpointError
 from .types import Prediction, Task, TaskRecord, check_task_name
 from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
 from .model.router import Router
 from .training.loop import Checkpointing, Progress
-from .model.trunk import TopInput, TrunkStates, release_freed_memory
+from .model.trunk import TrunkStates, release_freed_memory
 
 
 
@@ -433,17 +436,94 @@ class ContinualLearner:
         self.method.load_shared_tensors(
             self.model, {k: v for k, v in tensors.items() if not k.startswith("router.")})
 
-    # -- persistence -------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        from .io.checkpoint import save
+    # -- building and persistence ---------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: LearnerSpec, *, device: str | None = None,
+                  backbone: Backbone | None = None) -> "ContinualLearner":
+        """The one factory: a learner built from plain data (`spec()` gives it back). Pass
+        `backbone` to reuse one already loaded (it must be the spec's)."""
+        method = make_method(spec.method, spec.hyperparameters)
+        return cls(backbone if backbone is not None else spec.backbone, method=method,
+                   device=device, router=spec.router)
 
-        return save(self, Path(directory))
+    def spec(self) -> LearnerSpec:
+        """What this learner was built from (without its tasks)."""
+        return LearnerSpec(
+            backbone=self.backbone.config, method=self.method.name,
+            hyperparameters=self.method.hyperparameters(),
+            router=self.router.hyperparameters() if self.router is not None else None)
+
+    def state(self) -> SavedModel:
+        """Everything learned, as plain data (the checkpoint format writes it)."""
+        return SavedModel(
+            backbone={**self.backbone.ref.to_dict(), "config": self.backbone.config.to_dict(),
+                      "parameters": self.backbone_parameters},
+            method={"name": self.method.name, "hyperparameters": self.method.hyperparameters()},
+            router=self.router.hyperparameters() if self.router is not None else None,
+            tasks=[SavedTask(record, self.task_tensors(name)) for name, record in self.tasks.items()],
+            shared_tensors=self.shared_tensors(),
+            shared_json=self.method.shared_json(self.model),
+        )
+
+    @classmethod
+    def from_state(cls, saved: SavedModel, device: str | None = None) -> "ContinualLearner":
+        """A learner rebuilt from `state()` (or `checkpoint.read`): its backbone is loaded
+        from the stored reference and must have the stored weights' hash."""
+        backbone = Backbone.load(saved.backbone_config, device)
+        _check_backbone(saved, backbone)
+        try:
+            spec = LearnerSpec(saved.backbone_config, saved.method["name"],
+                               saved.method_hyperparameters(backbone.num_layers), saved.router)
+            learner = cls.from_spec(spec, backbone=backbone)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{saved.where()}: field 'method.hyperparameters': {exc}") from None
+        learner._install(saved)
+        return learner
+
+    def load_state(self, saved: SavedModel) -> None:
+        """Install `saved`'s tasks in this learner, which must know no tasks yet and have the
+        same backbone, method and router settings (a resumed run rebuilds its learner so)."""
+        if self.tasks:
+            raise ValueError(f"load_state needs a learner without tasks; this one has {list(self.tasks)}")
+        _check_backbone(saved, self.backbone)
+        stored = {"name": saved.method["name"],
+                  "hyperparameters": saved.method_hyperparameters(self.backbone.num_layers)}
+        now = {"name": self.method.name, "hyperparameters": self.method.hyperparameters()}
+        if json.loads(json.dumps(now)) != stored:
+            raise CheckpointError(
+                f"{saved.where()}: saved with method {stored['name']!r} {stored['hyperparameters']}, "
+                f"but the learner has {now['name']!r} {now['hyperparameters']}"
+            )
+        router = self.router.hyperparameters() if self.router is not None else None
+        if json.loads(json.dumps(router)) != saved.router:
+            raise CheckpointError(
+                f"{saved.where()}: saved with router {saved.router}, but the learner has {router}")
+        self._install(saved)
+
+    def _install(self, saved: SavedModel) -> None:
+        try:
+            if saved.shared_tensors:
+                self.load_shared_tensors(saved.shared_tensors)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{saved.where(saved.files.get('shared'))}: {exc}") from None
+        try:
+            if saved.shared_json is not None:
+                self.method.load_shared_json(self.model, saved.shared_json)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{saved.where(saved.files.get('shared_json'))}: {exc}") from None
+        for task in saved.tasks:
+            try:
+                self.load_task_tensors(task.record, task.tensors)
+            except (KeyError, ValueError) as exc:
+                raise CheckpointError(f"{saved.where(task.file)}: {exc}") from None
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the model to `directory` (see `io/checkpoint.py`); old tasks' files stay."""
+        return checkpoint.write(Path(directory), self.state())
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> "ContinualLearner":
-        from .io.checkpoint import load
-
-        return load(Path(directory), device)
+        return cls.from_state(checkpoint.read(Path(directory)), device)
 
     # -- helpers -----------------------------------------------------------------------------
     def _bytes_added(self, adapter_parameters: int, head_parameters: int) -> int:
@@ -467,6 +547,15 @@ class ContinualLearner:
             if name is not None:
                 self._require(name)
         return row_tasks
+
+
+def _check_backbone(saved: SavedModel, backbone: Backbone) -> None:
+    stored = saved.backbone
+    if backbone.ref.sha256 != stored["sha256"]:
+        raise BackboneError(
+            f"{saved.where()}: backbone {stored['name']!r} has SHA-256 {backbone.ref.sha256[:12]}…, "
+            f"but this model was trained on {stored['sha256'][:12]}…; refusing to load"
+        )
 
 
 def _check_task(task: Task) -> None:

@@ -266,10 +266,10 @@ def run_method(send: Send, spec: dict) -> dict:
     """Learn the stream with one method; write DIR/<method>/; return process figures."""
     import torch
 
-    from ..config import BackboneConfig, TrainConfig
-    from .run import RunEvents, peak_rss_mb, run_joint, run_stream
+    from ..config import BackboneConfig, LearnerSpec
     from ..learner import ContinualLearner
-    from ..methods import GradientMethod, METHODS, make_method
+    from ..methods import METHODS, GradientMethod
+    from .run import RunEvents, peak_rss_mb, run_joint, run_stream
 
     config = BenchConfig(**{**spec["config"], "methods": tuple(spec["config"]["methods"])})
     name = spec["method"]
@@ -282,8 +282,9 @@ def run_method(send: Send, spec: dict) -> dict:
         hyperparameters.setdefault("adapt_layers", config.adapt_layers)
     else:
         hyperparameters.setdefault("seed", config.seed)
-    learner = ContinualLearner(BackboneConfig(config.backbone, max_length=config.max_length),
-                               method=make_method(name, hyperparameters), device=config.device)
+    learner = ContinualLearner.from_spec(
+        LearnerSpec(BackboneConfig(config.backbone, max_length=config.max_length), name,
+                    hyperparameters), device=config.device)
 
     class Forward(RunEvents):
         def task_started(self, index, total, task):

@@ -35,12 +35,12 @@ def write_heatmap(R, names: list[str], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
     fig.tight_layout()
-    from ..io.checkpoint import atomic_write
+    from ..io import store
 
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=120, format="png")
     plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+    store.atomic_write(path, buffer.getvalue())
     return path
 
 

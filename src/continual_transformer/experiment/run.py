@@ -255,7 +255,7 @@ def _start(tasks: list[Task], learner: ContinualLearner, out: Path | None, confi
 def _continue(tasks: list[Task], learner: ContinualLearner, out: Path, state: RunState,
               train_state: TrainState | None, config: dict, identity: dict) -> None:
     """Check that the saved run is this run, and load its finished tasks into `learner`."""
-    from ..io.checkpoint import load_into
+    from ..io import checkpoint
 
     changed = (runstate.differences(state.config, config, runstate.NOT_COMPARED)
                or runstate.differences(state.identity, identity))
@@ -268,7 +268,7 @@ def _continue(tasks: list[Task], learner: ContinualLearner, out: Path, state: Ru
     done = len(state.completed)
     model = out / "model"
     if (model / "manifest.json").is_file():
-        load_into(learner, model)
+        learner.load_state(checkpoint.read(model))
     have = list(learner.tasks)
     current = state.current["task"] if state.current else None
     if have == names[:done]:
@@ -282,7 +282,7 @@ def _continue(tasks: list[Task], learner: ContinualLearner, out: Path, state: Ru
 
 
 def _manifest_sha256(out: Path) -> str:
-    from ..io.checkpoint import sha256_bytes
+    from ..io.store import sha256_bytes
 
     return sha256_bytes((out / "model" / "manifest.json").read_bytes())
 
@@ -357,11 +357,11 @@ def _model_fields(learner: ContinualLearner) -> dict:
 
 def _write_outputs(out: Path, report: dict, R: np.ndarray, F: np.ndarray, title: str) -> None:
     """report.json (atomically) and the two heatmaps."""
-    from ..io.checkpoint import atomic_write
+    from ..io import store
     from .plots import write_heatmap
 
     names, method = report["tasks"], report["method"]["name"]
-    atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
+    store.atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
     write_heatmap(R, names, out / "accuracy_matrix.png", f"{method}: {title}")
     write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
                   f"{method}: task-free accuracy (task predicted, not given)")

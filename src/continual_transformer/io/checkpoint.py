@@ -27,27 +27,27 @@ the backbone found at load time.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import os
 import platform
 import re
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .. import __version__
-from ..model.backbone import Backbone, BackboneError
 from ..config import BackboneConfig
-
-if TYPE_CHECKING:
-    from ..learner import ContinualLearner
+from ..types import TaskRecord
+from . import store
+from .store import (
+    CheckpointError,
+    content_name,
+    parse_tensors,
+    put,
+    read_format_json,
+    read_verified,
+    tensor_file,
+)
 
 FORMAT = "continual-tiny-transformer/checkpoint"
 # Version 2 records `adapt_layers` with every gradient method; a version-1 checkpoint (written
@@ -65,62 +65,53 @@ TEMP_FILE = re.compile(r"^(tasks/)?\.[^/]+\.[a-z0-9_]+\.tmp$")  # see `atomic_wr
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that cannot be loaded, naming the file and the problem."""
+@dataclass
+class SavedTask:
+    """One task as a checkpoint stores it: its record and the tensors it owns."""
+
+    record: TaskRecord
+    tensors: dict[str, torch.Tensor]
+    file: str | None = None  # the file it was read from, relative to the model directory
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+@dataclass
+class SavedModel:
+    """A model as plain data, what `write` stores and `read` returns: the backbone as a
+    reference (never its weights), the method and router settings, every task's own tensors
+    and the state tasks share. `ContinualLearner.state()` makes one, `from_state` rebuilds
+    the learner from one."""
 
+    backbone: dict  # the backbone's reference (name, sha256, ...), "config", "parameters"
+    method: dict  # {"name", "hyperparameters"}, as the method reports them
+    router: dict | None  # the router's options; None for methods that route themselves
+    tasks: list[SavedTask]
+    shared_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared_json: dict | None = None  # shared state that is not tensors (replay's texts)
+    format_version: int = FORMAT_VERSION
+    directory: Path | None = None  # where it was read from (errors name its files)
+    files: dict[str, str] = field(default_factory=dict)  # "shared", "shared_json": file names
 
-def _fsync_dir(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+    @property
+    def backbone_config(self) -> BackboneConfig:
+        # The stored reference: the package name for the default, else the folder or hub id.
+        return BackboneConfig(**{**self.backbone["config"], "name": self.backbone["name"]})
 
+    def method_hyperparameters(self, depth: int) -> dict:
+        """The method's hyperparameters as this library reads them: a version-1 checkpoint's
+        gradient methods adapted every one of the backbone's `depth` layers."""
+        from ..methods import METHODS, GradientMethod
 
-def make_dirs(directory: Path) -> None:
-    """Create `directory` (and parents) so that the new entries survive a power cut too."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for folder in reversed(missing):
-        folder.mkdir(exist_ok=True)
-        _fsync_dir(folder.parent)
+        hyperparameters = dict(self.method["hyperparameters"])
+        if (self.format_version == 1 and issubclass(METHODS[self.method["name"]], GradientMethod)
+                and "adapt_layers" not in hyperparameters):
+            hyperparameters["adapt_layers"] = depth
+        return hyperparameters
 
-
-@functools.cache
-def _file_mode() -> int:
-    # mkstemp creates 0600 files; give ours the mode open() would (0666 less the umask), which
-    # can only be read by setting it, so it is read once, on the first write.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory, fsync, rename, fsync the directory."""
-    make_dirs(path.parent)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(handle, _file_mode())
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def tensor_file(prefix: str, tensors: dict[str, torch.Tensor]) -> tuple[str, bytes]:
-    data = st_save({k: v.contiguous() for k, v in sorted(tensors.items())})
-    return f"{prefix}-{sha256_bytes(data)[:12]}.safetensors", data
+    def where(self, name: str | None = None) -> str:
+        """The file `name` of the checkpoint (default: the manifest), for error messages."""
+        if self.directory is None:
+            return "(model in memory)"
+        return str(self.directory / (name or MANIFEST))
 
 
 def _is_own_name(name: str) -> bool:
@@ -153,55 +144,42 @@ def _refuse_foreign(directory: Path) -> None:
         )
 
 
-def save(learner: "ContinualLearner", directory: Path) -> Path:
+def write(directory: Path, saved: SavedModel) -> Path:
+    """Store `saved` in `directory` (created if needed), replacing what is there atomically."""
     if directory.exists():
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: exists and is not a directory")
         _refuse_foreign(directory)
     files: dict[str, dict] = {}
     tasks = []
-
-    def put(name: str, data: bytes) -> None:
-        target = directory / name
-        digest = sha256_bytes(data)
-        # Content-addressed: a file with this name normally holds exactly these bytes already;
-        # rewrite it only if it does not (a damaged copy must not end up listed).
-        if not (target.is_file() and target.stat().st_size == len(data)
-                and sha256_bytes(target.read_bytes()) == digest):
-            atomic_write(target, data)
-        files[name] = {"size": len(data), "sha256": digest}
-
-    for record in learner.tasks.values():
-        name, data = tensor_file(f"{TASKS_DIR}/{record.name}", learner.task_tensors(record.name))
-        put(name, data)
-        tasks.append({**record.to_dict(), "file": name})
-    shared = learner.shared_tensors()
+    for task in saved.tasks:
+        name, data = tensor_file(f"{TASKS_DIR}/{task.record.name}", task.tensors)
+        files[name] = put(directory, name, data)
+        tasks.append({**task.record.to_dict(), "file": name})
     shared_file = None
-    if shared:
-        shared_file, data = tensor_file("shared", shared)
-        put(shared_file, data)
-    shared_json = learner.method.shared_json(learner.model)
+    if saved.shared_tensors:
+        shared_file, data = tensor_file("shared", saved.shared_tensors)
+        files[shared_file] = put(directory, shared_file, data)
     shared_json_file = None
-    if shared_json is not None:
-        data = json.dumps(shared_json, sort_keys=True).encode()
-        shared_json_file = f"shared-{sha256_bytes(data)[:12]}.json"
-        put(shared_json_file, data)
+    if saved.shared_json is not None:
+        data = json.dumps(saved.shared_json, sort_keys=True).encode()
+        shared_json_file = content_name("shared", data, ".json")
+        files[shared_json_file] = put(directory, shared_json_file, data)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "backbone": {**learner.backbone.ref.to_dict(), "config": learner.backbone.config.to_dict(),
-                     "parameters": learner.backbone_parameters},
-        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
-        "router": learner.router.hyperparameters() if learner.router is not None else None,
+        "backbone": saved.backbone,
+        "method": saved.method,
+        "router": saved.router,
         "shared_file": shared_file,
         "shared_json_file": shared_json_file,
         "tasks": tasks,
         "files": files,
     }
-    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+    store.atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
     _remove_unlisted(directory, files)
     return directory
 
@@ -255,7 +233,7 @@ class _Fields:
 
 def validate_manifest(manifest: object, path: Path) -> dict:
     """Check every field loading relies on; raise `CheckpointError` naming the first bad one."""
-    from ..types import TASK_NAME, TaskRecord
+    from ..types import TASK_NAME
     from ..methods import METHODS
 
     check = _Fields(path)
@@ -346,56 +324,6 @@ def read_manifest(directory: Path) -> dict:
     return validate_manifest(read_format_json(path, FORMAT, READABLE_VERSIONS, "manifest"), path)
 
 
-def read_format_json(path: Path, format: str, version: int | tuple[int, ...], what: str) -> dict:
-    """A JSON object whose `format` field must be `format`, and `format_version` one of
-    `version`."""
-    versions = version if isinstance(version, tuple) else (version,)
-    try:
-        document = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(document, dict) or document.get("format") != format:
-        raise CheckpointError(f"{path}: not a {format} {what}")
-    if document.get("format_version") not in versions:
-        readable = " or ".join(map(str, versions))
-        raise CheckpointError(
-            f"{path}: format version {document.get('format_version')!r} is not supported "
-            f"(this library reads version {readable})"
-        )
-    return document
-
-
-def method_hyperparameters(manifest: dict, backbone: Backbone) -> dict:
-    """The method's hyperparameters as this library reads them: a version-1 manifest's gradient
-    methods adapted every layer of the backbone."""
-    from ..methods import METHODS, GradientMethod
-
-    hyperparameters = dict(manifest["method"]["hyperparameters"])
-    if (manifest["format_version"] == 1 and issubclass(METHODS[manifest["method"]["name"]], GradientMethod)
-            and "adapt_layers" not in hyperparameters):
-        hyperparameters["adapt_layers"] = backbone.num_layers
-    return hyperparameters
-
-
-def read_verified(path: Path, entry: dict) -> bytes:
-    """A file's bytes after checking them against its manifest entry (size, SHA-256)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    data = path.read_bytes()
-    if len(data) != entry["size"]:
-        raise CheckpointError(f"{path}: size {len(data)} bytes, manifest says {entry['size']} (truncated?)")
-    if sha256_bytes(data) != entry["sha256"]:
-        raise CheckpointError(f"{path}: SHA-256 does not match the manifest (file altered)")
-    return data
-
-
-def parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
-    try:
-        return st_load(data)
-    except SafetensorError as exc:
-        raise CheckpointError(f"{path}: not a safetensors file ({exc})") from None
-
-
 def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.Tensor]:
     """Read one listed safetensors file after checking its size and SHA-256."""
     entry = manifest["files"].get(name)
@@ -404,11 +332,13 @@ def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.
     return parse_tensors(directory / name, read_verified(directory / name, entry))
 
 
-def _read_all(directory: Path, manifest: dict) -> tuple[dict | None, object, list[dict]]:
-    """Every listed file, verified and parsed, before anything is installed in a learner."""
+def read(directory: Path) -> SavedModel:
+    """The model stored in `directory`: every listed file verified and parsed, nothing else
+    read; `CheckpointError` names the first file or field that is wrong."""
+    manifest = read_manifest(directory)
     _refuse_foreign(directory)
     shared = manifest["shared_file"]
-    shared_tensors = read_tensors(directory, shared, manifest) if shared else None
+    shared_tensors = read_tensors(directory, shared, manifest) if shared else {}
     shared_json = manifest.get("shared_json_file")
     shared_data = None
     if shared_json:
@@ -417,79 +347,12 @@ def _read_all(directory: Path, manifest: dict) -> tuple[dict | None, object, lis
             shared_data = json.loads(read_verified(path, manifest["files"][shared_json]))
         except ValueError as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    tasks = [read_tensors(directory, t["file"], manifest) for t in manifest["tasks"]]
-    return shared_tensors, shared_data, tasks
-
-
-def _install(learner: "ContinualLearner", directory: Path, manifest: dict) -> None:
-    from ..types import TaskRecord
-
-    shared_tensors, shared_data, task_tensors = _read_all(directory, manifest)
-    try:
-        if shared_tensors is not None:
-            learner.load_shared_tensors(shared_tensors)
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{directory / manifest['shared_file']}: {exc}") from None
-    try:
-        if shared_data is not None:
-            learner.method.load_shared_json(learner.model, shared_data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory / manifest['shared_json_file']}: {exc}") from None
-    for entry, tensors in zip(manifest["tasks"], task_tensors):
-        record = TaskRecord.from_dict({k: v for k, v in entry.items() if k != "file"})
-        try:
-            learner.load_task_tensors(record, tensors)
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{directory / entry['file']}: {exc}") from None
-
-
-def _check_backbone(directory: Path, spec: dict, backbone: Backbone) -> None:
-    if backbone.ref.sha256 != spec["sha256"]:
-        raise BackboneError(
-            f"{directory / MANIFEST}: backbone {spec['name']!r} has SHA-256 {backbone.ref.sha256[:12]}…, "
-            f"but this model was trained on {spec['sha256'][:12]}…; refusing to load"
-        )
-
-
-def load(directory: Path, device: str | None = None) -> "ContinualLearner":
-    from ..learner import ContinualLearner
-    from ..methods import make_method
-
-    manifest = read_manifest(directory)
-    spec = manifest["backbone"]
-    # The stored reference: the package name for the default, else the folder or hub id.
-    config = BackboneConfig(**{**spec["config"], "name": spec["name"]})
-    backbone = Backbone.load(config, device)
-    _check_backbone(directory, spec, backbone)
-    try:
-        method = make_method(manifest["method"]["name"], method_hyperparameters(manifest, backbone))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory / MANIFEST}: field 'method.hyperparameters': {exc}") from None
-    learner = ContinualLearner(backbone, method=method, router=manifest.get("router"))
-    _install(learner, directory, manifest)
-    return learner
-
-
-def load_into(learner: "ContinualLearner", directory: Path) -> dict:
-    """Load a checkpoint's tasks into `learner`, which must know no tasks yet and must have the
-    checkpoint's backbone and method; return the manifest."""
-    manifest = read_manifest(directory)
-    if learner.tasks:
-        raise ValueError(f"load_into needs a learner without tasks; this one has {list(learner.tasks)}")
-    _check_backbone(directory, manifest["backbone"], learner.backbone)
-    saved = {"name": manifest["method"]["name"],
-             "hyperparameters": method_hyperparameters(manifest, learner.backbone)}
-    now = {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()}
-    if json.loads(json.dumps(now)) != saved:
-        raise CheckpointError(
-            f"{directory / MANIFEST}: saved with method {saved['name']!r} {saved['hyperparameters']}, "
-            f"but the learner has {now['name']!r} {now['hyperparameters']}"
-        )
-    router = learner.router.hyperparameters() if learner.router is not None else None
-    if json.loads(json.dumps(router)) != manifest.get("router"):
-        raise CheckpointError(
-            f"{directory / MANIFEST}: saved with router {manifest.get('router')}, "
-            f"but the learner has {router}"
-        )
-    _install(learner, directory, manifest)
-    return manifest
+    tasks = [SavedTask(TaskRecord.from_dict({k: v for k, v in entry.items() if k != "file"}),
+                       read_tensors(directory, entry["file"], manifest), entry["file"])
+             for entry in manifest["tasks"]]
+    return SavedModel(
+        backbone=manifest["backbone"], method=manifest["method"], router=manifest.get("router"),
+        tasks=tasks, shared_tensors=shared_tensors, shared_json=shared_data,
+        format_version=manifest["format_version"], directory=directory,
+        files={"shared": shared, "shared_json": shared_json},
+    )

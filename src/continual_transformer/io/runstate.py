@@ -25,15 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    parse_tensors,
-    read_format_json,
-    read_verified,
-    sha256_bytes,
-    tensor_file,
-)
+from . import store
+from .store import CheckpointError, parse_tensors, read_format_json, read_verified, tensor_file
 from ..training.loop import TrainState
 
 FORMAT = "continual-tiny-transformer/run-state"
@@ -41,7 +34,6 @@ FORMAT_VERSION = 1
 STATE_DIR = "resume"
 STATE = "state.json"
 TRAIN_FILE = re.compile(r"^train-[A-Za-z0-9][A-Za-z0-9_-]{0,63}-[0-9a-f]{12}\.safetensors$")
-TEMP_FILE = re.compile(r"^\.[^/]+\.[a-z0-9_]+\.tmp$")
 
 # Settings that change where or how often a run works, not what it learns; a run may be
 # continued with other values. `stream_summary` is derived from the tasks, which the
@@ -127,18 +119,15 @@ def write(out: Path, state: RunState, train: TrainState | None = None) -> None:
         if state.current is None:
             raise ValueError("a training state needs a current task")
         name, blob = tensor_file(f"train-{state.current['task']}", train.tensors)
-        target = directory / name
-        if not (target.is_file() and sha256_bytes(target.read_bytes()) == sha256_bytes(blob)):
-            atomic_write(target, blob)
-        files[name] = {"size": len(blob), "sha256": sha256_bytes(blob)}
+        files[name] = store.put(directory, name, blob)
         data["current"] = {**state.current, "train": train.meta(), "file": name}
     elif state.current is not None:
         data["current"] = {**state.current, "train": None, "file": None}
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, **data, "files": files}
-    atomic_write(directory / STATE, json.dumps(document, indent=1).encode())
+    store.atomic_write(directory / STATE, json.dumps(document, indent=1).encode())
     for path in directory.iterdir():
         if path.name != STATE and path.name not in files and (
-                TRAIN_FILE.match(path.name) or TEMP_FILE.match(path.name)):
+                TRAIN_FILE.match(path.name) or store.TEMP_FILE.match(path.name)):
             path.unlink(missing_ok=True)
 
 
@@ -155,7 +144,7 @@ def read(out: Path) -> tuple[RunState, TrainState | None] | None:
     if not path.is_file():
         return None
     for entry in directory.iterdir():
-        if not (entry.name == STATE or TRAIN_FILE.match(entry.name) or TEMP_FILE.match(entry.name)) \
+        if not (entry.name == STATE or TRAIN_FILE.match(entry.name) or store.TEMP_FILE.match(entry.name)) \
                 or not entry.is_file():
             raise CheckpointError(f"{entry}: foreign file in a run-state directory")
     document = read_format_json(path, FORMAT, FORMAT_VERSION, "file")

@@ -173,11 +173,8 @@ class JobRunner:
         self._set(job, state="running", started_at=_now())
         learner = self.service.learner
         spec = {
-            "backbone": learner.backbone.config,
+            "learner": learner.spec(),
             "backbone_sha256": learner.backbone.ref.sha256,
-            "method": learner.method.name,
-            "hyperparameters": learner.method.hyperparameters(),
-            "router": learner.router.hyperparameters() if learner.router is not None else None,
             "epochs": job.epochs,
             "threads": self.threads,
             "nice": self.nice,
@@ -245,23 +242,25 @@ def learn_in_process(send: Send, spec: dict, task: "Task") -> tuple[dict, bytes,
     import torch
     from safetensors.torch import save as st_save
 
-    from ..model.backbone import Backbone, BackboneError
+    from dataclasses import replace
+
     from ..learner import ContinualLearner
-    from ..methods import make_method
+    from ..model.backbone import Backbone, BackboneError
 
     torch.set_num_threads(spec["threads"])
-    backbone = Backbone.load(spec["backbone"], spec["device"])
+    learner_spec = spec["learner"]
+    backbone = Backbone.load(learner_spec.backbone, spec["device"])
     if backbone.ref.sha256 != spec["backbone_sha256"]:
         raise BackboneError(
             f"backbone {backbone.ref.name!r} changed on disk since the server loaded it "
             f"(SHA-256 {backbone.ref.sha256[:12]}…, served {spec['backbone_sha256'][:12]}…)"
         )
-    hyperparameters = dict(spec["hyperparameters"])
     if spec["epochs"] is not None:
-        hyperparameters["train"] = {**hyperparameters["train"], "epochs": spec["epochs"]}
+        hyperparameters = learner_spec.hyperparameters
+        learner_spec = replace(learner_spec, hyperparameters={
+            **hyperparameters, "train": {**hyperparameters["train"], "epochs": spec["epochs"]}})
     # A fresh learner: its shared statistics (the router's) are exactly what this task adds.
-    learner = ContinualLearner(backbone, method=make_method(spec["method"], hyperparameters),
-                               router=spec["router"])
+    learner = ContinualLearner.from_spec(learner_spec, backbone=backbone)
     record = learner.learn(task, lambda step, total, loss: send("progress", step, total, loss))
     if spec["epochs"] is not None:
         record.stats["epochs"] = spec["epochs"]
