@@ -266,12 +266,12 @@ class _BenchProgress:
     def method_finished(self, method, row):
         self._drop_train_bar()
         self.progress.advance(self.methods_bar)
-        from .experiment.bench import _fmt
+        from .experiment.bench import format_figure
 
         self.progress.console.print(
-            f"[bold]{method}[/]: ACC {_fmt(row['acc'], '.1f', 100)}  BWT {_fmt(row['bwt'], '+.1f', 100)}  "
-            f"task-free {_fmt(row['task_free_acc'], '.1f', 100)}  train {row['train_seconds']:.0f}s  "
-            f"peak RSS {_fmt(row['peak_rss_mb'], '.0f')} MiB")
+            f"[bold]{method}[/]: ACC {format_figure(row['acc'], '.1f', 100)}  BWT {format_figure(row['bwt'], '+.1f', 100)}  "
+            f"task-free {format_figure(row['task_free_acc'], '.1f', 100)}  train {row['train_seconds']:.0f}s  "
+            f"peak RSS {format_figure(row['peak_rss_mb'], '.0f')} MiB")
 
     def _drop_train_bar(self):
         if self.train_bar is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -32,16 +31,6 @@ from .model.router import Router
 from .training.loop import Checkpointing, Progress
 from .model.trunk import TrunkStates, release_freed_memory
 
-
-
-@dataclass(frozen=True)
-class TestPass:
-    """Per test row of one task: whether the label predicted with the task given is right, and
-    what routing needs: the router's input (N, H), or the task the method itself names."""
-
-    correct: list[bool]
-    features: torch.Tensor | None
-    inferred: list[str] | None
 
 
 class ContinualLearner:
@@ -181,7 +170,7 @@ class ContinualLearner:
         return [self.tasks[name] for name in names]
 
     def delete(self, task: str) -> None:
-        self._require(task)
+        self.require(task)
         self.method.delete(self.model, task)
         if self.router is not None:
             self.router.remove(task)
@@ -189,7 +178,7 @@ class ContinualLearner:
 
     def task_state(self, task: str) -> tuple[TaskRecord, dict[str, torch.Tensor]]:
         """A learned task's record and tensors (CPU copies), as `import_task` takes them back."""
-        record = self._require(task)
+        record = self.require(task)
         return record, self.task_tensors(task)
 
     def import_task(
@@ -314,40 +303,13 @@ class ContinualLearner:
             predictions.append(Prediction(name, labels[int(row.argmax())], dict(zip(labels, probs))))
         return predictions
 
-    @torch.inference_mode()
-    def test_pass(self, task: Task) -> TestPass:
-        """One pass over the task's test texts that yields what both accuracies need.
-
-        A task-free answer is right exactly when its row goes to its own task and the label
-        predicted under that task is right, so the task-given labels and the router's input
-        (or, for methods without a router, the task they name) are enough for both.
-        """
-        self._require(task.name)
-        if not task.test:
-            raise ValueError(f"task {task.name!r} has no test examples")
-        ids = self.backbone.tokenize([e.text for e in task.test])
-        index = task.label_index()
-        correct = [False] * len(ids)
-        features = torch.empty(len(ids), self.backbone.hidden_size) if self.router else None
-        inferred: list[str] | None = None if self.router else [""] * len(ids)
-        key = self.method.adapter_key(task.name)
-        for rows, batch in collated(self.backbone, ids):  # as `predict` batches them
-            inputs = self.model.trunk(batch)
-            pooled = self.model.top_pooled(inputs, [key] * len(rows))  # (B, H)
-            logits = self.method.head_logits(self.model, pooled, [task.name] * len(rows))
-            for i, row in zip(rows, logits):
-                correct[i] = int(row.argmax()) == index[task.test[i].label]
-            if features is not None:
-                features[rows] = masked_mean(inputs.hidden, inputs.attention_mask).float().cpu()
-            else:
-                for i, name in zip(rows, self.method.infer_tasks(self.model, pooled)):
-                    inferred[i] = name
-        return TestPass(correct, features, inferred)
-
     def evaluate(self, task: Task) -> float:
         """Accuracy on the task's test examples, with the task given."""
-        correct = self.test_pass(task).correct
-        return sum(correct) / len(correct)
+        self.require(task.name)
+        if not task.test:
+            raise ValueError(f"task {task.name!r} has no test examples")
+        predictions = self.predict([e.text for e in task.test], task=task.name)
+        return sum(p.label == e.label for p, e in zip(predictions, task.test)) / len(task.test)
 
     def evaluate_task_free(self, task: Task) -> tuple[float, list[str]]:
         """Accuracy on the task's test examples *without* naming the task (a label counts only
@@ -391,7 +353,7 @@ class ContinualLearner:
 
         Scale vectors and heads are float32; class and routing statistics are float64 sums.
         """
-        record = self._require(task)
+        record = self.require(task)
         adapter, head = record.adapter_parameters, record.head_parameters
         router = self.router.state_numbers()["per_class"] if self.router is not None else 0
         return {
@@ -532,7 +494,8 @@ class ContinualLearner:
         return (4 * adapter_parameters + self.method.head_number_bytes * head_parameters
                 + (8 * self.router.state_numbers()["per_class"] if self.router is not None else 0))
 
-    def _require(self, task: str) -> TaskRecord:
+    def require(self, task: str) -> TaskRecord:
+        """The record of a learned task; KeyError naming the known ones otherwise."""
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; known: {list(self.tasks)}")
         return self.tasks[task]
@@ -545,7 +508,7 @@ class ContinualLearner:
             raise ValueError(f"{len(texts)} texts but {len(row_tasks)} task names")
         for name in dict.fromkeys(row_tasks):
             if name is not None:
-                self._require(name)
+                self.require(name)
         return row_tasks
 
 

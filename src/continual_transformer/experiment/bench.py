@@ -211,7 +211,8 @@ def summarize(method: str, report: dict, result: dict) -> dict:
     }
 
 
-def _fmt(value, spec: str, scale: float = 1.0) -> str:
+def format_figure(value, spec: str, scale: float = 1.0) -> str:
+    """A figure for a table: `value * scale` in `spec` format, "n/a" when it is missing."""
     return "n/a" if value is None else format(value * scale, spec)
 
 
@@ -221,11 +222,11 @@ def table_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in bench["methods"]:
         rows.append([
-            r["method"], _fmt(r["acc"], ".1f", 100), _fmt(r["bwt"], "+.1f", 100),
-            _fmt(r["forgetting"], ".1f", 100), _fmt(r["task_free_acc"], ".1f", 100),
+            r["method"], format_figure(r["acc"], ".1f", 100), format_figure(r["bwt"], "+.1f", 100),
+            format_figure(r["forgetting"], ".1f", 100), format_figure(r["task_free_acc"], ".1f", 100),
             f"{r['bytes_per_task'] / 1024:.1f}", f"{r['shared_numbers']:,}",
             f"{r['train_seconds']:.0f}", f"{r['total_seconds']:.0f}",
-            _fmt(r["peak_rss_mb"], ".0f"),
+            format_figure(r["peak_rss_mb"], ".0f"),
         ])
     return header, rows
 
@@ -251,7 +252,7 @@ def markdown(bench: dict) -> str:
     lines.append("| method | " + " | ".join(f"after {n}" for n in names) + " |")
     lines.append("|---|" + "---:|" * len(names))
     for r in bench["methods"]:
-        cells = [_fmt(v, ".1f", 100) for v in r["first_task_accuracy"]]
+        cells = [format_figure(v, ".1f", 100) for v in r["first_task_accuracy"]]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     lines += ["", "Notes:", ""] + [f"- {text}" for text in bench["notes"].values()]
     return "\n".join(lines) + "\n"

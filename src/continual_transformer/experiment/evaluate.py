@@ -4,7 +4,7 @@ After task i is learned the accuracy matrix needs row i: every task seen so far,
 given (R) and without it (the task-free matrix). Three facts make most of it free:
 
 - A task-free answer is right exactly when its input goes to its own task and the label that
-  task predicts is right (`ContinualLearner.test_pass`), so one pass per test text serves both
+  task predicts is right (`test_pass`), so one pass per test text serves both
   matrices: the task-given labels and the router's input.
 - The router reads the trunk, which no task changes: its input for a test text never changes,
   so re-routing every test text after a new task costs the router alone, not a forward pass.
@@ -24,8 +24,51 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..types import Task
 from ..learner import ContinualLearner
+from ..model.backbone import masked_mean
+from ..model.batching import collated
+from ..types import Task
+
+
+@dataclass(frozen=True)
+class TestPass:
+    """Per test row of one task: whether the label predicted with the task given is right, and
+    what routing needs: the router's input (N, H), or the task the method itself names."""
+
+    correct: list[bool]
+    features: torch.Tensor | None
+    inferred: list[str] | None
+
+
+@torch.inference_mode()
+def test_pass(learner: ContinualLearner, task: Task) -> TestPass:
+    """One pass over the task's test texts that yields what both accuracies need.
+
+    A task-free answer is right exactly when its row goes to its own task and the label
+    predicted under that task is right, so the task-given labels and the router's input
+    (or, for methods without a router, the task they name) are enough for both.
+    """
+    learner.require(task.name)
+    if not task.test:
+        raise ValueError(f"task {task.name!r} has no test examples")
+    ids = learner.backbone.tokenize([e.text for e in task.test])
+    index = task.label_index()
+    correct = [False] * len(ids)
+    features = torch.empty(len(ids), learner.backbone.hidden_size) if learner.router is not None else None
+    inferred: list[str] | None = None if learner.router is not None else [""] * len(ids)
+    key = learner.method.adapter_key(task.name)
+    for rows, batch in collated(learner.backbone, ids):  # as `predict` batches them
+        inputs = learner.model.trunk(batch)
+        pooled = learner.model.top_pooled(inputs, [key] * len(rows))  # (B, H)
+        logits = learner.method.head_logits(learner.model, pooled, [task.name] * len(rows))
+        for i, row in zip(rows, logits):
+            correct[i] = int(row.argmax()) == index[task.test[i].label]
+        if features is not None:
+            features[rows] = masked_mean(inputs.hidden, inputs.attention_mask).float().cpu()
+        else:
+            for i, name in zip(rows, learner.method.infer_tasks(learner.model, pooled)):
+                inferred[i] = name
+    return TestPass(correct, features, inferred)
 
 
 @dataclass
@@ -102,7 +145,7 @@ class StreamEvaluation:
         return EvaluatedRow(given, free, confusion, info)
 
     def _record(self, task: Task) -> None:
-        result = self.learner.test_pass(task)
+        result = test_pass(self.learner, task)
         self._correct[task.name] = result.correct
         if result.features is not None:
             self._features[task.name] = result.features

@@ -123,6 +123,15 @@ class AnalyticClassifier:
         self.sums_, self.counts_ = self.sums_[keep], self.counts_[keep]
         self._solution = None
 
+    def snapshot(self) -> tuple:
+        """Copies of the statistics, for `restore` to undo later changes."""
+        return list(self.classes_), self.gram_.clone(), self.sums_.clone(), self.counts_.clone()
+
+    def restore(self, snapshot: tuple) -> None:
+        classes, gram, sums, counts = snapshot
+        self.classes_, self.gram_, self.sums_, self.counts_ = list(classes), gram, sums, counts
+        self._solution = None
+
     @property
     def n_examples(self) -> int:
         return int(self.counts_.sum().item())

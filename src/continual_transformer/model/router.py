@@ -74,16 +74,12 @@ class Router:
         state = {k[len(PREFIX):]: v for k, v in increment.items() if k.startswith(PREFIX)}
         self.classifier.add_shared_state(state)
 
-    def snapshot(self):
+    def snapshot(self) -> tuple:
         """Everything `restore` needs to undo later changes (copies)."""
-        c = self.classifier
-        return list(c.classes_), c.gram_.clone(), c.sums_.clone(), c.counts_.clone()
+        return self.classifier.snapshot()
 
-    def restore(self, snapshot) -> None:
-        c = self.classifier
-        classes, gram, sums, counts = snapshot
-        c.classes_, c.gram_, c.sums_, c.counts_ = list(classes), gram, sums, counts
-        c._solution = None
+    def restore(self, snapshot: tuple) -> None:
+        self.classifier.restore(snapshot)
 
     def state_numbers(self) -> dict[str, int]:
         return self.classifier.state_numbers()
