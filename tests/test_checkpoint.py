@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -252,12 +253,15 @@ def _set(manifest, dotted, value):
     ("tasks.0.name", "../../etc", "field 'tasks\\[0\\].name' is not a valid task name"),
     ("tasks.1.name", "kinds", "field 'tasks\\[1\\].name' repeats task 'kinds'"),
     ("tasks.0.train_examples", True, "field 'tasks\\[0\\].train_examples' must be int, got bool True"),
+    ("tasks.0.train_seconds", "0.5", "field 'tasks\\[0\\].train_seconds' must be int or float, got str '0.5'"),
+    ("tasks.0.bytes_added", KeyError, "field 'tasks\\[0\\].bytes_added' is missing"),
     ("tasks.0.head_parameters", -1, "field 'tasks\\[0\\].head_parameters' must be >= 0, got -1"),
     ("tasks.0.owner", "me", "field 'tasks\\[0\\]' has unknown keys \\['owner'\\]"),
     ("tasks.0.file", "tasks/topics-0123456789ab.safetensors", "field 'tasks\\[0\\].file' names 'tasks/topics-0123456789ab.safetensors', which is not a listed file of task 'kinds'"),
     ("files.tasks/model.pkl", {"size": 1, "sha256": "0" * 64}, "lists foreign file 'tasks/model.pkl'"),
     ("files.../x-0123456789ab.safetensors", {"size": 1, "sha256": "0" * 64}, "lists foreign file '../x-0123456789ab.safetensors'"),
     ("shared_file", "shared-0123456789ab.safetensors", "field 'shared_file' names 'shared-0123456789ab.safetensors', which is not a listed shared file"),
+    ("shared_json_file", "shared-0123456789ab.json", "field 'shared_json_file' names 'shared-0123456789ab.json', which is not a listed shared JSON file"),
 ])
 def test_malformed_manifest_fields_are_refused(saved, field, value, message):
     directory, manifest = saved
@@ -281,10 +285,22 @@ def test_file_entries_must_agree_with_names_and_be_used(saved):
     with pytest.raises(CheckpointError, match="hash prefix is not its SHA-256 ffffffffffff"):
         ContinualLearner.load(directory, device="cpu")
     manifest = copy.deepcopy(original)
+    manifest["files"][name]["size"] = "61112"
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=re.escape(f"""field "files['{name}'].size" must be int, got str '61112'""")):
+        ContinualLearner.load(directory, device="cpu")
+    manifest = copy.deepcopy(original)
     del manifest["tasks"][1]
     (directory / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="field 'files' lists files no task uses once: \\['tasks/topics-"):
         ContinualLearner.load(directory, device="cpu")
+
+
+def test_a_manifest_written_before_shared_json_file_loads(saved):
+    directory, manifest = saved
+    assert manifest.pop("shared_json_file") is None
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    assert list(ContinualLearner.load(directory, device="cpu").tasks) == ["kinds", "topics"]
 
 
 def test_save_rewrites_a_damaged_file_of_the_same_name(trained, tmp_path):

@@ -48,6 +48,7 @@ from .store import (
     read_verified,
     tensor_file,
 )
+from .manifest import SHARED_FILE, SHARED_JSON_FILE, TASK_FILE, TASKS_DIR, validate_manifest
 
 FORMAT = "continual-tiny-transformer/checkpoint"
 # Version 2 records `adapt_layers` with every gradient method; a version-1 checkpoint (written
@@ -55,14 +56,9 @@ FORMAT = "continual-tiny-transformer/checkpoint"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
-TASKS_DIR = "tasks"
 
 # Names this module writes (relative to the checkpoint directory).
-TASK_FILE = re.compile(r"^tasks/([A-Za-z0-9][A-Za-z0-9_-]{0,63})-([0-9a-f]{12})\.safetensors$")
-SHARED_FILE = re.compile(r"^shared-([0-9a-f]{12})\.safetensors$")
-SHARED_JSON_FILE = re.compile(r"^shared-([0-9a-f]{12})\.json$")
-TEMP_FILE = re.compile(r"^(tasks/)?\.[^/]+\.[a-z0-9_]+\.tmp$")  # see `atomic_write`
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+TEMP_FILE = re.compile(r"^(tasks/)?\.[^/]+\.[a-z0-9_]+\.tmp$")  # see `store.atomic_write`
 
 
 @dataclass
@@ -197,123 +193,6 @@ def _remove_unlisted(directory: Path, files: dict[str, dict]) -> None:
 
 
 # -- reading --------------------------------------------------------------------------------------
-class _Fields:
-    """Checks one manifest's fields; every error names the manifest and the field."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def fail(self, field: str, problem: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: field {field!r} {problem}")
-
-    def get(self, data: dict, key: str, kind, where: str = ""):
-        field = f"{where}.{key}" if where else key
-        if key not in data:
-            raise self.fail(field, "is missing")
-        value = data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # bool is an int to Python, never to a manifest.
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            raise self.fail(field, f"must be {names}, got {type(value).__name__} {value!r:.60}")
-        return value
-
-    def count(self, data: dict, key: str, where: str) -> int:
-        value = self.get(data, key, int, where)
-        if value < 0:
-            raise self.fail(f"{where}.{key}", f"must be >= 0, got {value}")
-        return value
-
-    def digest(self, data: dict, key: str, where: str) -> str:
-        value = self.get(data, key, str, where)
-        if not SHA256.match(value):
-            raise self.fail(f"{where}.{key}", f"must be 64 lowercase hex digits, got {value!r:.70}")
-        return value
-
-
-def validate_manifest(manifest: object, path: Path) -> dict:
-    """Check every field loading relies on; raise `CheckpointError` naming the first bad one."""
-    from ..types import TASK_NAME
-    from ..methods import METHODS
-
-    check = _Fields(path)
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    backbone = check.get(manifest, "backbone", dict)
-    check.get(backbone, "name", str, "backbone")
-    check.digest(backbone, "sha256", "backbone")
-    config = check.get(backbone, "config", dict, "backbone")
-    try:
-        BackboneConfig(**{**config, "name": backbone["name"]})
-    except (TypeError, ValueError) as exc:
-        raise check.fail("backbone.config", f"is not a backbone configuration: {exc}") from None
-    method = check.get(manifest, "method", dict)
-    if check.get(method, "name", str, "method") not in METHODS:
-        raise check.fail("method.name", f"names unknown method {method['name']!r}; known: {sorted(METHODS)}")
-    check.get(method, "hyperparameters", dict, "method")
-
-    files = check.get(manifest, "files", dict)
-    for name, entry in files.items():
-        where = f"files[{name!r}]"
-        if not (TASK_FILE.match(name) or SHARED_FILE.match(name) or SHARED_JSON_FILE.match(name)):
-            raise CheckpointError(
-                f"{path}: lists foreign file {name!r} (expected {TASKS_DIR}/<task>-<hash>.safetensors, "
-                "shared-<hash>.safetensors or shared-<hash>.json)")
-        if not isinstance(entry, dict):
-            raise check.fail(where, f"must be an object, got {type(entry).__name__}")
-        check.count(entry, "size", where)
-        digest = check.digest(entry, "sha256", where)
-        if not name.rsplit(".", 1)[0].endswith(f"-{digest[:12]}"):
-            raise check.fail(where, f"names a file whose hash prefix is not its SHA-256 {digest[:12]}…")
-
-    used: list[str] = []
-    shared = check.get(manifest, "shared_file", (str, type(None)))
-    if shared is not None:
-        if not SHARED_FILE.match(shared) or shared not in files:
-            raise check.fail("shared_file", f"names {shared!r}, which is not a listed shared file")
-        used.append(shared)
-    # Written by this version for every model; older manifests may lack it (no shared JSON).
-    shared_json = manifest.get("shared_json_file")
-    if shared_json is not None:
-        if not isinstance(shared_json, str) or not SHARED_JSON_FILE.match(shared_json) or shared_json not in files:
-            raise check.fail("shared_json_file", f"names {shared_json!r:.70}, which is not a listed shared JSON file")
-        used.append(shared_json)
-    tasks = check.get(manifest, "tasks", list)
-    record_fields = {f for f in TaskRecord.__dataclass_fields__}
-    seen: set[str] = set()
-    for i, task in enumerate(tasks):
-        where = f"tasks[{i}]"
-        if not isinstance(task, dict):
-            raise check.fail(where, f"must be an object, got {type(task).__name__}")
-        name = check.get(task, "name", str, where)
-        if not TASK_NAME.match(name):
-            raise check.fail(f"{where}.name", f"is not a valid task name: {name!r:.70}")
-        if name in seen:
-            raise check.fail(f"{where}.name", f"repeats task {name!r}")
-        seen.add(name)
-        labels = check.get(task, "labels", list, where)
-        if len(labels) < 2 or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
-            raise check.fail(f"{where}.labels", f"must be 2 or more distinct strings, got {labels!r:.70}")
-        check.get(task, "learned_at", str, where)
-        check.count(task, "train_examples", where)
-        check.get(task, "train_seconds", (int, float), where)
-        check.count(task, "adapter_parameters", where)
-        check.count(task, "head_parameters", where)
-        check.get(task, "stats", dict, where)
-        unknown = sorted(set(task) - record_fields - {"file"})
-        if unknown:
-            raise check.fail(where, f"has unknown keys {unknown}")
-        file = check.get(task, "file", str, where)
-        match = TASK_FILE.match(file)
-        if not match or match.group(1) != name or file not in files:
-            raise check.fail(f"{where}.file", f"names {file!r}, which is not a listed file of task {name!r}")
-        used.append(file)
-    unused = sorted(set(files) - set(used))
-    if unused or len(used) != len(set(used)):
-        raise check.fail("files", f"lists files no task uses once: {unused or sorted(used)}")
-    return manifest
-
-
 def read_manifest(directory: Path) -> dict:
     """The validated manifest of a checkpoint directory (the tensor files are not read)."""
     path = directory / MANIFEST
