@@ -267,7 +267,8 @@ def run_method(send: Send, spec: dict) -> dict:
     import torch
 
     from ..config import BackboneConfig, TrainConfig
-    from .run import RunEvents, peak_rss_mb, run_joint, run_stream
+    from .resources import peak_rss_mb
+    from .run import RunEvents, run_joint, run_stream
     from ..learner import ContinualLearner
     from ..methods import GradientMethod, METHODS, make_method
 
