@@ -281,7 +281,7 @@ class Bench:
             self.tolerance = max_difference(other, self.ref_tensors)
 
     def report_matches(self, path: Path) -> bool:
-        from continual_transformer.experiment.run import TIMING_FIELDS
+        from continual_transformer.experiment.report import TIMING_FIELDS
 
         report = json.loads(path.read_text())
         return strip_timings(report, TIMING_FIELDS) == strip_timings(self.ref_report, TIMING_FIELDS)

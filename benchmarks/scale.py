@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from continual_transformer.experiment.run import peak_rss_mb
+from continual_transformer.experiment.resources import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STREAM = ROOT / "data" / "scale" / "scale_stream.jsonl.gz"

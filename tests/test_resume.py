@@ -12,7 +12,8 @@ import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream, run_stream
 from continual_transformer.io.checkpoint import CheckpointError
-from continual_transformer.experiment.run import TIMING_FIELDS, RunEvents
+from continual_transformer.experiment.report import TIMING_FIELDS
+from continual_transformer.experiment.run import RunEvents
 from continual_transformer.io.runstate import STATE, state_dir
 
 

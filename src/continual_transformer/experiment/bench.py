@@ -270,7 +270,8 @@ def run_method(send: Send, spec: dict) -> dict:
     from ..config import BackboneConfig, LearnerSpec
     from ..learner import ContinualLearner
     from ..methods import METHODS, GradientMethod
-    from .run import RunEvents, peak_rss_mb, run_joint, run_stream
+    from .resources import peak_rss_mb
+    from .run import RunEvents, run_joint, run_stream
 
     config = BenchConfig(**{**spec["config"], "methods": tuple(spec["config"]["methods"])})
     name = spec["method"]

@@ -1,51 +1,30 @@
 """Run a stream: learn each task in order, evaluate every task seen so far, write the results.
 
     DIR/model/              the checkpoint (saved after every task)
-    DIR/resume/             what the run has done so far (see runstate.py)
+    DIR/resume/             what the run has done so far (see io/runstate.py)
     DIR/report.json         accuracy matrix, metrics, per-task figures, config, versions
     DIR/accuracy_matrix.png labelled heatmap of the accuracy matrix
 
 A run writing to DIR can be killed at any moment and continued by running it again on the same
-DIR: finished tasks are not redone, the interrupted task continues from its last save (every
-`save_every` training steps), and the result equals an uninterrupted run's. A run is continued
-only with the settings it was started with.
+DIR (see resume.py); the report and its pictures: report.py.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .. import __version__
-from ..io import runstate
-from . import metrics
 from ..config import DEFAULT_SAVE_EVERY
+from ..learner import ContinualLearner
+from ..training.loop import Checkpointing, TrainState
 from ..types import Task, TaskRecord
 from .evaluate import StreamEvaluation
-from ..learner import ContinualLearner
-from ..io.runstate import RunState
-from ..training.loop import Checkpointing, TrainState, restore_rng, rng_tensors
-
-# Report fields that measure time or memory: they differ between any two runs.
-TIMING_FIELDS = frozenset({"train_seconds", "eval_seconds", "peak_rss_mb", "total_seconds",
-                           "sessions", "learned_at"})
-
-FWT_REFERENCE = (
-    "b_i = test accuracy on task i of the initial model (frozen backbone, untouched shared state, "
-    "the task's freshly initialised head); R[i-1,i] = the same just before learning task i "
-    "(GEM, Lopez-Paz & Ranzato 2017)"
-)
-FWT_BY_CONSTRUCTION = (
-    "0 by construction: the method shares no state between tasks, so the model that meets task i "
-    "(R[i-1,i]) is the initial model (b_i)"
-)
-FWT_UNDEFINED = "undefined: the method has no classifier for a task before learning it"
+from .report import joint_report, json_default, matrices, stream_report, write_outputs
+from .resources import peak_rss_mb
+from .resume import manifest_sha256, open_run, save_progress
 
 
 class RunEvents:
@@ -64,50 +43,6 @@ class RunEvents:
     def resumed(self, done: list[str], task: str | None, step: int | None) -> None:
         """A saved run continues: `done` tasks are finished; `task` resumes at `step` (None: the
         task starts afresh)."""
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB.
-
-    Linux's VmHWM where there is one: `getrusage`'s ru_maxrss survives exec, so a process
-    started by a larger one would report its parent's peak."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # KiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def library_versions() -> dict:
-    import transformers
-
-    return {
-        "continual_transformer": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def shares_state(learner: ContinualLearner) -> bool:
-    """Whether learning one task can change the model another task meets (baselines do)."""
-    return bool(getattr(learner.method, "shares_state", False))
-
-
-def run_identity(tasks: list[Task], learner: ContinualLearner) -> dict:
-    """What a run learns: the exact data, the method and its settings, the backbone's weights."""
-    config = learner.backbone.config.to_dict()
-    config.pop("name")  # a moved folder is the same backbone; its hash says whether it is
-    return {
-        "tasks": [t.name for t in tasks],
-        "tasks_sha256": runstate.tasks_digest(tasks),
-        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
-        "backbone": {"sha256": learner.backbone.ref.sha256, "config": config},
-    }
 
 
 def run_stream(
@@ -134,20 +69,9 @@ def run_stream(
     if len(set(names)) != len(names):
         raise ValueError(f"task names repeat in the stream: {names}")
     session_start = time.perf_counter()
-    config = json.loads(json.dumps(run_config or {}, default=_json_default))
-    identity = run_identity(tasks, learner)
-    saved = runstate.read(out) if out is not None else None
-    train_state: TrainState | None = None
-    if saved is None:
-        if resume:
-            raise ValueError(f"{out}: no saved run to resume ({runstate.state_dir(out) / runstate.STATE} "
-                             "does not exist)")
-        state = _start(tasks, learner, out, config, identity)
-    else:
-        state, train_state = saved
-        _continue(tasks, learner, out, state, train_state, config, identity)
-        if train_state is None:
-            restore_rng(runstate.decode_rng(state.rng, runstate.state_dir(out)))
+    config = json.loads(json.dumps(run_config or {}, default=json_default))
+    state, train_state, continued = open_run(tasks, learner, out, config, resume)
+    if continued:
         current = state.current["task"] if state.current else None
         events.resumed(names[: len(state.completed)], current,
                        train_state.step if train_state is not None else None)
@@ -157,8 +81,7 @@ def run_stream(
         if out is None:
             return
         state.seconds = seconds_before + time.perf_counter() - session_start
-        state.rng = runstate.encode_rng(rng_tensors())
-        runstate.write(out, state, train)
+        save_progress(out, state, train)
 
     write(train_state)  # records this session; keeps the interrupted task's training state
     T = len(tasks)
@@ -194,7 +117,7 @@ def run_stream(
         eval_seconds = time.perf_counter() - eval_start
         if out is not None:
             learner.save(out / "model")
-            state.model_manifest_sha256 = _manifest_sha256(out)
+            state.model_manifest_sha256 = manifest_sha256(out)
         entry = {
             "task": task.name,
             "labels": list(task.labels),
@@ -217,168 +140,13 @@ def run_stream(
                                 "routes": evaluation.routes()})
         state.current = None
         write()
-        R, _, _ = _matrices(state.completed, T)
+        R, _, _ = matrices(state.completed, T)
         events.task_finished(i, record, R[: i + 1, : i + 1], names[: i + 1])
-    report = _report(state, learner, names, time.perf_counter() - session_start + seconds_before)
+    report = stream_report(state, learner, names, time.perf_counter() - session_start + seconds_before)
     if out is not None:
-        R, F, _ = _matrices(state.completed, T)
-        _write_outputs(out, report, R, F, "accuracy on task j after learning task i")
+        R, F, _ = matrices(state.completed, T)
+        write_outputs(out, report, R, F, "accuracy on task j after learning task i")
     return report
-
-
-def _fwt_reference(learner: ContinualLearner) -> str:
-    # FWT needs the model's accuracy on a task before learning it. Methods that share nothing
-    # meet every task with the initial model, so it is 0 without measuring; methods that
-    # classify over all tasks' labels have nothing to measure it with.
-    if not shares_state(learner):
-        return FWT_BY_CONSTRUCTION
-    if learner.method.routes_itself:
-        return FWT_UNDEFINED
-    return FWT_REFERENCE
-
-
-def _start(tasks: list[Task], learner: ContinualLearner, out: Path | None, config: dict,
-           identity: dict) -> RunState:
-    if out is not None:
-        if learner.tasks:
-            raise ValueError(f"a run writing to {out} needs a learner without tasks; this one has "
-                             f"{list(learner.tasks)}")
-        if (out / "model").exists():
-            raise ValueError(f"{out / 'model'} exists, but {out} holds no saved run to continue; "
-                             "use a new --out (or remove that directory)")
-    # Only methods with a measured FWT need b_i, measured now, before anything is learned.
-    reference = ([learner.evaluate_unlearned(t) for t in tasks]
-                 if _fwt_reference(learner) == FWT_REFERENCE else None)
-    return RunState(config=config, identity=identity, reference=reference)
-
-
-def _continue(tasks: list[Task], learner: ContinualLearner, out: Path, state: RunState,
-              train_state: TrainState | None, config: dict, identity: dict) -> None:
-    """Check that the saved run is this run, and load its finished tasks into `learner`."""
-    from ..io import checkpoint
-
-    changed = (runstate.differences(state.config, config, runstate.NOT_COMPARED)
-               or runstate.differences(state.identity, identity))
-    if changed:
-        raise ValueError(
-            f"cannot continue the run saved in {out}: it was started with other settings; "
-            + "; ".join(changed) + ". Use the saved settings, or a new --out"
-        )
-    names = [t.name for t in tasks]
-    done = len(state.completed)
-    model = out / "model"
-    if (model / "manifest.json").is_file():
-        learner.load_state(checkpoint.read(model))
-    have = list(learner.tasks)
-    current = state.current["task"] if state.current else None
-    if have == names[:done]:
-        if done and _manifest_sha256(out) != state.model_manifest_sha256:
-            raise ValueError(f"{model / 'manifest.json'} changed since this run saved it; "
-                             "refusing to continue on a model the run did not write")
-    elif not (have == names[: done + 1] and current == names[done]):
-        raise ValueError(f"{model} holds tasks {have}, but the run in {out} has finished "
-                         f"{names[:done]}; refusing to continue")
-    state.sessions += 1
-
-
-def _manifest_sha256(out: Path) -> str:
-    from ..io.store import sha256_bytes
-
-    return sha256_bytes((out / "model" / "manifest.json").read_bytes())
-
-
-def _matrices(completed: list[dict], T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """R (task given), F (task-free: routed) and R[i-1, i] from the finished tasks' rows."""
-    R = np.full((T, T), np.nan)
-    F = np.full((T, T), np.nan)
-    before = np.full(T, np.nan)
-    for i, done in enumerate(completed):
-        R[i, : i + 1] = done["row"]
-        F[i, : i + 1] = done["free_row"]
-        before[i] = np.nan if done["before"] is None else done["before"]
-    return R, F, before
-
-
-def _matrix_json(M: np.ndarray) -> list[list[float | None]]:
-    return [[None if np.isnan(v) else float(v) for v in row] for row in M]
-
-
-def _report(state: RunState, learner: ContinualLearner, names: list[str], seconds: float) -> dict:
-    T = len(names)
-    R, F, before = _matrices(state.completed, T)
-    fwt_reference = _fwt_reference(learner)
-    if state.reference is not None:
-        reference = np.array(state.reference, dtype=float)
-        summary = metrics.summary(R, before, reference)
-    else:
-        reference = None
-        summary = metrics.summary(R)
-        summary["fwt"] = 0.0 if fwt_reference == FWT_BY_CONSTRUCTION else None
-    confusion = np.array(state.completed[-1]["confusion"]) if state.completed else np.zeros((T, T), int)
-    routing = metrics.routing_accuracy(confusion)
-    summary.update({
-        "task_free_acc": metrics.average_accuracy(F),
-        "task_free_bwt": metrics.backward_transfer(F),
-        "routing_acc": routing["overall"],
-    })
-    return {
-        "tasks": names,
-        "accuracy_matrix": _matrix_json(R),
-        "task_free_accuracy_matrix": _matrix_json(F),
-        "routing": _routing_json(names, routing, confusion),
-        "metrics": summary,
-        "fwt_reference": fwt_reference,
-        "reference_accuracy": None if reference is None else [float(v) for v in reference],
-        "per_task": [done["entry"] for done in state.completed],
-        **_model_fields(learner),
-        "config": state.config,
-        "versions": library_versions(),
-        "sessions": state.sessions,
-        "total_seconds": round(seconds, 2),
-    }
-
-
-def _routing_json(names: list[str], routing: dict, confusion: np.ndarray) -> dict:
-    return {"per_task": dict(zip(names, routing["per_task"])), "overall": routing["overall"],
-            "confusion": confusion.tolist(),
-            "confusion_axes": "rows: true task, columns: routed task (final model)"}
-
-
-def _model_fields(learner: ContinualLearner) -> dict:
-    """The report's description of the model that produced it."""
-    return {
-        "shared_state_numbers": learner.shared_state_numbers(),
-        "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
-                     "config": learner.backbone.config.to_dict()},
-        "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
-        "device": str(learner.device),
-    }
-
-
-def _write_outputs(out: Path, report: dict, R: np.ndarray, F: np.ndarray, title: str) -> None:
-    """report.json (atomically) and the two heatmaps."""
-    from ..io import store
-    from .plots import write_heatmap
-
-    names, method = report["tasks"], report["method"]["name"]
-    store.atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
-    write_heatmap(R, names, out / "accuracy_matrix.png", f"{method}: {title}")
-    write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
-                  f"{method}: task-free accuracy (task predicted, not given)")
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-JOINT_MATRIX = (
-    "joint trains once on all tasks: only the last row of the accuracy matrix (after all tasks) "
-    "is defined; BWT, forgetting and FWT do not apply"
-)
 
 
 def run_joint(
@@ -429,28 +197,8 @@ def run_joint(
         sum(r.adapter_parameters for r in records), sum(r.head_parameters for r in records),
         sum(r.bytes_added for r in records), records[-1].stats)
     events.task_finished(T - 1, joint_record, R, names)
-    routing = metrics.routing_accuracy(confusion)
-    summary = {
-        "acc": float(R[-1].mean()), "bwt": None, "forgetting": None,
-        "average_incremental_accuracy": None, "fwt": None,
-        "task_free_acc": float(F[-1].mean()), "task_free_bwt": None,
-        "routing_acc": routing["overall"],
-    }
-    report = {
-        "tasks": names,
-        "accuracy_matrix": _matrix_json(R),
-        "task_free_accuracy_matrix": _matrix_json(F),
-        "matrix_note": JOINT_MATRIX,
-        "routing": _routing_json(names, routing, confusion),
-        "metrics": summary,
-        "fwt_reference": JOINT_MATRIX,
-        "reference_accuracy": None,
-        "per_task": per_task,
-        **_model_fields(learner),
-        "config": run_config or {},
-        "versions": library_versions(),
-        "total_seconds": round(time.perf_counter() - start, 2),
-    }
+    report = joint_report(names, R, F, confusion, per_task, learner, run_config,
+                          time.perf_counter() - start)
     if out is not None:
-        _write_outputs(out, report, R, F, "accuracy after learning all tasks at once")
+        write_outputs(out, report, R, F, "accuracy after learning all tasks at once")
     return report

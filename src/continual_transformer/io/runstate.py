@@ -45,7 +45,7 @@ NOT_COMPARED = frozenset({"device", "stream", "save_every", "stream_summary"})
 class RunState:
     config: dict  # the run's settings as its front end gave them
     identity: dict  # what is learned: the tasks' content, the method, the backbone's weights
-    reference: list | None = None  # b_i, for methods that share state (see experiment.py)
+    reference: list | None = None  # b_i, for methods that share state (see experiment/report.py)
     completed: list[dict] = field(default_factory=list)  # {"row", "before", "entry"} per task;
     # the last one also "routes": every evaluated test text's routed task, to resume from
     current: dict | None = None  # {"task", "before", "train": TrainState meta or None}
