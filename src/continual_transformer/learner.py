@@ -17,20 +17,19 @@ from typing import Sequence
 
 import torch
 
-from .model.adapted import AdaptedModel
-from .model.batching import collated
-from .model.backbone import Backbone, BackboneError, masked_mean
 from .config import BackboneConfig, LearnerSpec, TrainConfig
 from .io import checkpoint
 from .io.checkpoint import SavedModel, SavedTask
 from .io.store import CheckpointError
-from .types import Prediction, Task, TaskRecord, check_task_name
 from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
+from .model.adapted import AdaptedModel
+from .model.backbone import Backbone, BackboneError, masked_mean
+from .model.batching import collated
 from .model.router import Router
-from .training.loop import Checkpointing, Progress
 from .model.trunk import TrunkStates, release_freed_memory
-
+from .training.loop import Checkpointing, Progress
+from .types import Prediction, Task, TaskRecord, check_task_name
 
 
 class ContinualLearner:
@@ -99,9 +98,7 @@ class ContinualLearner:
             if self.router is not None:
                 self.router.partial_fit(states.features, task.name)
         except BaseException:
-            self.method.rollback(self.model, task.name)
-            if self.router is not None:
-                self.router.remove(task.name)
+            self._undo(task.name)
             raise
         finally:
             states = None
@@ -150,9 +147,7 @@ class ContinualLearner:
                     first += len(task.train)
         except BaseException:
             for task in tasks:
-                self.method.rollback(self.model, task.name)
-                if self.router is not None:
-                    self.router.remove(task.name)
+                self._undo(task.name)
             raise
         seconds = time.perf_counter() - start
         total = sum(len(t.train) for t in tasks)
@@ -170,6 +165,7 @@ class ContinualLearner:
         return [self.tasks[name] for name in names]
 
     def delete(self, task: str) -> None:
+        """Remove a learned task: everything it owns, and what the router knows of it."""
         self.require(task)
         self.method.delete(self.model, task)
         if self.router is not None:
@@ -493,6 +489,13 @@ class ContinualLearner:
         router's float64 per-task statistics."""
         return (4 * adapter_parameters + self.method.head_number_bytes * head_parameters
                 + (8 * self.router.state_numbers()["per_class"] if self.router is not None else 0))
+
+    def _undo(self, task: str) -> None:
+        """Take back a learn of `task` that did not finish: the method's state and the
+        router's statistics of it, as before it began."""
+        self.method.rollback(self.model, task)
+        if self.router is not None:
+            self.router.remove(task)
 
     def require(self, task: str) -> TaskRecord:
         """The record of a learned task; KeyError naming the known ones otherwise."""
