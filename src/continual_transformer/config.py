@@ -66,7 +66,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     max_restores: int = 3
     # Memory a task's stored trunk output may take while it is learned; texts beyond it have
-    # their trunk recomputed in every batch (see trunk.py).
+    # their trunk recomputed in every batch (see model/trunk.py).
     trunk_cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
