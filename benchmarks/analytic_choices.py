@@ -26,23 +26,21 @@ from continual_transformer.model.closed_form import AnalyticClassifier
 from continual_transformer.model.backbone import Backbone, masked_mean
 from continual_transformer.config import DEFAULT_ADAPT_LAYERS, BackboneConfig
 from continual_transformer.data.stream import default_stream_path, load_stream
-
-BATCH = 64
-
+from continual_transformer.model.batching import collated
 
 @torch.inference_mode()
 def features(backbone: Backbone, texts: list[str], trunk_layers: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     ids = backbone.tokenize(texts)
-    pooled, trunk = [], []
-    for start in range(0, len(ids), BATCH):
-        batch = backbone.collate(ids[start : start + BATCH])
+    pooled = torch.empty(len(ids), backbone.hidden_size)
+    trunk = torch.empty(len(ids), backbone.hidden_size)
+    for rows, batch in collated(backbone, ids):  # in text order again below
         hidden, call = backbone.start(**batch)
         hidden = backbone.run_layers(hidden, call, 0, trunk_layers)  # (B, T, H)
-        trunk.append(masked_mean(hidden, batch["attention_mask"]))
+        trunk[rows] = masked_mean(hidden, batch["attention_mask"]).float().cpu()
         hidden = backbone.run_layers(hidden, call, trunk_layers, backbone.num_layers)
-        pooled.append(backbone.pool(hidden, batch["attention_mask"]))
-    return torch.cat(pooled), torch.cat(trunk)
+        pooled[rows] = backbone.pool(hidden, batch["attention_mask"]).float().cpu()
+    return pooled, trunk
 
 
 def main() -> None:

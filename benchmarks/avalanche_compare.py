@@ -36,6 +36,7 @@ from continual_transformer.learner import ContinualLearner
 from continual_transformer.methods import make_method
 from continual_transformer.methods.base import task_seed
 from continual_transformer.methods.shared_adapter import SHARED
+from continual_transformer.model.batching import collated
 from continual_transformer.training.loop import warmup_linear
 
 OURS_TO_AVALANCHE = {"finetune": "Naive", "ewc": "EWC", "lwf": "LwF", "replay": "Replay"}
@@ -208,14 +209,11 @@ def accuracy(learner: ContinualLearner, task: Task) -> float:
     ids = learner.backbone.tokenize([e.text for e in task.test])
     index = task.label_index()
     gold = [index[e.label] for e in task.test]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     correct = 0
-    for start in range(0, len(order), EVAL_BATCH):
-        chunk = order[start : start + EVAL_BATCH]
-        batch = learner.backbone.collate([ids[i] for i in chunk])
-        with learner.model.adapter.select([SHARED] * len(chunk)):
+    for rows, batch in collated(learner.backbone, ids, max_rows=EVAL_BATCH):
+        with learner.model.adapter.select([SHARED] * len(rows)):
             predicted = learner.model.heads(learner.backbone(**batch), task.name).argmax(-1).tolist()
-        correct += sum(p == gold[i] for p, i in zip(predicted, chunk))
+        correct += sum(p == gold[i] for p, i in zip(predicted, rows))
     return correct / len(task.test)
 
 
