@@ -29,7 +29,9 @@ def _user_errors():
     from .model.backbone import BackboneError
     from .io.checkpoint import CheckpointError
 
-    return (ValueError, KeyError, BackboneError, CheckpointError, FileNotFoundError)
+    from .extras import MissingExtra
+
+    return (ValueError, KeyError, BackboneError, CheckpointError, FileNotFoundError, MissingExtra)
 
 
 def _matrix_table(R, names: list[str], title: str) -> Table:
@@ -105,6 +107,8 @@ def run(
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
     save_every: int = typer.Option(DEFAULT_SAVE_EVERY, help="Save the training state every K steps within a task (0: only after each task)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out; options not given take its saved values."),
+    track: Optional[str] = typer.Option(None, "--track", help="Track the run in 'mlflow' or 'tensorboard' (optional extras)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI [default: ./mlruns, SQLite + files] or TensorBoard log folder [default: OUT/tensorboard]."),
 ):
     """Learn every task of a stream in order; write the model, report.json and a heatmap.
 
@@ -165,15 +169,22 @@ def run(
                   "save_every": save_every, "stream_summary": describe(tasks)}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
+    tracker = _open_tracker(track, out.name, out, tracking_uri, run_config)
+    report = None
     try:
         with Progress(*columns, console=console, transient=True) as progress:
+            events = _RichEvents(progress, out)
+            if tracker is not None:
+                from .experiment.tracking import TrackedRun
+
+                events = TrackedRun(events, tracker)
             if method == "joint":  # one training run over all tasks: nothing to resume between tasks
                 if resume:
                     _fail("method 'joint' learns all tasks at once; a killed joint run is rerun, "
                           "not resumed")
-                report = run_joint(tasks, learner, out, _RichEvents(progress, out), run_config)
+                report = run_joint(tasks, learner, out, events, run_config)
             else:
-                report = run_stream(tasks, learner, out, _RichEvents(progress, out), run_config,
+                report = run_stream(tasks, learner, out, events, run_config,
                                     save_every=save_every, resume=resume)
     except TrainingError as exc:
         kept = list(learner.tasks)
@@ -181,7 +192,28 @@ def run(
               f"before: {kept}")
     except _user_errors() as exc:
         _fail(str(exc))
+    finally:
+        if tracker is not None:
+            if report is not None:
+                from .experiment.tracking import log_report
+
+                log_report(tracker, report, out)
+            tracker.end(ok=report is not None)
     _print_summary(report, out)
+
+
+def _open_tracker(kind: str | None, name: str, out: Path, uri: str | None, params: dict):
+    """The tracker `--track` asks for, with the run's settings logged; None without it."""
+    if kind is None:
+        return None
+    from .experiment.tracking import open_tracker
+
+    try:
+        tracker = open_tracker(kind, name, out, uri)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    tracker.log_params(params)
+    return tracker
 
 
 def _adapt_layers(value: str | int | None) -> int | str | None:
@@ -295,6 +327,8 @@ def bench(
     isolate: bool = typer.Option(True, "--isolate/--in-process",
                                  help="Run each method in a fresh process (honest peak memory)."),
     resume: bool = typer.Option(False, help="Keep methods that already finished in --out with the same settings."),
+    track: Optional[str] = typer.Option(None, "--track", help="Track the bench (one run per method) in 'mlflow' or 'tensorboard' (optional extras)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI [default: ./mlruns, SQLite + files] or TensorBoard log folder [default: OUT/tensorboard]."),
 ):
     """Run every method on the same stream, backbone, seed and epochs; write a comparison."""
     from .experiment.bench import BenchConfig, BenchError, run_bench, table_rows
@@ -310,11 +344,28 @@ def bench(
                   f"seed {seed}, epochs {epochs or 'default'}, max-train {max_train or 'all'}")
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
+    from .experiment.tracking import TrackedBench
+
+    tracker = _open_tracker(track, out.name, out, tracking_uri, config.to_dict())
+    events, result = None, None
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            result = run_bench(config, out, _BenchProgress(progress), resume=resume)
+            events = _BenchProgress(progress)
+            if tracker is not None:
+                events = TrackedBench(events, tracker, out)
+            result = run_bench(config, out, events, resume=resume)
     except (*_user_errors(), BenchError) as exc:
         _fail(str(exc))
+    finally:
+        if tracker is not None:
+            if result is not None:
+                from .experiment.tracking import bench_artifacts
+
+                tracker.log_artifacts(bench_artifacts(out))
+            if isinstance(events, TrackedBench):
+                events.close(ok=result is not None)
+            else:  # the bench failed before it began
+                tracker.end(ok=False)
     header, rows = table_rows(result)
     table = Table(title=f"bench: {len(result['tasks'])} tasks, seed {seed}", title_justify="left")
     for i, column in enumerate(header):
