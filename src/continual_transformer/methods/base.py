@@ -33,7 +33,7 @@ class Method:
 
     name: ClassVar[str]
     # True when the method classifies over all tasks' labels and so predicts the task itself;
-    # otherwise the model routes task-free inputs with its router.
+    # otherwise the learner routes task-free inputs with its router.
     routes_itself: ClassVar[bool] = False
     # True when learning one task can change what another task's inputs meet (shared state).
     shares_state: ClassVar[bool] = False
@@ -130,7 +130,7 @@ class GradientMethod(Method):
 
     `adapt_layers` is how many top layers of the backbone carry scale vectors: a number, "all",
     or None for the default (`DEFAULT_ADAPT_LAYERS`, or every layer of a shallower backbone);
-    the layers below them are the shared trunk, run once per training text. The model turns
+    the layers below them are the shared trunk, run once per training text. The learner turns
     it into a number once it knows the backbone.
     """
 
@@ -164,8 +164,7 @@ class GradientMethod(Method):
         return self.adapt_layers
 
     def begin_task(self, model: "AdaptedModel", task: Task, states: TrunkStates) -> None:
-        model.heads.add(task.name, task.labels, task_seed(self.train.seed, task.name),
-                          model.device)
+        model.heads.add(task.name, task.labels, task_seed(self.train.seed, task.name), model.device)
 
     def param_groups(self, model: "AdaptedModel", task: Task) -> list[dict]:
         raise NotImplementedError
