@@ -20,7 +20,8 @@ ONNX (`export_onnx`), a folder that onnxruntime runs without torch:
     tokenizer files the backbone's tokenizer (truncate to max_length, as the model does)
 
 Both write what the model computes in `ContinualLearner.logits`: the frozen backbone with the
-task's scale vectors, pooled, then the task's head.
+task's scale vectors, pooled, then the task's head. The folder must be new or empty; it is
+written beside it and renamed into place, so it is complete or absent.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
+import secrets
+import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +44,7 @@ from ..methods.base import Method
 from ..model.adapted import AdaptedModel
 from ..model.backbone import masked_mean, resolve
 from ..model.scaling import module_name
+from .store import atomic_write, tensor_bytes
 
 ONNX_FORMAT = "continual-tiny-transformer/onnx"
 PEFT_HEAD_FORMAT = "continual-tiny-transformer/peft-head"
@@ -58,13 +64,23 @@ def _require(module: str, extra: str):
                           f"pip install 'continual-tiny-transformer[{extra}]'") from exc
 
 
-def _empty_folder(out: Path) -> Path:
+@contextmanager
+def _staged(out: Path):
+    """A new folder beside `out` to write into; on success it is renamed to `out`, on failure
+    removed, so an export folder is complete or absent."""
     # Never mix an export with files already there: a stale adapter beside a new head would
     # load without complaint and answer wrongly.
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty folder; choose a new output folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
+    stage.mkdir()
+    try:
+        yield stage
+        os.replace(stage, out)  # a folder renames onto an empty folder too
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def _check_head(model: AdaptedModel, method: Method, task: str) -> None:
@@ -104,11 +120,15 @@ def export_peft(model: AdaptedModel, method: Method, task: str, out: str | Path)
             "of its own; a PEFT adapter is one task's vectors (method 'ia3' keeps one per task)")
     _check_head(model, method, task)
     peft = _require("peft", "peft")
-    from safetensors.torch import save_file
+    with _staged(Path(out)) as stage:
+        _write_peft(model, task, stage, peft)
+    return Path(out)
+
+
+def _write_peft(model: AdaptedModel, task: str, stage: Path, peft) -> None:
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    out = _empty_folder(Path(out))
     # PEFT's IA3 scales the input of `feedforward_modules` and the output of the other targets,
     # as `ScaledLinear` does with `scale_input`. Its IA3Config has no `layers_to_transform`, so
     # the top K layers are named module by module.
@@ -121,7 +141,8 @@ def export_peft(model: AdaptedModel, method: Method, task: str, out: str | Path)
     try:
         with warnings.catch_warnings():
             # A deprecation inside PEFT's call into transformers, nothing the user can act on.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                    category=FutureWarning)
             # PEFT builds and saves its own parameters, so the files follow its format and
             # version; `name_or_path` (the location) becomes base_model_name_or_path.
             peft_model = peft.get_peft_model(AutoModel.from_pretrained(location), config)
@@ -131,19 +152,19 @@ def export_peft(model: AdaptedModel, method: Method, task: str, out: str | Path)
         for name, vector in model.adapter.state_of(task).items():  # (D,) each
             target = peft_model.base_model.model.get_submodule(module_name(name)).ia3_l["default"]
             target.copy_(vector.reshape(target.shape))  # (D, 1) output / (1, D) input scaling
-    peft_model.save_pretrained(out)
     head = model.heads.heads[task]
-    save_file({"weight": head.weight.detach().cpu().contiguous(),
-               "bias": head.bias.detach().cpu().contiguous()}, str(out / "head.safetensors"))
-    (out / "head.json").write_text(json.dumps({
+    peft_model.save_pretrained(stage)
+    atomic_write(stage / "head.safetensors", tensor_bytes(
+        {"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu()}))
+    atomic_write(stage / "head.json", json.dumps({
         "format": PEFT_HEAD_FORMAT, "format_version": FORMAT_VERSION, "task": task,
-        "labels": list(model.heads.labels[task]), **_task_info(model)}, indent=2))
-    return out
+        "labels": list(model.heads.labels[task]), **_task_info(model)}, indent=2).encode())
 
 
 # -- ONNX -----------------------------------------------------------------------------------------
 class _Rows:
-    """The task index of each row of the batch being traced, shared by every `_GatheredScale`."""
+    """The task index of each row of the batch being traced, shared by every `_GatheredScale`:
+    the scaled layers sit inside the encoder's own forward, which passes them hidden states only."""
 
     index: torch.Tensor | None = None  # (B,) int64
 
@@ -194,11 +215,12 @@ def _task_graph(model: AdaptedModel, method: Method, tasks: Sequence[str]) -> _T
     # whether it needs the mask at all, and the graph must not keep the example batch's decision.
     encoder.config._attn_implementation = "eager"
     rows = _Rows()
-    keys = [method.adapter_key(t) for t in tasks]
+    keys = [method.adapter_key(t) for t in tasks]  # tasks of a shared-scale method share one
+    entries = {k: model.adapter.state_of(k) for k in set(keys) if k is not None}
     for name, layer in model.adapter.layers.items():
         # A task on the plain backbone (no entry) gets ones.
-        table = torch.stack([model.adapter.state_of(k)[name] if k is not None
-                             else torch.ones(layer.dim) for k in keys])  # (N_tasks, D)
+        table = torch.stack([entries[k][name] if k is not None else torch.ones(layer.dim)
+                             for k in keys])  # (N_tasks, D)
         parent, _, child = module_name(name).rpartition(".")
         wrapped = encoder.get_submodule(module_name(name))
         setattr(encoder.get_submodule(parent), child,
@@ -225,27 +247,30 @@ def export_onnx(model: AdaptedModel, method: Method, tasks: Sequence[str], out: 
     for task in tasks:
         _check_head(model, method, task)
     _require("onnx", "onnx")
-    out = _empty_folder(Path(out))
-    graph = _task_graph(model, method, tasks)
-    # The example batch has a padded row, so the traced graph carries the masking path.
-    example = model.backbone.tokenizer(["an example text to trace the graph with", "short"],
-                                       padding=True, return_tensors="pt")
-    args = (example["input_ids"], example["attention_mask"], torch.zeros(2, dtype=torch.long))
-    batch, tokens = {0: "batch"}, {0: "batch", 1: "sequence"}
-    with torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns where the encoder turns shapes into Python numbers; they are batch
-        # size and length, which the dynamic axes cover, or key length minus mask length (0 in
-        # an encoder). The tests run the graph on other shapes than the traced ones.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(
-            graph, args, str(out / "model.onnx"), dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["input_ids", "attention_mask", "task"], output_names=["logits"],
-            dynamic_axes={"input_ids": tokens, "attention_mask": tokens, "task": batch,
-                          "logits": batch})
-    model.backbone.tokenizer.save_pretrained(out)
-    (out / "tasks.json").write_text(json.dumps({
-        "format": ONNX_FORMAT, "format_version": FORMAT_VERSION,
-        "inputs": ["input_ids", "attention_mask", "task"], "outputs": ["logits"],
-        "tasks": [{"name": t, "labels": list(model.heads.labels[t])} for t in tasks],
-        **_task_info(model)}, indent=2))
-    return out
+    with _staged(Path(out)) as stage:
+        graph = _task_graph(model, method, tasks)
+        # The example batch has a padded row, so the traced graph carries the masking path.
+        example = model.backbone.tokenizer(["an example text to trace the graph with", "short"],
+                                           padding=True, return_tensors="pt")
+        args = (example["input_ids"], example["attention_mask"], torch.zeros(2, dtype=torch.long))
+        batch, tokens = {0: "batch"}, {0: "batch", 1: "sequence"}
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns where the encoder turns shapes into Python numbers; they are
+            # batch size and length, which the dynamic axes cover, or key length minus mask
+            # length (0 in an encoder). The tests run the graph on other shapes than traced.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The exporter warns that advanced indexing goes wrong on negative indices; the one
+            # such index is transformers' mask builder's, by aranges (never negative).
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+            torch.onnx.export(
+                graph, args, str(stage / "model.onnx"), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=["input_ids", "attention_mask", "task"], output_names=["logits"],
+                dynamic_axes={"input_ids": tokens, "attention_mask": tokens, "task": batch,
+                              "logits": batch})
+        model.backbone.tokenizer.save_pretrained(stage)
+        atomic_write(stage / "tasks.json", json.dumps({
+            "format": ONNX_FORMAT, "format_version": FORMAT_VERSION,
+            "inputs": ["input_ids", "attention_mask", "task"], "outputs": ["logits"],
+            "tasks": [{"name": t, "labels": list(model.heads.labels[t])} for t in tasks],
+            **_task_info(model)}, indent=2).encode())
+    return Path(out)
