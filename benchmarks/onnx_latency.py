@@ -28,11 +28,13 @@ ROUNDS = 4  # alternating blocks per side and batch size
 
 
 def learned_model(args):
-    from continual_transformer import ContinualLearner, TrainConfig, default_stream_path, load_stream
+    from continual_transformer import (ContinualLearner, TrainConfig, default_stream_path,
+                                       load_stream)
 
     if args.model:
         return ContinualLearner.load(args.model, device="cpu"), None
-    tasks = [t.subsample_train(args.max_train, seed=0) for t in load_stream(default_stream_path())[:2]]
+    tasks = [t.subsample_train(args.max_train, seed=0)
+             for t in load_stream(default_stream_path())[:2]]
     learner = ContinualLearner(train=TrainConfig(epochs=args.epochs), device="cpu")
     for task in tasks:
         learner.learn(task)
@@ -62,7 +64,8 @@ def main() -> None:
     learner, tasks = learned_model(args)
     names = list(learner.tasks)
     print(f"model: {names} on {learner.backbone.ref.name} ({learner.backbone.num_layers} layers, "
-          f"scales in the top {learner.model.top_layers}); ready in {time.perf_counter() - start:.0f}s")
+          f"scales in the top {learner.model.top_layers}); "
+          f"ready in {time.perf_counter() - start:.0f}s")
     # Texts from the test splits of the model's tasks (a saved model's tasks must be in the
     # bundled stream).
     stream = {t.name: t for t in (tasks or load_stream(default_stream_path()))}
@@ -122,7 +125,8 @@ def main() -> None:
                         times[side].append(time.perf_counter() - begin)
             pt, ort = (1000 * statistics.median(times[s]) for s in ("torch", "ort"))
             print(f"{size:>5}  {pt:>10.1f}  {ort:>14.1f}  {pt / ort:>5.2f}x  {difference:>10.2e}")
-    print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average (1, 5, 15 min) at the end: {load}")
 
 
 if __name__ == "__main__":

@@ -152,8 +152,9 @@ def _onnx_logits(folder, texts, names) -> np.ndarray:
 
     info = json.loads((folder / "tasks.json").read_text())
     index = {t["name"]: i for i, t in enumerate(info["tasks"])}
-    batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True,
-                                                  max_length=info["max_length"], return_tensors="np")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=info["max_length"],
+                      return_tensors="np")
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"),
                                            providers=["CPUExecutionProvider"])
     return session.run(None, {"input_ids": batch["input_ids"].astype(np.int64),
@@ -162,9 +163,10 @@ def _onnx_logits(folder, texts, names) -> np.ndarray:
 
 
 def test_onnx_graph_reproduces_a_mixed_task_batch(learner, tasks, tmp_path):
-    out = export_onnx(learner.model, learner.method, ["three", "kinds", "topics"], tmp_path / "onnx")
+    order = ["three", "kinds", "topics"]
+    out = export_onnx(learner.model, learner.method, order, tmp_path / "onnx")
     info = json.loads((out / "tasks.json").read_text())
-    assert [t["name"] for t in info["tasks"]] == ["three", "kinds", "topics"]
+    assert [t["name"] for t in info["tasks"]] == order
     texts, names = _texts(tasks)
     ours = learner.logits(texts, names)
     difference = 0.0
@@ -217,11 +219,13 @@ def test_cli_export_writes_both_formats(learner, tasks, tmp_path):
 
     result = runner.invoke(app, ["export", str(model), "--format", "peft", str(tmp_path / "p2")])
     assert result.exit_code == 2
-    assert "--format peft exports one task: give one --task, got []" in result.output.replace("\n", "")
+    output = result.output.replace("\n", "")
+    assert "--format peft exports one task: give one --task, got []" in output
     result = runner.invoke(app, ["export", str(model), "--format", "onnx", "--task", "spam",
                                  str(tmp_path / "o2")])
     assert result.exit_code == 2
-    assert "unknown task 'spam'; known: ['kinds', 'topics', 'three']" in result.output.replace("\n", "")
+    output = result.output.replace("\n", "")
+    assert "unknown task 'spam'; known: ['kinds', 'topics', 'three']" in output
 
 
 @pytest.mark.integration

@@ -419,8 +419,8 @@ def export(
     out: Path = typer.Argument(..., help="Folder to write (new or empty)."),
     kind: str = typer.Option(..., "--format", help="'peft': one task as a PEFT IA3 adapter + its "
                                                      "head; 'onnx': tasks in one ONNX graph."),
-    task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="Task to export (repeat for "
-                                             "several; onnx default: every task)."),
+    task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="Task to export (repeat "
+                                             "for several; onnx default: every task)."),
 ):
     """Export tasks for other runtimes: a PEFT IA3 adapter, or an ONNX model for onnxruntime."""
     from .io.export import ExportError, export_onnx, export_peft
