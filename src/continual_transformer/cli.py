@@ -464,5 +464,37 @@ def _setting_error(error: dict) -> str:
     return f"CTT_{str(error['loc'][0]).upper()}: {message}"
 
 
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Model directory written by `ctt run` (DIR/model)."),
+    out: Path = typer.Argument(..., help="Folder to write (new or empty)."),
+    kind: str = typer.Option(..., "--format", help="'peft': one task as a PEFT IA3 adapter + its "
+                                                     "head; 'onnx': tasks in one ONNX graph."),
+    task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="Task to export (repeat "
+                                             "for several; onnx default: every task)."),
+):
+    """Export tasks for other runtimes: a PEFT IA3 adapter, or an ONNX model for onnxruntime."""
+    from .io.export import ExportError, export_onnx, export_peft
+    from .learner import ContinualLearner
+
+    try:
+        if kind not in ("peft", "onnx"):
+            raise ValueError(f"unknown export format {kind!r}; expected 'peft' or 'onnx'")
+        if kind == "peft" and len(task or []) != 1:
+            raise ValueError(f"--format peft exports one task: give one --task, got {task or []}")
+        learner = ContinualLearner.load(model, device="cpu")
+        tasks = task or list(learner.tasks)
+        for name in tasks:
+            learner.require(name)
+        if kind == "peft":
+            written = export_peft(learner.model, learner.method, tasks[0], out)
+        else:
+            written = export_onnx(learner.model, learner.method, tasks, out)
+    except (*_user_errors(), ExportError) as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    files = ", ".join(sorted(p.name for p in written.iterdir()))
+    console.print(f"wrote {written}: {files} ({kind}; tasks {tasks})", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

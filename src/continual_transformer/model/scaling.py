@@ -89,6 +89,17 @@ class ScaledLinear(nn.Module):
 LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")  # transformer layer of a module name
 
 
+def layer_key(module_name: str) -> str:
+    """The key of a wrapped module in `IA3.layers` and `state_of` (a ModuleDict key cannot hold
+    dots): "encoder.layer.5.attention.self.key" -> "encoder__layer__5__attention__self__key"."""
+    return module_name.replace(".", "__")
+
+
+def module_name(key: str) -> str:
+    """The encoder's name of the module behind an `IA3.layers` key (inverse of `layer_key`)."""
+    return key.replace("__", ".")
+
+
 class IA3(nn.Module):
     """Injects `ScaledLinear` wrappers into an encoder and manages their entries.
 
@@ -126,7 +137,7 @@ class IA3(nn.Module):
             wrapped = ScaledLinear(module, scale_input, self._selection)
             parent_name, _, child = name.rpartition(".")
             setattr(encoder.get_submodule(parent_name), child, wrapped)
-            self.layers[name.replace(".", "__")] = wrapped
+            self.layers[layer_key(name)] = wrapped
         self._entries: list[str] = []
 
     @property
