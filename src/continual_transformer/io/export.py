@@ -27,7 +27,6 @@ written beside it and renamed into place, so it is complete or absent.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import secrets
@@ -40,11 +39,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..extras import import_extra
 from ..methods.base import Method
 from ..model.adapted import AdaptedModel
 from ..model.backbone import masked_mean, resolve
 from ..model.scaling import module_name
-from .store import atomic_write, tensor_bytes
+from . import store
+from .store import tensor_bytes
 
 ONNX_FORMAT = "continual-tiny-transformer/onnx"
 PEFT_HEAD_FORMAT = "continual-tiny-transformer/peft-head"
@@ -53,15 +54,7 @@ ONNX_OPSET = 17
 
 
 class ExportError(RuntimeError):
-    """A task that cannot be written in the asked format, or a missing exporter package."""
-
-
-def _require(module: str, extra: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ExportError(f"exporting needs the package {module!r}: "
-                          f"pip install 'continual-tiny-transformer[{extra}]'") from exc
+    """A task that cannot be written in the asked format."""
 
 
 @contextmanager
@@ -119,7 +112,7 @@ def export_peft(model: AdaptedModel, method: Method, task: str, out: str | Path)
             f"scale entry ({key!r}) that every later task changes, so task {task!r} owns no scales "
             "of its own; a PEFT adapter is one task's vectors (method 'ia3' keeps one per task)")
     _check_head(model, method, task)
-    peft = _require("peft", "peft")
+    peft = import_extra("peft", "peft")
     with _staged(Path(out)) as stage:
         _write_peft(model, task, stage, peft)
     return Path(out)
@@ -154,9 +147,9 @@ def _write_peft(model: AdaptedModel, task: str, stage: Path, peft) -> None:
             target.copy_(vector.reshape(target.shape))  # (D, 1) output / (1, D) input scaling
     head = model.heads.heads[task]
     peft_model.save_pretrained(stage)
-    atomic_write(stage / "head.safetensors", tensor_bytes(
+    store.atomic_write(stage / "head.safetensors", tensor_bytes(
         {"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu()}))
-    atomic_write(stage / "head.json", json.dumps({
+    store.atomic_write(stage / "head.json", json.dumps({
         "format": PEFT_HEAD_FORMAT, "format_version": FORMAT_VERSION, "task": task,
         "labels": list(model.heads.labels[task]), **_task_info(model)}, indent=2).encode())
 
@@ -246,7 +239,7 @@ def export_onnx(model: AdaptedModel, method: Method, tasks: Sequence[str], out: 
         raise ExportError(f"tasks named more than once: {tasks}")
     for task in tasks:
         _check_head(model, method, task)
-    _require("onnx", "onnx")
+    import_extra("onnx", "onnx")
     with _staged(Path(out)) as stage:
         graph = _task_graph(model, method, tasks)
         # The example batch has a padded row, so the traced graph carries the masking path.
@@ -268,7 +261,7 @@ def export_onnx(model: AdaptedModel, method: Method, tasks: Sequence[str], out: 
                 dynamic_axes={"input_ids": tokens, "attention_mask": tokens, "task": batch,
                               "logits": batch})
         model.backbone.tokenizer.save_pretrained(stage)
-        atomic_write(stage / "tasks.json", json.dumps({
+        store.atomic_write(stage / "tasks.json", json.dumps({
             "format": ONNX_FORMAT, "format_version": FORMAT_VERSION,
             "inputs": ["input_ids", "attention_mask", "task"], "outputs": ["logits"],
             "tasks": [{"name": t, "labels": list(model.heads.labels[t])} for t in tasks],
