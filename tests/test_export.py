@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
 from continual_transformer.cli import app
+from continual_transformer.extras import MissingExtra
 from continual_transformer.io.export import ExportError, export_onnx, export_peft
 from continual_transformer.methods import make_method
 from continual_transformer.model.backbone import masked_mean
@@ -142,7 +143,7 @@ def test_analytic_tasks_are_refused_in_both_formats(tiny_config, tasks, tmp_path
 
 def test_a_missing_exporter_package_says_which_extra_to_install(learner, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
-    with pytest.raises(ExportError, match=r"pip install 'continual-tiny-transformer\[peft\]'"):
+    with pytest.raises(MissingExtra, match=r"pip install 'continual-tiny-transformer\[peft\]'"):
         export_peft(learner.model, learner.method, "kinds", tmp_path / "peft")
 
 
