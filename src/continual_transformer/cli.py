@@ -29,7 +29,9 @@ def _user_errors():
     from .model.backbone import BackboneError
     from .io.checkpoint import CheckpointError
 
-    return (ValueError, KeyError, BackboneError, CheckpointError, FileNotFoundError)
+    from .extras import MissingExtra
+
+    return (ValueError, KeyError, BackboneError, CheckpointError, FileNotFoundError, MissingExtra)
 
 
 def _matrix_table(R, names: list[str], title: str) -> Table:
