@@ -12,6 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from continual_transformer.cli import app
 from continual_transformer.data.source import ReadOptions, load_tasks, tasks_from_upload
 from continual_transformer.data.split import hold_out_test
 from continual_transformer.data.stream import default_stream_path, load_stream
@@ -331,3 +334,91 @@ def test_uploads_read_every_table_format(tmp_path):
     assert task.name == "pets" and len(task.train) == 32 and task.test == ()
     with pytest.raises(StreamError, match=r"^t.csv:2: unknown split 'dev'"):
         tasks_from_upload(data.replace(b"kinds,train,", b"kinds,dev,", 2), "t.csv")
+
+
+# -- the command line --------------------------------------------------------------------------
+def _run(args):
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def _common(backbone, out):
+    return ["--out", str(out), "--epochs", "1", "--batch-size", "8", "--backbone", str(backbone),
+            "--max-length", "32", "--device", "cpu", "--save-every", "0"]
+
+
+def test_ctt_run_on_a_csv_with_its_own_columns_and_resume_reads_it_again(tiny_backbone_dir, tmp_path):
+    rows = [[r["task"], r["text"], r["label"]] for r in toy_rows()]
+    path = write_csv(tmp_path / "mine.csv", ["topic", "body", "y"], rows)
+    out = tmp_path / "run"
+    options = ["--task-column", "topic", "--text-column", "body", "--label-column", "y",
+               "--test-fraction", "0.25", "--seed", "1"]
+    result = _run(["run", str(path), *options, *_common(tiny_backbone_dir, out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["tasks"] == ["kinds", "topics"]
+    assert report["config"]["data"]["test_fraction"] == 0.25
+    assert [(t["train"], t["test"]) for t in report["config"]["stream_summary"]] == [(24, 8), (24, 8)]
+    # `--resume --out DIR` alone reads the CSV again with the saved columns and fraction
+    result = _run(["run", "--resume", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "2 task(s) already learned ['kinds', 'topics']" in " ".join(result.output.split())
+    # another seed draws another test split: not the same run
+    result = _run(["run", str(path), *options[:-1], "2", *_common(tiny_backbone_dir, out)])
+    assert result.exit_code == 2 and "it was started with other settings" in result.output
+
+
+def test_ctt_run_learns_the_same_from_jsonl_csv_and_parquet(tiny_backbone_dir, tmp_path):
+    jsonl = write_jsonl(tmp_path / "toy.jsonl", toy_rows())
+    export = _export_script()
+    export.main([str(jsonl), f"--csv={tmp_path / 'toy.csv'}", f"--parquet={tmp_path / 'toy.parquet'}"])
+    matrices = {}
+    for name in ("toy.jsonl", "toy.csv", "toy.parquet"):
+        out = tmp_path / name.replace(".", "_")
+        # analytic: the fastest method; the slow test below runs the default one (ia3)
+        args = ["--method", "analytic", "--out", str(out), "--backbone", str(tiny_backbone_dir),
+                "--max-length", "32", "--device", "cpu"]
+        result = _run(["run", str(tmp_path / name), *args])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        matrices[name] = (report["accuracy_matrix"], report["task_free_accuracy_matrix"])
+    assert matrices["toy.csv"] == matrices["toy.jsonl"] == matrices["toy.parquet"]
+
+
+def test_a_bad_last_row_fails_before_anything_is_learned(tiny_backbone_dir, tmp_path):
+    path = write_csv(tmp_path / "late.csv", FIELDS, _toy_table() + [["kinds", "train", "", "food"]])
+    out = tmp_path / "o"
+    result = _run(["run", str(path), *_common(tiny_backbone_dir, out)])
+    assert result.exit_code == 2
+    assert f"late.csv:{len(_toy_table()) + 2}: empty text" in result.output.replace("\n", "")
+    assert not out.exists()
+    result = _run(["run", str(path), "--format", "xlsx", *_common(tiny_backbone_dir, out)])
+    assert result.exit_code == 2 and "unknown format 'xlsx'" in result.output
+
+
+def test_ctt_bench_reads_a_csv_with_its_own_columns(tiny_backbone_dir, tmp_path):
+    rows = [[r["task"], r["split"], r["text"], r["label"]] for r in toy_rows()]
+    path = write_csv(tmp_path / "mine.csv", ["topic", "part", "body", "y"], rows)
+    out = tmp_path / "bench"
+    result = _run(["bench", str(path), "--methods", "analytic", "--in-process", "--task-column", "topic",
+                   "--split-column", "part", "--text-column", "body", "--label-column", "y",
+                   "--out", str(out), "--backbone", str(tiny_backbone_dir), "--max-length", "32",
+                   "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["tasks"] == ["kinds", "topics"]
+    assert bench["config"]["data"]["text_column"] == "body"
+
+
+@pytest.mark.slow
+def test_the_bundled_stream_learned_from_csv_and_parquet_gives_the_jsonl_report(
+        exported, tiny_backbone_dir, tmp_path):
+    matrices = {}
+    for name, path in (("jsonl", default_stream_path()), ("csv", exported["csv"]),
+                       ("parquet", exported["parquet"])):
+        out = tmp_path / name
+        result = _run(["run", str(path), "--max-train", "20", *_common(tiny_backbone_dir, out)])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        matrices[name] = (report["accuracy_matrix"], report["task_free_accuracy_matrix"],
+                          report["metrics"])
+    assert matrices["csv"] == matrices["jsonl"] == matrices["parquet"]
