@@ -338,6 +338,47 @@ def test_uploads_are_checked_like_stream_files(model_dir, tmp_path):
         assert served.client.get("/v1/jobs", headers=AS_READER).json() == {"jobs": []}
 
 
+def test_csv_and_parquet_uploads_with_their_own_columns(model_dir):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    body = upload_body("beasts", n_train=20, n_test=4)
+    rows = [(e["text"], e["label"], split) for split in ("train", "test") for e in body[split]]
+    columns = {"text_column": "body", "label_column": "y", "split_column": "part"}
+    with serving(model_dir) as served:
+        def upload(name: str, data: bytes, fields: dict, content_type: str | None = None):
+            part = (name, data, content_type) if content_type else (name, data)
+            return served.client.post("/v1/tasks/file", files={"file": part}, data=fields,
+                                      headers=AS_ADMIN)
+
+        # Parquet, its columns named by form fields: a bad row is named by its index
+        bad = [(t if i != 3 else " ", y, s) for i, (t, y, s) in enumerate(rows)]
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"body": [r[0] for r in bad], "y": [r[1] for r in bad],
+                                 "part": [r[2] for r in bad]}), buffer)
+        response = upload("beasts.parquet", buffer.getvalue(), {**columns, "task_name": "beasts"})
+        assert (response.status_code, response.json()["detail"]) == (422, "beasts.parquet row 3: empty text")
+        # CSV told by its content type; a missing column names the columns found
+        csv_text = "body,y,part\n" + "".join(f"{t},{y},{s}\n" for t, y, s in rows)
+        response = upload("upload", csv_text.encode(), {"task_name": "beasts"}, "text/csv")
+        assert (response.status_code, response.json()["detail"]) == (
+            422, "upload: no text column 'text'; columns: ['body', 'y', 'part']")
+        response = upload("beasts.csv", csv_text.encode(), {"format": "xlsx"})
+        assert response.status_code == 422 and response.json()["detail"].startswith("unknown format 'xlsx'")
+        assert served.client.get("/v1/jobs", headers=AS_READER).json() == {"jobs": []}
+
+        # a good CSV without a task column: the task is named after the file
+        response = upload("beasts.csv", csv_text.encode(), columns)
+        assert response.status_code == 202, response.text
+        job = served.wait_for_job(response.json()["id"])
+        assert job["state"] == "succeeded", job
+        listed = {t["name"]: t for t in served.client.get("/v1/tasks", headers=AS_READER).json()["tasks"]}
+        assert listed["beasts"]["train_examples"] == 20 and listed["beasts"]["labels"] == ["animal", "sport"]
+        assert served.predict(BEASTS).json()["predictions"][0]["task"] == "beasts"
+
+
 # -- predicting ----------------------------------------------------------------------------------
 def test_mixed_task_request_and_dynamic_batching(model_dir):
     with serving(model_dir, batch_max_wait_ms=200) as served:

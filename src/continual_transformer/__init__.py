@@ -21,6 +21,8 @@ _EXPORTS = {
     "Example": "types",
     "StreamError": "types",
     "load_stream": "data.stream",
+    "load_tasks": "data.source",
+    "ReadOptions": "data.source",
     "default_stream_path": "data.stream",
     "run_stream": "experiment.run",
     "CheckpointError": "io.store",
@@ -38,6 +40,7 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import BackboneConfig, TrainConfig
+    from .data.source import ReadOptions, load_tasks
     from .data.stream import default_stream_path, load_stream
     from .io.store import CheckpointError
     from .experiment.run import run_stream

@@ -88,9 +88,34 @@ class _RichEvents:
         self.progress.console.print(_matrix_table(matrix, names, "accuracy matrix so far (%)"))
 
 
+# How to read a stream file; `ctt run` and `ctt bench` take the same options (data/source.py).
+_FORMAT = typer.Option(None, "--format", help="Stream format: jsonl, csv, tsv, parquet or datasets (a folder written by save_to_disk) [default: from the name].")
+_TEXT_COLUMN = typer.Option(None, help="Column of the texts [default: text].")
+_LABEL_COLUMN = typer.Option(None, help="Column of the labels [default: label].")
+_TASK_COLUMN = typer.Option(None, help="Column of the task names [default: task; a file without one is one task].")
+_SPLIT_COLUMN = typer.Option(None, help="Column of the splits, train or test [default: split].")
+_TASK_NAME = typer.Option(None, help="The task of every row, for a file without a task column [default: the file's name].")
+_TEST_FRACTION = typer.Option(None, help="Draw this fraction of each task's rows as its test split, stratified by label and reproducible by --seed (for a file without a split column).")
+_STREAM_HELP = "Stream file: JSONL (.jsonl, .jsonl.gz), CSV, TSV, Parquet or a datasets folder; default: the bundled stream."
+
+
+def _read_options(saved: dict | None, **given):
+    """The stream's read options: those given, else the saved run's, else the defaults."""
+    from .data.source import ReadOptions
+
+    return ReadOptions(**{**(saved or {}), **{k: v for k, v in given.items() if v is not None}})
+
+
 @app.command()
 def run(
-    stream: Optional[Path] = typer.Argument(None, help="Stream file (JSONL or .jsonl.gz); default: the bundled stream."),
+    stream: Optional[Path] = typer.Argument(None, help=_STREAM_HELP),
+    data_format: Optional[str] = _FORMAT,
+    text_column: Optional[str] = _TEXT_COLUMN,
+    label_column: Optional[str] = _LABEL_COLUMN,
+    task_column: Optional[str] = _TASK_COLUMN,
+    split_column: Optional[str] = _SPLIT_COLUMN,
+    task_name: Optional[str] = _TASK_NAME,
+    test_fraction: Optional[float] = _TEST_FRACTION,
     method: Optional[str] = typer.Option(None, help="Learning method: ia3, analytic, or a baseline: "
                                                     "finetune, ewc, lwf, replay, joint [default: ia3]."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
@@ -118,7 +143,8 @@ def run(
     import torch
 
     from .config import BackboneConfig, LearnerSpec, TrainConfig
-    from .data.stream import default_stream_path, describe, load_stream
+    from .data.source import load_tasks
+    from .data.stream import default_stream_path, describe
     from .experiment.run import run_joint, run_stream
     from .learner import ContinualLearner
     from .io.runstate import read_config
@@ -137,7 +163,11 @@ def run(
         method, seed = given(method, "method", "ia3"), given(seed, "seed", 0)
         backbone, max_length = given(backbone, "backbone", "default"), given(max_length, "max_length", 128)
         max_train = given(max_train, "max_train", None)
-        tasks = [t.subsample_train(max_train, seed) for t in load_stream(stream)]
+        data = _read_options(saved.get("data"), format=data_format, text_column=text_column,
+                             label_column=label_column, task_column=task_column,
+                             split_column=split_column, task_name=task_name,
+                             test_fraction=test_fraction)
+        tasks = [t.subsample_train(max_train, seed) for t in load_tasks(stream, data, seed=seed)]
         overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "head_lr": head_lr,
                                        "batch_size": batch_size, "precision": precision}.items()
                      if v is not None}
@@ -162,7 +192,8 @@ def run(
     console.print(f"stream [bold]{stream}[/]: {len(tasks)} tasks; backbone "
                   f"{learner.backbone.ref.name} ({learner.backbone_parameters:,} parameters) "
                   f"on {learner.device}; method {method}{top}")
-    run_config = {"stream": str(Path(stream).resolve()), "method": method, "seed": seed,
+    run_config = {"stream": str(Path(stream).resolve()), "data": data.to_dict(),
+                  "method": method, "seed": seed,
                   "adapt_layers": adapt_layers,
                   "max_train": max_train, "train": train.to_dict() if train else None,
                   "backbone": backbone, "max_length": max_length, "device": device,
@@ -313,7 +344,14 @@ class _BenchProgress:
 
 @app.command()
 def bench(
-    stream: Optional[Path] = typer.Argument(None, help="Stream file (JSONL or .jsonl.gz); default: the bundled stream."),
+    stream: Optional[Path] = typer.Argument(None, help=_STREAM_HELP),
+    data_format: Optional[str] = _FORMAT,
+    text_column: Optional[str] = _TEXT_COLUMN,
+    label_column: Optional[str] = _LABEL_COLUMN,
+    task_column: Optional[str] = _TASK_COLUMN,
+    split_column: Optional[str] = _SPLIT_COLUMN,
+    task_name: Optional[str] = _TASK_NAME,
+    test_fraction: Optional[float] = _TEST_FRACTION,
     methods: str = typer.Option("ia3,analytic,finetune,ewc,lwf,replay,joint",
                                 help="Comma-separated methods to compare."),
     out: Path = typer.Option(Path("runs/bench"), help="Output directory."),
@@ -337,7 +375,11 @@ def bench(
         config = BenchConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                              stream=str(stream) if stream else None, max_train=max_train,
                              epochs=epochs, seed=seed, backbone=backbone, max_length=max_length,
-                             device=device, isolate=isolate, adapt_layers=_adapt_layers(adapt_layers))
+                             device=device, isolate=isolate, adapt_layers=_adapt_layers(adapt_layers),
+                             data=_read_options(None, format=data_format, text_column=text_column,
+                                                label_column=label_column, task_column=task_column,
+                                                split_column=split_column, task_name=task_name,
+                                                test_fraction=test_fraction))
     except _user_errors() as exc:
         _fail(str(exc))
     console.print(f"bench: {', '.join(config.methods)} on {stream or 'the bundled stream'}; "

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data.source import ReadOptions
 from .workers import Send, Worker, WorkerDied, WorkerFailed
 
 DEFAULT_METHODS = ("ia3", "analytic", "finetune", "ewc", "lwf", "replay", "joint")
@@ -37,6 +38,7 @@ class BenchConfig:
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     stream: str | None = None  # None: the bundled default stream
+    data: ReadOptions = field(default_factory=ReadOptions)  # how the stream file is read
     max_train: int | None = None
     epochs: int | None = None
     seed: int = 0
@@ -50,6 +52,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         from ..methods import METHODS
 
+        if isinstance(self.data, dict):  # as to_dict() wrote it, e.g. into a method's process
+            object.__setattr__(self, "data", ReadOptions.from_dict(self.data))
         if not self.methods:
             raise ValueError("methods must name at least one method")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -89,10 +93,12 @@ class BenchEvents:
 
 
 def load_tasks(config: BenchConfig) -> list:
-    from ..data.stream import default_stream_path, load_stream
+    from ..data import source
+    from ..data.stream import default_stream_path
 
     stream = config.stream or default_stream_path()
-    return [t.subsample_train(config.max_train, config.seed) for t in load_stream(stream)]
+    return [t.subsample_train(config.max_train, config.seed)
+            for t in source.load_tasks(stream, config.data, seed=config.seed)]
 
 
 def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None = None,

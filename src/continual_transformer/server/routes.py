@@ -8,7 +8,9 @@ from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile, 
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..data.stream import check_row, tasks_from_bytes, tasks_from_rows
+from ..data.source import ReadOptions, tasks_from_upload
+from ..data.stream import check_row, tasks_from_rows
+from ..extras import MissingExtra
 from ..types import StreamError, Task, check_task_name
 from .deps import (AdminDep, JobsDep, MetricsDep, MetricsReaderDep, PredictorDep, ReaderDep,
                    ServiceDep, SettingsDep)
@@ -23,6 +25,7 @@ def _errors(*codes: int) -> dict:
     why = {400: "the body could not be parsed (not UTF-8 JSON, broken multipart)",
            401: "missing or invalid key", 403: "needs the admin key", 404: "not found",
            409: "conflicts with a task or job", 413: "over a size limit (named in the message)",
+           415: "a file format this server cannot read (an optional package is not installed)",
            422: "invalid input (the message names the problem or the limit)",
            429: "rate limited or too many jobs (see Retry-After)", 503: "not ready"}
     return {code: {"model": ErrorOut, "description": why[code]} for code in codes}
@@ -124,6 +127,7 @@ def _submit(task: Task, epochs: int | None, settings: Settings, jobs, response: 
 
 
 LEARN_ERRORS = _errors(*AUTH, 400, 403, 409, 413, 422)
+FILE_ERRORS = _errors(*AUTH, 400, 403, 409, 413, 415, 422)
 
 
 # Learning and deleting: served only with CTT_ENABLE_WRITES=true (the default), admin key only.
@@ -150,22 +154,46 @@ async def learn_task(body: TaskUpload, _: AdminDep, settings: SettingsDep, jobs:
     return _submit(task, body.epochs, settings, jobs, response)
 
 
-@task_writes.post("/tasks/file", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED,
-            responses=LEARN_ERRORS)
-async def learn_task_file(file: Annotated[UploadFile, File(description="A stream file (JSONL, "
-                                                           "plain or gzip) holding one task.")],
-                          _: AdminDep, settings: SettingsDep, jobs: JobsDep, response: Response,
-                          epochs: Annotated[int | None, Form(ge=1, le=100)] = None) -> JobOut:
-    """Learn a new task from a JSONL stream file (lines `{task, split, text, label}`).
+def _column(what: str):
+    return Form(min_length=1, max_length=200, description=f"Column of the {what}.")
 
-    Validated exactly like `ctt run` validates a stream; test lines are optional here.
+
+@task_writes.post("/tasks/file", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED,
+            responses=FILE_ERRORS)
+async def learn_task_file(file: Annotated[UploadFile, File(description="A stream file holding one "
+                                                           "task: JSONL (plain or gzip), CSV, TSV "
+                                                           "or Parquet.")],
+                          _: AdminDep, settings: SettingsDep, jobs: JobsDep, response: Response,
+                          epochs: Annotated[int | None, Form(ge=1, le=100)] = None,
+                          file_format: Annotated[str | None, Form(
+                              alias="format", description="jsonl, csv, tsv or parquet; default: "
+                              "from the file name, else the part's content type, else jsonl.")] = None,
+                          text_column: Annotated[str | None, _column("texts [text]")] = None,
+                          label_column: Annotated[str | None, _column("labels [label]")] = None,
+                          task_column: Annotated[str | None, _column("task name [task]")] = None,
+                          split_column: Annotated[str | None, _column("split [split]")] = None,
+                          task_name: Annotated[str | None, Form(
+                              description="The task, for a file without a task column "
+                              "[default: the file's name].")] = None) -> JobOut:
+    """Learn a new task from a stream file: JSONL lines `{task, split, text, label}`, or a CSV,
+    TSV or Parquet table with those columns (other names: the `*_column` fields).
+
+    Validated exactly like `ctt run` validates a stream; test rows are optional here, and a
+    table without a split column is all train rows.
     """
     source = (file.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:100] or "upload"
     data = await file.read()
     try:
-        found = tasks_from_bytes(data, source, require_test=False)
-    except StreamError as exc:
+        given = {"format": file_format, "text_column": text_column, "label_column": label_column,
+                 "task_column": task_column, "split_column": split_column, "task_name": task_name}
+        options = ReadOptions(**{k: v for k, v in given.items() if v is not None})
+        # in a worker thread: checking a large file must not hold up the event loop's requests
+        found = await run_in_threadpool(tasks_from_upload, data, source, options,
+                                        content_type=file.content_type)
+    except ValueError as exc:  # StreamError included
         raise HTTPException(422, str(exc)) from None
+    except MissingExtra as exc:
+        raise HTTPException(415, str(exc)) from None
     if len(found) != 1:
         raise HTTPException(422,
                             f"{source} holds {len(found)} tasks {[t.name for t in found]}; "
