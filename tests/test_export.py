@@ -79,8 +79,8 @@ def _peft_logits(folder, texts, adapter: bool = True) -> torch.Tensor:
     head = load_file(folder / "head.safetensors")
     with torch.no_grad():
         states = model(**batch).last_hidden_state  # (B, T, H)
-    assert info["pooling"] == "mean"
-    return masked_mean(states, batch["attention_mask"]) @ head["weight"].T + head["bias"]
+    pooled = states[:, 0] if info["pooling"] == "cls" else masked_mean(states, batch["attention_mask"])
+    return pooled @ head["weight"].T + head["bias"]
 
 
 def test_peft_adapter_reproduces_the_tasks_logits(learner, tasks, tmp_path):
@@ -245,3 +245,29 @@ def test_peft_round_trip_on_the_real_minilm(tmp_path):
                   - torch.stack(learner.logits(texts, task.name))).abs().max().item()
     print(f"PEFT vs ours on MiniLM: largest logit difference {difference:.3g}")
     assert difference < PEFT_TOLERANCE
+
+
+def test_cls_pooling_is_exported_as_it_predicts(tiny_backbone_dir, tasks, tmp_path):
+    """A backbone pooled by its first token: both formats pool as the learner does."""
+    from continual_transformer.config import BackboneConfig
+
+    config = BackboneConfig(str(tiny_backbone_dir), pooling="cls", max_length=32)
+    method = make_method("ia3", {"train": TrainConfig(epochs=1, batch_size=8).to_dict(),
+                                 "adapt_layers": 1})
+    learner = ContinualLearner(config, method=method, device="cpu")
+    learner.learn(tasks[0])
+    learner.model.adapter.load_state_of("kinds", {
+        name: 0.5 + torch.rand(vector.shape, generator=torch.Generator().manual_seed(1))
+        for name, vector in learner.model.adapter.state_of("kinds").items()})
+    texts = [e.text + " and then" * (i % 3) for i, e in enumerate(tasks[0].test)]
+    ours = torch.stack(learner.logits(texts, "kinds"))
+    peft = export_peft(learner.model, learner.method, "kinds", tmp_path / "peft")
+    assert json.loads((peft / "head.json").read_text())["pooling"] == "cls"
+    assert (_peft_logits(peft, texts) - ours).abs().max().item() < PEFT_TOLERANCE
+    onnx = export_onnx(learner.model, learner.method, ["kinds"], tmp_path / "onnx")
+    theirs = _onnx_logits(onnx, texts, ["kinds"] * len(texts))
+    assert np.abs(theirs - ours.numpy()).max() < ONNX_TOLERANCE
+    # Pooled by the mean instead, the same adapter gives other logits: the checks can fail.
+    info = json.loads((peft / "head.json").read_text())
+    (peft / "head.json").write_text(json.dumps({**info, "pooling": "mean"}))
+    assert (_peft_logits(peft, texts) - ours).abs().max().item() > 100 * PEFT_TOLERANCE
