@@ -674,3 +674,22 @@ def test_a_model_whose_method_shares_state_refuses_learning_up_front(tmp_path, t
         assert response.json()["detail"].startswith(
             "this model's method 'finetune' shares state between tasks")
         assert served.predict({"items": [{"text": "cat and dog", "task": "kinds"}]}).status_code == 200
+
+
+def test_a_parquet_upload_without_the_data_extra_is_a_415_naming_it(model_dir, monkeypatch):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": ["a cat", "a dog"], "label": ["animal", "animal"],
+                             "split": ["train", "train"]}), buffer)
+    with serving(model_dir) as served:
+        monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+        monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+        response = served.client.post("/v1/tasks/file", data={"task_name": "pets"}, headers=AS_ADMIN,
+                                      files={"file": ("pets.parquet", buffer.getvalue())})
+        assert response.status_code == 415
+        assert "pip install 'continual-tiny-transformer[data]'" in response.json()["detail"]
+        assert served.client.get("/v1/jobs", headers=AS_READER).json() == {"jobs": []}
