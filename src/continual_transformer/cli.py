@@ -422,17 +422,29 @@ def bench(
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="Model directory written by `ctt run` (DIR/model)."),
-    texts: List[str] = typer.Argument(..., help="Texts to classify."),
+    texts: Optional[List[str]] = typer.Argument(None, help="Texts to classify (or --input FILE)."),
     task: Optional[str] = typer.Option(None, "--task", "-t",
                                        help="Task to predict for; without it, the router picks one per text."),
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+    input_file: Optional[Path] = typer.Option(None, "--input", help="Score every row of a file: plain text (.txt, one per line), JSONL, CSV/TSV or Parquet."),
+    output: Optional[Path] = typer.Option(None, help="Where --input's predictions go: .csv or .jsonl [default: JSON lines on stdout]."),
+    text_column: str = typer.Option("text", help="Column (or JSONL field) of the texts, with --input."),
+    task_column: Optional[str] = typer.Option(None, help="Column naming each row's task, with --input."),
+    input_format: Optional[str] = typer.Option(None, "--format", help="Format of --input: text, jsonl, csv, tsv or parquet [default: from the name]."),
+    skip_bad_rows: bool = typer.Option(False, help="With --input: leave out rows without a text or with an unknown task, and count them."),
 ):
-    """Predict labels for texts with a saved model."""
+    """Predict labels for texts, or for every row of a file (--input), with a saved model."""
     from .learner import ContinualLearner
 
+    if (input_file is None) == (not texts):
+        _fail("give texts to classify, or --input FILE (not both)")
     try:
         learner = ContinualLearner.load(model, device=device)
+        if input_file is not None:
+            _score(learner, input_file, output, task, text_column, task_column, input_format,
+                   skip_bad_rows)
+            return
         predictions = learner.predict(texts, task=task)
     except _user_errors() as exc:
         _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
@@ -447,6 +459,26 @@ def predict(
     for text, p in zip(texts, predictions):
         table.add_row(text[:60], p.task, p.label, f"{p.probabilities[p.label]:.3f}")
     console.print(table)
+
+
+def _score(learner, input_file, output, task, text_column, task_column, input_format,
+           skip_bad_rows) -> None:
+    from .experiment.score import ScoreOptions, score_file
+
+    options = ScoreOptions(text_column=text_column, task_column=task_column, task=task,
+                           format=input_format, skip_bad_rows=skip_bad_rows)
+    if output is None:  # JSON lines on stdout: nothing else may be printed there
+        score_file(learner, input_file, None, options)
+        return
+    columns = [TextColumn("{task.description}"), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task(f"scoring {input_file.name}", total=None)
+        result = score_file(learner, input_file, output, options,
+                            progress=lambda done: progress.update(bar, completed=done))
+    rate = result.rows / result.seconds if result.seconds else float("nan")
+    skipped = f"; {result.skipped:,} bad rows left out" if result.skipped else ""
+    console.print(f"wrote {output}: {result.rows:,} predictions in {result.seconds:.1f}s "
+                  f"({rate:,.0f} rows/s){skipped}")
 
 
 @app.command()
