@@ -17,8 +17,9 @@ def _args(toy_stream, tiny_backbone_dir, out):
             "--backbone", str(tiny_backbone_dir), "--max-length", "32", "--device", "cpu"]
 
 
-def test_run_tracked_in_mlflow(toy_stream, tiny_backbone_dir, tmp_path):
+def test_run_tracked_in_mlflow(toy_stream, tiny_backbone_dir, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts under ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "run"
     result = runner.invoke(app, _args(toy_stream, tiny_backbone_dir, out)
@@ -42,8 +43,10 @@ def test_run_tracked_in_mlflow(toy_stream, tiny_backbone_dir, tmp_path):
     assert {"report.json", "accuracy_matrix.png", "task_free_accuracy_matrix.png"} <= artifacts
 
 
-def test_bench_tracked_in_mlflow_one_child_run_per_method(toy_stream, tiny_backbone_dir, tmp_path):
+def test_bench_tracked_in_mlflow_one_child_run_per_method(toy_stream, tiny_backbone_dir, tmp_path,
+                                                          monkeypatch):
     mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts under ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "bench"
     result = runner.invoke(app, [
