@@ -3,7 +3,7 @@ server's dynamic batches are all cut by `length_batches`."""
 
 import torch
 
-from continual_transformer.model.batching import collated, length_batches
+from continual_transformer.model.batching import collated, even_parts, length_batches, padded
 
 
 def test_micro_batches_bound_rows_and_padded_tokens_in_the_order_given():
@@ -51,3 +51,31 @@ def test_collated_batches_are_length_sorted_and_padded_to_their_longest_row(tiny
         seen += rows
     assert sorted(seen) == list(range(len(texts)))
     assert [len(ids[i]) for i in seen] == sorted(len(row) for row in ids)  # shortest first
+
+
+def test_even_parts_are_equal_within_the_budgets_and_keep_order():
+    rows = list(range(10, 42))  # a training batch of 32 rows
+    assert even_parts(rows, 64, max_rows=32, max_tokens=2048) == [rows]  # 32 x 64 fits
+    halves = even_parts(rows, 128, max_rows=32, max_tokens=2048)
+    assert halves == [rows[:16], rows[16:]]  # two passes of 16, never 16 + 16 + 0 or 25 + 7
+    parts = even_parts(rows, 80, max_rows=32, max_tokens=2048)  # 25 rows fit: 2 parts
+    assert [len(p) for p in parts] == [16, 16] and sum(parts, []) == rows
+    parts = even_parts(rows[:7], 128, max_rows=32, max_tokens=256)  # 2 rows a pass
+    assert [len(p) for p in parts] == [2, 2, 2, 1] and sum(parts, []) == rows[:7]
+    assert even_parts(rows[:3], 4096, max_rows=32, max_tokens=1024) == [[10], [11], [12]]
+    assert [len(p) for p in even_parts(rows, 16, max_rows=10, max_tokens=4096)] == [8, 8, 8, 8]
+
+
+def test_inference_passes_are_bounded_in_padded_tokens(tiny_config):
+    from continual_transformer.model.backbone import Backbone
+
+    backbone = Backbone.load(tiny_config, "cpu")
+    backbone.length_multiple = 16
+    ids = [[101] + [7] * n + [102] for n in (3, 40, 90, 5, 120, 60, 14, 100)]
+    seen = []
+    for rows, batch in collated(backbone, ids, max_rows=64, max_tokens=256):
+        assert batch["input_ids"].shape[1] % 16 == 0
+        assert batch["input_ids"].numel() <= 256 or len(rows) == 1
+        assert batch["input_ids"].shape[1] == padded(max(len(ids[i]) for i in rows), 16)
+        seen += rows
+    assert sorted(seen) == list(range(len(ids)))

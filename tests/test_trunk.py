@@ -115,3 +115,29 @@ def test_checkpoint_from_before_the_split_loads_and_predicts_as_before(tmp_path)
     assert read_manifest(model)["format_version"] == 2
     again = ContinualLearner.load(model, device="cpu")
     assert torch.equal(torch.stack(again.logits(texts, "kinds")), torch.tensor(expected["logits"]["kinds"]))
+
+
+def test_trunk_runs_with_the_encoders_own_attention_while_learning(tiny_config, tasks):
+    # Learning switches the top layers to plain-matrix attention; the trunk pass is inference
+    # and keeps the encoder's own (fused) attention: the same states either way, and no
+    # (B, heads, T, T) scores stored in memory while learning.
+    from continual_transformer.methods import make_method
+
+    learner = ContinualLearner(tiny_config, device="cpu", method=make_method("ia3", {"adapt_layers": 1}))
+    ids = learner.backbone.tokenize([e.text for e in tasks[0].train])
+    default = learner.backbone.encoder.config._attn_implementation
+    outside = learner.model.trunk_states(ids, cache_mb=1.0)
+    seen = []
+    original = learner.backbone.run_layers
+
+    def spy(hidden, call, begin, end):
+        seen.append(learner.backbone.encoder.config._attn_implementation)
+        return original(hidden, call, begin, end)
+
+    learner.backbone.run_layers = spy
+    with learner.model.training_kernels():
+        inside = learner.model.trunk_states(ids, cache_mb=1.0)
+        assert learner.backbone.encoder.config._attn_implementation == "eager"
+    assert seen and set(seen) == {default} != {"eager"}
+    assert torch.equal(inside.features, outside.features)
+    assert torch.equal(inside.batch(list(range(8))).hidden, outside.batch(list(range(8))).hidden)

@@ -27,7 +27,8 @@ from .model.adapted import AdaptedModel
 from .model.backbone import Backbone, BackboneError, masked_mean
 from .model.batching import collated
 from .model.router import Router
-from .model.trunk import TrunkStates, release_freed_memory
+from .model.memory import release_freed_memory
+from .model.trunk import TrunkStates
 from .training.loop import Checkpointing, Progress
 from .types import Prediction, Task, TaskRecord, check_task_name
 
@@ -95,6 +96,10 @@ class ContinualLearner:
                 stats = self.method.learn(self.model, task, states, progress, checkpointing)
             stats["trunk_cache"] = {"texts": len(states), "stored": states.stored,
                                     "bytes": states.stored_bytes}
+            # The stored trunk output and the training activations are garbage now; handing
+            # them back before the router's solve keeps the two from adding up.
+            states.drop_stored()
+            release_freed_memory()
             if self.router is not None:
                 self.router.partial_fit(states.features, task.name)
         except BaseException:

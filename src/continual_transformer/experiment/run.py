@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import DEFAULT_SAVE_EVERY
 from ..learner import ContinualLearner
+from ..model.memory import release_freed_memory
 from ..training.loop import Checkpointing, TrainState
 from ..types import Task, TaskRecord
 from .evaluate import StreamEvaluation
@@ -111,6 +112,7 @@ def run_stream(
         events.evaluation_started(i, tasks[: i + 1])
         eval_start = time.perf_counter()
         evaluated = evaluation.after_task(i)
+        release_freed_memory()  # the evaluation's activations
         row, free_row, confusion = evaluated.given, evaluated.free, evaluated.confusion
         for j in range(i + 1):
             events.evaluated(tasks[j], row[j])

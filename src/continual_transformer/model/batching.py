@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from .backbone import Backbone
 
 BATCH_ROWS = 64  # rows per inference pass
+# Padded tokens per inference pass: a pass's activations are then the same size whatever the
+# texts' length, so long texts do not raise the process's memory (64 rows of 128 tokens would
+# make 4x larger blocks than 64 rows of 32).
+BATCH_TOKENS = 2048
 
 
 def length_batches(
@@ -61,16 +65,40 @@ def length_batches(
     return batches
 
 
+def even_parts(rows: Sequence[int], width: int, *, max_rows: int, max_tokens: int) -> list[list[int]]:
+    """`rows` (consecutive, in order) cut into the fewest parts of near-equal size whose padded
+    size (rows x `width`) stays within `max_tokens` and whose row count within `max_rows`.
+
+    Equal parts keep the set of pass shapes small (a batch of 32 rows of 128 tokens is two
+    passes of 16, never 25 + 7): the CPU kernels are built per shape (see memory.py).
+    """
+    per_part = max(1, min(max_rows, max_tokens // max(width, 1)))
+    n = -(-len(rows) // per_part)
+    size, extra = divmod(len(rows), n)
+    parts, start = [], 0
+    for k in range(n):
+        end = start + size + (k < extra)
+        parts.append(list(rows[start:end]))
+        start = end
+    return parts
+
+
+def padded(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple` (the backbone pads batches so)."""
+    return -(-length // multiple) * multiple
+
+
 def collated(
     backbone: "Backbone",
     ids: Sequence[Sequence[int]],
     *,
     max_rows: int = BATCH_ROWS,
-    max_tokens: int | None = None,
+    max_tokens: int | None = BATCH_TOKENS,
     sort: bool = True,
 ) -> Iterator[tuple[list[int], dict[str, "torch.Tensor"]]]:
     """(rows, batch) for tokenised texts: `length_batches` of them, each padded by the
     backbone's `collate` (input_ids and attention_mask, (B, T), on the backbone's device)."""
-    for rows in length_batches([len(row) for row in ids], max_rows=max_rows,
+    multiple = backbone.length_multiple  # sizes as padded: equal passes have equal shapes
+    for rows in length_batches([padded(len(row), multiple) for row in ids], max_rows=max_rows,
                                max_tokens=max_tokens, sort=sort):
         yield rows, backbone.collate([ids[i] for i in rows])

@@ -149,9 +149,11 @@ class AnalyticClassifier:
         """Eigen-decomposition of the centred statistics and the GCV-best relative penalty."""
         n_k, n = self.counts_, self.counts_.sum()
         mean = self.sums_.sum(0) / n  # (D,)
-        gram_c = self.gram_ - n * torch.outer(mean, mean)  # centred Gram
+        # (D, D) temporaries are 32 MB each at D = 2048: made in place, freed as soon as used.
+        gram_c = self.gram_.clone().sub_(torch.outer(mean, mean).mul_(n))  # centred Gram
         cross_c = self.sums_.T - torch.outer(mean, n_k)  # (D, K) centred X^T Y
         eigvals, eigvecs = torch.linalg.eigh(gram_c)
+        del gram_c
         eigvals = eigvals.clamp_min(0.0)
         projected = eigvecs.T @ cross_c  # (D, K)
         energy = (projected**2).sum(1)  # (D,)
@@ -181,11 +183,14 @@ class AnalyticClassifier:
     def _lda(self) -> tuple[torch.Tensor, torch.Tensor]:
         n_k, n = self.counts_, self.counts_.sum()
         means = self.sums_ / n_k[:, None]  # (K, D)
-        within = (self.gram_ - means.T @ (means * n_k[:, None])) / max(float(n) - len(n_k), 1.0)
-        D = within.shape[0]
         self.alpha_ = self.shrinkage if self.shrinkage is not None else self._gcv()[0]
+        within = self.gram_.clone().sub_(means.T @ (means * n_k[:, None]))
+        within.div_(max(float(n) - len(n_k), 1.0))
+        D = within.shape[0]
         ridge = self.alpha_ * float(torch.trace(within)) / D
-        chol = torch.linalg.cholesky(within + ridge * torch.eye(D, dtype=torch.float64))
+        within.diagonal().add_(ridge)
+        chol = torch.linalg.cholesky(within)
+        del within
         coef = torch.cholesky_solve(means.T, chol)  # (D, K)
         intercept = -0.5 * (means * coef.T).sum(1)  # equal priors
         return coef, intercept

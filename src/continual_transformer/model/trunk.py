@@ -24,8 +24,6 @@ numbers, more compute).
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -109,7 +107,9 @@ class TrunkStates:
                 used += len(row) * per_token
             self._states = torch.empty(used // per_token, hidden_size, dtype=self.store_dtype)
         features = torch.empty(len(self.ids), hidden_size) if with_features else None
-        with torch.inference_mode(), self._autocast():
+        # Inference only: the encoder's own attention (fused where it has one) whatever the
+        # training passes use, so that no (B, heads, T, T) scores are made.
+        with torch.inference_mode(), self._autocast(), self.backbone.default_attention():
             for chunk, batch in collated(self.backbone, self.ids):
                 hidden, call = self.backbone.start(**batch)
                 hidden = self.backbone.run_layers(hidden, call, 0, self.trunk_layers)  # (B, T, H)
@@ -122,6 +122,11 @@ class TrunkStates:
                             n = len(self.ids[i])
                             self._states[offset : offset + n] = hidden[row, :n].to("cpu", self.store_dtype)
         self.features = features
+
+    def drop_stored(self) -> None:
+        """Free the stored trunk output (`features` stay); batches compute it again."""
+        self._states = None
+        self._offsets = [None] * len(self.ids)
 
     def batch(self, indices: Sequence[int]) -> TopInput:
         """The texts `indices` as one batch for the top layers (padded to the longest)."""
@@ -156,29 +161,8 @@ def gather(rows: Sequence[tuple[TrunkStates, int]]) -> TopInput:
             out[row, : len(stored)] = stored.to(out.device, torch.float32)
     if missing:
         sub = backbone.collate([ids[row] for row in missing])
-        with torch.no_grad(), first._autocast():
+        with torch.no_grad(), first._autocast(), backbone.default_attention():  # as `_run`
             sub_hidden, sub_call = backbone.start(**sub)
             sub_hidden = backbone.run_layers(sub_hidden, sub_call, 0, trunk_layers)
         out[missing, : sub_hidden.shape[1]] = sub_hidden.to(first.store_dtype).float()
     return TopInput(out, call, batch["attention_mask"])
-
-
-@functools.cache
-def _glibc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: its allocator is not the one to trim
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand memory that is freed but still held by glibc's allocator back to the system.
-
-    glibc keeps freed blocks inside its heaps for reuse; after a task, the freed trunk cache
-    and activations stay in the process's RSS (measured on the bundled stream: 1,566 MiB held
-    after `sotu_era` without this, 1,191 MiB with it). `malloc_trim` also releases free pages
-    in the middle of a heap; it takes milliseconds, so it runs once per learned task.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)

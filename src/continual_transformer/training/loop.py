@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 from ..config import TrainConfig
-from ..model.batching import length_batches
+from ..model.batching import even_parts, length_batches, padded
+from ..model.memory import release_freed_memory
 
 Progress = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
 
@@ -107,6 +108,9 @@ class TrainResult:
 
 
 BUCKET_BATCHES = 32  # batches per length bucket
+# Steps between hand-backs of freed memory: batches of other lengths leave free blocks in the
+# allocator's heap that the next batches cannot reuse (see model/memory.py).
+RELEASE_EVERY = 8
 
 
 def batch_order(
@@ -225,16 +229,19 @@ def _forward_backward(
 
 def _take_step(
     batch_loss: Callable[[list[int]], torch.Tensor], indices: list[int], optimizer, state: TrainState,
-    lengths: list[int] | None = None, max_tokens: int | None = None,
+    lengths: list[int] | None = None, max_tokens: int | None = None, length_multiple: int = 1,
 ) -> float:
     """Forward and backward of one batch (in micro-batches of at most `max_tokens` padded
     tokens, when given), halving the micro-batch on CUDA out-of-memory."""
     while True:
         micro = min(state.micro_batch or len(indices), len(indices))
         try:
-            return _forward_backward(batch_loss, indices,
-                                     length_batches(lengths, rows=indices, max_rows=micro,
-                                                    max_tokens=max_tokens, sort=False))
+            if max_tokens is not None and lengths is not None:
+                width = padded(max(lengths[i] for i in indices), length_multiple)
+                chunks = even_parts(indices, width, max_rows=micro, max_tokens=max_tokens)
+            else:
+                chunks = length_batches(lengths, rows=indices, max_rows=micro, sort=False)
+            return _forward_backward(batch_loss, indices, chunks)
         except torch.cuda.OutOfMemoryError as exc:
             if micro == 1:
                 raise TrainingError(
@@ -261,12 +268,14 @@ def fit(
     lengths: list[int] | None = None,
     checkpointing: Checkpointing | None = None,
     max_tokens: int | None = None,
+    length_multiple: int = 1,
 ) -> TrainResult:
     """Minimise `batch_loss(indices)` (a mean over the batch) over `config.epochs` epochs.
 
-    With `lengths` and `max_tokens`, a batch whose padded size would pass `max_tokens` tokens
-    is computed in micro-batches whose gradients add up to the batch's: the same update, with
-    the memory of a pass bounded.
+    With `lengths` and `max_tokens`, a batch whose padded size (rows x its longest length,
+    rounded up to `length_multiple`) would pass `max_tokens` tokens is computed in equal
+    micro-batches whose gradients add up to the batch's: the same update, with the memory of a
+    pass bounded.
 
     `param_groups` are AdamW groups (each with its own `lr`); every group's rate follows the
     same warm-up-then-linear-decay factor, times the guard's `lr_scale`. With
@@ -314,7 +323,8 @@ def fit(
         if epoch != order_epoch:
             order_epoch, order = epoch, batch_order(n_examples, config.batch_size, epoch, seed, lengths)
         optimizer.zero_grad(set_to_none=True)
-        loss = _take_step(batch_loss, order[position], optimizer, state, lengths, max_tokens)
+        loss = _take_step(batch_loss, order[position], optimizer, state, lengths, max_tokens,
+                          length_multiple)
         finite = math.isfinite(loss)
         if finite:
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -333,6 +343,8 @@ def fit(
             state.skipped_steps += 1
             state.bad_in_row += 1
         state.step += 1
+        if state.step % RELEASE_EVERY == 0:
+            release_freed_memory()
         if state.bad_in_row >= config.max_bad_steps:
             if state.restores >= config.max_restores:
                 raise TrainingError(

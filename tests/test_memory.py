@@ -1,0 +1,44 @@
+"""Process memory that is not tensors: the CPU kernel caches are bounded unless the user says
+otherwise, and freed memory is handed back."""
+
+import os
+
+from continual_transformer.model.memory import (
+    KERNEL_CACHE_ENTRIES,
+    KERNEL_CACHE_VARIABLES,
+    bound_kernel_caches,
+    release_freed_memory,
+)
+
+
+def test_kernel_caches_are_bounded_unless_the_user_set_them(monkeypatch):
+    first, second = KERNEL_CACHE_VARIABLES
+    monkeypatch.delenv(first, raising=False)
+    monkeypatch.setenv(second, "7")
+    bound_kernel_caches()
+    assert os.environ[first] == str(KERNEL_CACHE_ENTRIES)
+    assert os.environ[second] == "7"  # the user's value stands
+
+
+def test_loading_a_backbone_bounds_the_caches(tiny_config, monkeypatch):
+    from continual_transformer.model.backbone import Backbone
+
+    for name in KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    Backbone.load(tiny_config, "cpu")
+    assert all(os.environ[name] == str(KERNEL_CACHE_ENTRIES) for name in KERNEL_CACHE_VARIABLES)
+
+
+def test_release_freed_memory_returns_freed_blocks():
+    def rss_pages():
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1])
+
+    blocks = [bytearray(64 * 1024) for _ in range(2000)]  # 128 MiB of small heap blocks
+    for block in blocks[::2]:
+        block[:] = b"\1" * len(block)
+    before = rss_pages()
+    del blocks[1::2]  # half freed, interleaved with live ones: free() alone keeps them
+    release_freed_memory()
+    after = rss_pages()
+    assert (before - after) * os.sysconf("SC_PAGE_SIZE") > 32 * 2**20
