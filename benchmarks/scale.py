@@ -26,6 +26,7 @@ Prints a table per milestone and writes `scale.json` and `scale.png` (curves) in
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -35,8 +36,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from continual_transformer.experiment.resources import peak_rss_mb
+from continual_transformer.model.memory import release_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STREAM = ROOT / "data" / "scale" / "scale_stream.jsonl.gz"
@@ -60,6 +63,10 @@ def probe(model: Path, stream: Path, held: int, batch: int, batches: int, seed: 
 
     rng = random.Random(seed)
     tasks = load_stream(stream)[:held]
+    # The probe keeps only the test texts it sends: a serving process holds no stream.
+    tasks = [SimpleNamespace(name=t.name, test=t.test) for t in tasks]
+    gc.collect()
+    release_freed_memory()
     started = time.perf_counter()
     learner = ContinualLearner.load(model)
     load_s = time.perf_counter() - started

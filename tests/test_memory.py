@@ -42,3 +42,16 @@ def test_release_freed_memory_returns_freed_blocks():
     release_freed_memory()
     after = rss_pages()
     assert (before - after) * os.sysconf("SC_PAGE_SIZE") > 32 * 2**20
+
+
+def test_rate_limited_release_runs_at_most_once_per_interval(monkeypatch):
+    from continual_transformer.model import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(memory, "_last_release", [0.0])
+    for _ in range(50):
+        memory.release_freed_memory_at_most_every(3600.0)
+    assert len(calls) == 1
+    memory.release_freed_memory_at_most_every(0.0)
+    assert len(calls) == 2
