@@ -74,7 +74,7 @@ def test_every_format_gives_the_predictions_of_predict(model, rows, tmp_path, ki
     result = runner.invoke(app, ["predict", str(model), "--input", str(source), "--output", str(out),
                                  "--text-column", "body", "--task-column", "which", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert f"wrote {out}: {len(rows)} predictions" in result.output.replace("\n", "")
+    assert f"wrote {out}: {len(rows)} predictions" in " ".join(result.output.split())  # rich wraps lines
     got = _read(out)
     assert [g["row"] for g in got] == list(range(len(rows)))
     assert [(g["task"], g["label"]) for g in got] == [(p.task, p.label) for p in expected]

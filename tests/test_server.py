@@ -516,7 +516,8 @@ def test_learn_while_serving_then_delete_then_restart(model_dir):
         assert all(a.json() == before for a in answers)
         training = [s for s in seen if s[0] == "running" and s[2] and 0 < s[1] < s[2]]
         assert training and training[-1][3] > training[0][3], "no answers while it trained"
-        assert job["step"] == job["total_steps"] == 10 * 25 and job["test_accuracy"] is not None
+        # 10 epochs of batches of 8 over the 170 texts left after the 15 % validation split
+        assert job["step"] == job["total_steps"] == 10 * 22 and job["test_accuracy"] is not None
 
         # the new task answers, old ones are unchanged, and it is on disk
         assert served.predict(PROBE).json() == before

@@ -114,6 +114,7 @@ class ContinualLearner:
             states = None
             release_freed_memory()
         adapter_parameters, head_parameters = self.method.footprint(self.model, task.name)
+        branch = self.model.lexical.get(task.name)
         record = TaskRecord(
             name=task.name,
             labels=tuple(task.labels),
@@ -122,7 +123,8 @@ class ContinualLearner:
             train_seconds=round(time.perf_counter() - start, 3),
             adapter_parameters=adapter_parameters,
             head_parameters=head_parameters,
-            bytes_added=self._bytes_added(adapter_parameters, head_parameters),
+            bytes_added=self._bytes_added(adapter_parameters, head_parameters)
+            + (branch.nbytes() if branch is not None else 0),
             stats=stats,
         )
         self.tasks[task.name] = record
@@ -276,6 +278,7 @@ class ContinualLearner:
         out: list[torch.Tensor | None] = [None] * len(ids)
         for rows, batch in collated(self.backbone, ids):
             resolved, logits = self.row_logits(batch, [row_tasks[i] for i in rows])
+            logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
             for i, name, row in zip(rows, resolved, logits):
                 tasks[i], out[i] = name, row.float().cpu()
         return tasks, out  # type: ignore[return-value]
@@ -367,6 +370,7 @@ class ContinualLearner:
             "adapter_parameters": adapter,
             "head_parameters": head,
             "router_numbers": router,
+            "lexical_bytes": (self.model.lexical[task].nbytes() if task in self.model.lexical else 0),
             "bytes_added": record.bytes_added,
             "adapter_percent_of_backbone": 100.0 * adapter / self.backbone_parameters,
             "total_percent_of_backbone": 100.0 * (adapter + head) / self.backbone_parameters,

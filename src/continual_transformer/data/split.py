@@ -21,21 +21,36 @@ def hold_out_test(task: Task, fraction: float, seed: int, source: str) -> Task:
     positions: dict[str, list[int]] = {label: [] for label in task.labels}
     for i, example in enumerate(task.train):
         positions[example.label].append(i)
-    counts = {label: len(p) for label, p in positions.items()}
     capacity = len(task.train) - len(task.labels)  # each label keeps one train example
     if capacity < 1:
         raise StreamError(f"{source}: task {task.name!r} has {len(task.train)} examples for "
                           f"{len(task.labels)} labels: too few to hold out a test split")
-    target = min(max(1, round(fraction * len(task.train))), capacity)
-    taken = _allocate(counts, fraction, target)
-    test_positions: set[int] = set()
-    for label in task.labels:
-        # One generator per label: a label's draw does not depend on the others' sizes.
-        rng = random.Random(f"{seed}:{task.name}:{label}")
-        test_positions.update(rng.sample(positions[label], taken[label]))
+    test_positions = _draw(task, positions, fraction, seed, capacity)
     train = tuple(e for i, e in enumerate(task.train) if i not in test_positions)
     test = tuple(e for i, e in enumerate(task.train) if i in test_positions)
     return Task(task.name, task.labels, train, test)
+
+
+def held_out_positions(task: Task, fraction: float, seed: int) -> set[int]:
+    """Positions of about `fraction` of `task.train`, stratified by label and seeded, each
+    label keeping at least one example (a validation split); empty when none can be spared."""
+    positions: dict[str, list[int]] = {label: [] for label in task.labels}
+    for i, example in enumerate(task.train):
+        positions[example.label].append(i)
+    capacity = len(task.train) - len(task.labels)
+    return _draw(task, positions, fraction, seed, capacity) if capacity >= 1 else set()
+
+
+def _draw(task: Task, positions: dict[str, list[int]], fraction: float, seed: int,
+          capacity: int) -> set[int]:
+    target = min(max(1, round(fraction * len(task.train))), capacity)
+    taken = _allocate({label: len(p) for label, p in positions.items()}, fraction, target)
+    drawn: set[int] = set()
+    for label in task.labels:
+        # One generator per label: a label's draw does not depend on the others' sizes.
+        rng = random.Random(f"{seed}:{task.name}:{label}")
+        drawn.update(rng.sample(positions[label], taken[label]))
+    return drawn
 
 
 def _allocate(counts: dict[str, int], fraction: float, target: int) -> dict[str, int]:

@@ -61,6 +61,7 @@ def test_pass(learner: ContinualLearner, task: Task) -> TestPass:
         inputs = learner.model.trunk(batch)
         pooled = learner.model.top_pooled(inputs, [key] * len(rows))  # (B, H)
         logits = learner.method.head_logits(learner.model, pooled, [task.name] * len(rows))
+        logits = learner.model.fused_logits([task.name] * len(rows), [ids[i] for i in rows], logits)
         for i, row in zip(rows, logits):
             correct[i] = int(row.argmax()) == index[task.test[i].label]
         if features is not None:

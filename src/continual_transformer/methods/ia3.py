@@ -1,19 +1,74 @@
-"""`ia3`: one activation-scaling entry (in the top `adapt_layers` layers) and one head per task;
-nothing is shared, so nothing learned for one task can change another's predictions."""
+"""`ia3`: one activation-scaling entry (in the top `adapt_layers` layers), one head and (with
+`lexical`, the default) one lexical branch per task; nothing is shared, so nothing learned for
+one task can change another's predictions.
+
+With `lexical`, a validation split (`VALIDATION_FRACTION` of the training texts, stratified,
+seeded) is held out: the scales and head learn on the rest, and the lexical branch's settings
+and its weight in the fusion are chosen on the held-out texts (model/lexical.py). A task too
+small to hold out `MIN_VALIDATION` texts learns on all of them without a branch."""
 
 from __future__ import annotations
 
 import torch
 
+from ..config import TrainConfig
+from ..data.split import held_out_positions
+from ..model import lexical
+from ..model.batching import length_batches
+from ..model.memory import release_freed_memory
 from ..types import Task
 from .base import GradientMethod
 
 ADAPTER = "adapter."
 HEAD = "head."
+VALIDATION_FRACTION = 0.15
+MIN_VALIDATION = 30
 
 
 class IA3Method(GradientMethod):
     name = "ia3"
+
+    def __init__(self, train: TrainConfig | None = None, adapt_layers: int | str | None = None,
+                 lexical: bool = True):
+        super().__init__(train, adapt_layers)
+        if not isinstance(lexical, bool):
+            raise ValueError(f"lexical must be true or false, got {lexical!r}")
+        self.lexical = lexical
+
+    def hyperparameters(self) -> dict:
+        return {**super().hyperparameters(), "lexical": self.lexical}
+
+    def learn(self, model, task: Task, states, progress=None, checkpointing=None) -> dict:
+        held = held_out_positions(task, VALIDATION_FRACTION, self.train.seed) if self.lexical else set()
+        if len(held) < MIN_VALIDATION:
+            stats = super().learn(model, task, states, progress, checkpointing)
+            stats["lexical"] = None if not self.lexical else {
+                "mix": 0.0, "why": f"fewer than {MIN_VALIDATION} texts to validate on"}
+            return stats
+        fit_rows = [i for i in range(len(task.train)) if i not in held]
+        val_rows = sorted(held)
+        fit_task = Task(task.name, task.labels, tuple(task.train[i] for i in fit_rows), task.test)
+        stats = super().learn(model, fit_task, states.subset(fit_rows), progress, checkpointing)
+        release_freed_memory()  # the training passes' blocks, before the branch's arrays
+        index = task.label_index()
+        branch, chosen = lexical.fit(
+            [states.ids[i] for i in fit_rows], [index[task.train[i].label] for i in fit_rows],
+            [states.ids[i] for i in val_rows], [index[task.train[i].label] for i in val_rows],
+            self._logits(model, task.name, states.subset(val_rows)), len(task.labels),
+            model.special_ids)
+        if branch is not None:
+            model.lexical[task.name] = branch
+        stats["lexical"] = chosen
+        return stats
+
+    @torch.inference_mode()
+    def _logits(self, model, task: str, states) -> torch.Tensor:
+        """(N, C) head logits of the texts of `states` under `task`, as prediction runs them."""
+        out = torch.empty(len(states), model.heads.heads[task].out_features)
+        for rows in length_batches(states.lengths, max_tokens=model.pass_tokens):
+            pooled = model.top_pooled(states.batch(rows), [task] * len(rows))
+            out[rows] = torch.stack(self.head_logits(model, pooled, [task] * len(rows))).float().cpu()
+        return out
 
     def adapter_key(self, task: str) -> str:
         return task
@@ -33,18 +88,24 @@ class IA3Method(GradientMethod):
             model.adapter.remove(task)
         if task in model.heads:
             model.heads.remove(task)
+        model.lexical.pop(task, None)
 
     def task_tensors(self, model, task: str) -> dict[str, torch.Tensor]:
         tensors = {ADAPTER + k: v for k, v in model.adapter.state_of(task).items()}
         head = model.heads.heads[task]
         tensors[HEAD + "weight"] = head.weight.detach().cpu()
         tensors[HEAD + "bias"] = head.bias.detach().cpu()
+        if task in model.lexical:
+            tensors.update(model.lexical[task].tensors())
         return tensors
 
     def load_task_tensors(self, model, task: str, labels, tensors) -> None:
         adapter = {k[len(ADAPTER):]: v for k, v in tensors.items() if k.startswith(ADAPTER)}
         model.adapter.load_state_of(task, adapter)
         load_head(model, task, labels, tensors)
+        branch = lexical.LexicalBranch.from_tensors(tensors)
+        if branch is not None:
+            model.lexical[task] = branch
 
 
 def load_head(model, task: str, labels, tensors: dict[str, torch.Tensor]) -> None:

@@ -19,6 +19,7 @@ import torch
 from ..training.precision import training_autocast, uses_bf16
 from .backbone import Backbone
 from .heads import TaskHeads
+from .lexical import LexicalBranch, fuse
 from .scaling import IA3
 from .trunk import TopInput, TrunkStates
 
@@ -48,6 +49,9 @@ class AdaptedModel:
             self.adapter.in_activation_dtype = True
             self.pass_tokens = PASS_TOKENS
         self.heads = TaskHeads(backbone.hidden_size)
+        # Per task, optionally: a bag of token n-grams fused with the head (see lexical.py).
+        self.lexical: dict[str, LexicalBranch] = {}
+        self.special_ids = frozenset(backbone.tokenizer.all_special_ids)
 
     @property
     def device(self) -> torch.device:
@@ -103,3 +107,19 @@ class AdaptedModel:
         if any(k is None for k in keys):
             raise ValueError("cannot mix adapter-free and adapted tasks in one batch")
         self.adapter.route(list(keys))
+
+    def fused_logits(self, tasks: Sequence[str], ids: Sequence[Sequence[int]],
+                     logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each row's head logits, fused with its task's lexical branch where it has one
+        (`ids`: the rows' token ids). Rows of tasks without a branch keep their logits."""
+        out = list(logits)
+        for task in dict.fromkeys(tasks):
+            branch = self.lexical.get(task)
+            if branch is None:
+                continue
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            neural = torch.stack([out[i].float() for i in rows])  # (R, C)
+            fused = fuse(neural.cpu(), branch.log_probs([ids[i] for i in rows], self.special_ids), branch.mix)
+            for i, row in zip(rows, fused.to(neural.device)):
+                out[i] = row
+        return out

@@ -123,6 +123,17 @@ class TrunkStates:
                             self._states[offset : offset + n] = hidden[row, :n].to("cpu", self.store_dtype)
         self.features = features
 
+    def subset(self, rows: Sequence[int]) -> "TrunkStates":
+        """These states for the texts `rows` only (in that order), sharing the storage."""
+        out = object.__new__(TrunkStates)
+        out.backbone, out.trunk_layers = self.backbone, self.trunk_layers
+        out._autocast, out.store_dtype = self._autocast, self.store_dtype
+        out.ids = [self.ids[i] for i in rows]
+        out.features = None if self.features is None else self.features[list(rows)]
+        out._states = self._states
+        out._offsets = [self._offsets[i] for i in rows]
+        return out
+
     def drop_stored(self) -> None:
         """Free the stored trunk output (`features` stay); batches compute it again."""
         self._states = None

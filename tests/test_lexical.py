@@ -1,0 +1,78 @@
+"""The lexical branch: chosen on a validation split, isolated per task, saved and loaded."""
+
+import random
+
+import torch
+
+from continual_transformer import ContinualLearner
+from continual_transformer.config import TrainConfig
+from continual_transformer.methods import make_method
+from continual_transformer.model import lexical
+from continual_transformer.types import Example, Task
+
+
+def _word_task(name: str, seed: int, n: int = 240) -> Task:
+    # The label is decided by one word among common ones: a bag of words sees it at once.
+    rng = random.Random(seed)
+    cue = {"red": ["crimson", "scarlet", "ruby"], "blue": ["azure", "cobalt", "navy"],
+           "green": ["emerald", "olive", "jade"]}
+    filler = "the a of to and in is it that was for on are with as".split()
+
+    def example(label: str) -> Example:
+        words = rng.sample(filler, 6) + [rng.choice(cue[label])]
+        rng.shuffle(words)
+        return Example(" ".join(words), label)
+
+    labels = tuple(cue)
+    train = tuple(example(labels[i % 3]) for i in range(n))
+    test = tuple(example(labels[i % 3]) for i in range(60))
+    return Task(name, labels, train, test)
+
+
+def _learner(tiny_config, lexical_on=True):
+    torch.manual_seed(0)
+    method = make_method("ia3", {"train": TrainConfig(epochs=1, precision="fp32").to_dict(),
+                                 "lexical": lexical_on})
+    return ContinualLearner(tiny_config, method=method, device="cpu")
+
+
+def test_branch_is_chosen_on_validation_and_lifts_a_word_task(tiny_config, tmp_path):
+    learner = _learner(tiny_config)
+    task = _word_task("colours", 0)
+    record = learner.learn(task)
+    chosen = record.stats["lexical"]
+    assert chosen["validation_texts"] == 36  # 15 % of 240, stratified
+    assert chosen["mix"] > 0 and "colours" in learner.model.lexical
+    assert record.stats["steps"] == -(-204 // TrainConfig().batch_size)  # the scales saw 204 texts
+    assert learner.evaluate(task) >= 0.95  # a random tiny encoder alone is near chance here
+    branch = learner.model.lexical["colours"]
+    assert branch.columns.dtype == torch.int32 and len(branch.columns) <= lexical.COLUMNS
+    assert learner.footprint("colours")["lexical_bytes"] == branch.nbytes()
+    assert record.bytes_added > branch.nbytes()
+
+    texts = [e.text for e in task.test]
+    before = learner.predict(texts, task="colours")
+    learner.save(tmp_path / "m")
+    loaded = ContinualLearner.load(tmp_path / "m")
+    assert [p.probabilities for p in loaded.predict(texts, task="colours")] == [p.probabilities for p in before]
+
+    # Isolation: a second task with a branch of its own changes nothing of the first.
+    learner.learn(_word_task("colours_again", 1))
+    assert [p.probabilities for p in learner.predict(texts, task="colours")] == [p.probabilities for p in before]
+    learner.delete("colours")
+    assert "colours" not in learner.model.lexical and "colours_again" in learner.model.lexical
+
+
+def test_without_the_branch_every_training_text_trains_the_scales(tiny_config):
+    learner = _learner(tiny_config, lexical_on=False)
+    record = learner.learn(_word_task("colours", 0))
+    assert record.stats["lexical"] is None and not learner.model.lexical
+    assert record.stats["steps"] == -(-240 // TrainConfig().batch_size)
+
+
+def test_fusion_mixes_log_probabilities():
+    neural = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    words = torch.log(torch.tensor([[0.1, 0.9], [0.1, 0.9]]))
+    fused = lexical.fuse(neural, words, 0.5)
+    assert fused.argmax(1).tolist() == [1, 1]  # words win the first row: 0.9 vs a 2-logit margin
+    assert torch.equal(lexical.fuse(neural, words, 0.0).argmax(1), neural.argmax(1))
