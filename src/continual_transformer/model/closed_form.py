@@ -95,10 +95,13 @@ class AnalyticClassifier:
         if len(X) != len(y):
             raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
         phi = self.features(X)  # (n, D)
-        gram = phi.T @ phi
+        gram = (phi.T @ phi).triu_()  # (D, D), 32 MB at D = 2048: no further copies of it
         # Mirror the upper triangle so the matrix is exactly symmetric: a save stores only that
         # triangle, and a loaded (or merged) model must give the very same numbers.
-        self.gram_ += torch.triu(gram) + torch.triu(gram, 1).T
+        self.gram_ += gram
+        gram.diagonal().zero_()
+        self.gram_ += gram.T
+        del gram
         new = [c for c in dict.fromkeys(y) if c not in self.classes_]
         if new:
             D = self.gram_.shape[0]

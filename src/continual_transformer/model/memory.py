@@ -13,6 +13,13 @@ few MB. Two things grew, neither of them tensors:
 - Freed memory the allocator keeps. glibc keeps freed blocks for reuse; after a phase with
   large activations (training, evaluation) hundreds of MB of free blocks stay in the process.
   `release_freed_memory` hands them back; it takes milliseconds and runs between phases.
+  glibc also raises its threshold for serving a block from its own mapping (instead of the
+  heap) up to 32 MB as large blocks are freed, so the 20-30 MB arrays of the router and the
+  lexical branch end up in the heap and fragment it; `MMAP_THRESHOLD` fixes the threshold at
+  8 MB (measured on the bundled stream: peak 1,039 -> 976 MiB, time +3 %; 4 MB gave 952 MiB at
+  +5 %).
+
+`limit_process_memory` applies both; loading a backbone calls it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,18 @@ import time
 # use; 64 costs at most ~100 MB.
 KERNEL_CACHE_ENTRIES = 64
 KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+MMAP_THRESHOLD = 8 * 2**20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def limit_process_memory() -> None:
+    """Bound the kernel caches and fix glibc's mmap threshold (each unless the user set it)."""
+    bound_kernel_caches()
+    libc = _glibc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
