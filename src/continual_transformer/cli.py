@@ -568,6 +568,11 @@ def export(
         _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
     files = ", ".join(sorted(p.name for p in written.iterdir()))
     console.print(f"wrote {written}: {files} ({kind}; tasks {tasks})", highlight=False)
+    lexical = [name for name in tasks if name in learner.model.lexical]
+    if lexical:
+        console.print(f"note: {lexical} also have a lexical branch, which the export does not "
+                      "hold: the exported graph gives their neural answers, not `ctt predict`'s "
+                      "fused ones", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -284,7 +284,9 @@ class ContinualLearner:
         return tasks, out  # type: ignore[return-value]
 
     def logits(self, texts: Sequence[str], task: str | Sequence[str]) -> list[torch.Tensor]:
-        """Logits for each text under its task (one name for all, or one per text)."""
+        """The scores `predict` takes the softmax of, for each text under its task (one name
+        for all, or one per text): the head's logits, fused with the task's lexical branch
+        where it has one (`model/lexical.py`)."""
         row_tasks = self._row_tasks(texts, task)
         return self._run(self.backbone.tokenize(list(texts)), row_tasks)[1]
 
