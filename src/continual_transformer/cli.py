@@ -491,11 +491,13 @@ def tasks(model: Path = typer.Argument(..., help="Model directory.")):
     except _user_errors() as exc:
         _fail(str(exc))
     table = Table(title=f"{model}: method {manifest['method']['name']}, backbone {manifest['backbone']['name']}")
-    for column in ("task", "labels", "scale params", "head params", "learned at"):
+    for column in ("task", "labels", "scale params", "head params", "lexical mix", "bytes", "learned at"):
         table.add_column(column)
     for t in manifest["tasks"]:
+        lexical = (t.get("stats") or {}).get("lexical")
+        mix = "-" if not lexical else f"{lexical['mix']:g}"
         table.add_row(t["name"], ", ".join(t["labels"]), f"{t['adapter_parameters']:,}",
-                      f"{t['head_parameters']:,}", t["learned_at"])
+                      f"{t['head_parameters']:,}", mix, f"{t['bytes_added']:,}", t["learned_at"])
     console.print(table)
 
 
