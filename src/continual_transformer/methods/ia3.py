@@ -63,7 +63,8 @@ class IA3Method(GradientMethod):
 
     @torch.inference_mode()
     def _logits(self, model, task: str, states) -> torch.Tensor:
-        """(N, C) head logits of the texts of `states` under `task`, as prediction runs them."""
+        """(N, C) head logits of the texts of `states` under `task`, in float32 as predictions
+        are (with the training passes' attention kernels: equal up to rounding)."""
         out = torch.empty(len(states), model.heads.heads[task].out_features)
         for rows in length_batches(states.lengths, max_tokens=model.pass_tokens):
             pooled = model.top_pooled(states.batch(rows), [task] * len(rows))
