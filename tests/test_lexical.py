@@ -76,3 +76,32 @@ def test_fusion_mixes_log_probabilities():
     fused = lexical.fuse(neural, words, 0.5)
     assert fused.argmax(1).tolist() == [1, 1]  # words win the first row: 0.9 vs a 2-logit margin
     assert torch.equal(lexical.fuse(neural, words, 0.0).argmax(1), neural.argmax(1))
+
+
+def test_cli_turns_the_branch_off_and_refuses_it_for_other_methods(tmp_path, tiny_backbone_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from continual_transformer.cli import app
+
+    stream = tmp_path / "s.jsonl"
+    task = _word_task("colours", 0, n=240)
+    with stream.open("w") as f:
+        for split, examples in (("train", task.train), ("test", task.test)):
+            for e in examples:
+                f.write(json.dumps({"task": "colours", "split": split, "text": e.text, "label": e.label}) + "\n")
+    common = [str(stream), "--backbone", str(tiny_backbone_dir), "--epochs", "1", "--precision", "fp32"]
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", *common, "--out", str(tmp_path / "off"), "--no-lexical"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "off" / "report.json").read_text())
+    assert report["per_task"][0]["train_stats"]["lexical"] is None
+    assert report["per_task"][0]["lexical_bytes"] == 0
+    result = runner.invoke(app, ["run", *common, "--out", str(tmp_path / "on")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "on" / "report.json").read_text())
+    assert report["per_task"][0]["lexical_bytes"] > 0
+    result = runner.invoke(app, ["run", *common, "--out", str(tmp_path / "x"), "--method", "ewc",
+                                 "--no-lexical"])
+    assert result.exit_code == 2 and "applies to method 'ia3', not 'ewc'" in " ".join(result.output.split())

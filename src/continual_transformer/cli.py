@@ -125,6 +125,7 @@ def run(
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
     precision: Optional[str] = typer.Option(None, help="Training precision: auto (bf16 where the hardware has it), fp32 or bf16."),
     adapt_layers: Optional[str] = typer.Option(None, help="Top layers that carry each task's scales (a number or 'all'); the layers below are a shared trunk run once per text [default: 3]."),
+    lexical: Optional[bool] = typer.Option(None, "--lexical/--no-lexical", help="ia3: learn a lexical branch per task, weighed on a validation split held out from training [default: on]."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same numbers [default: 0]."),
     backbone: Optional[str] = typer.Option(None, help="'default' (MiniLM-L6), a model folder or a hub id [default: default]."),
@@ -174,6 +175,9 @@ def run(
         config = BackboneConfig(backbone, max_length=max_length)
         torch.manual_seed(seed)
         adapt_layers = _adapt_layers(given(adapt_layers, "adapt_layers", None))
+        lexical = given(lexical, "lexical", None)
+        if lexical is not None and method != "ia3":
+            raise ValueError(f"--lexical/--no-lexical applies to method 'ia3', not {method!r}")
         if method == "analytic":
             if overrides or adapt_layers is not None:
                 raise ValueError(f"method 'analytic' is not trained by gradient; "
@@ -183,7 +187,8 @@ def run(
             spec = LearnerSpec(config, "analytic", {"seed": seed})
         else:
             train = TrainConfig.from_dict({**(saved.get("train") or {}), **overrides, "seed": seed})
-            spec = LearnerSpec(config, method, {"train": train.to_dict(), "adapt_layers": adapt_layers})
+            spec = LearnerSpec(config, method, {"train": train.to_dict(), "adapt_layers": adapt_layers,
+                                                **({"lexical": lexical} if lexical is not None else {})})
         learner = ContinualLearner.from_spec(spec, device=device)
     except _user_errors() as exc:
         _fail(str(exc))
@@ -195,6 +200,7 @@ def run(
     run_config = {"stream": str(Path(stream).resolve()), "data": data.to_dict(),
                   "method": method, "seed": seed,
                   "adapt_layers": adapt_layers,
+                  **({"lexical": lexical} if lexical is not None else {}),  # runs saved before it resume
                   "max_train": max_train, "train": train.to_dict() if train else None,
                   "backbone": backbone, "max_length": max_length, "device": device,
                   "save_every": save_every, "stream_summary": describe(tasks)}
