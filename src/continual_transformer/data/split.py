@@ -18,14 +18,10 @@ def hold_out_test(task: Task, fraction: float, seed: int, source: str) -> Task:
     order). `source` names the file in the message when the task is too small to split."""
     if not 0 < fraction < 1:
         raise ValueError(f"test fraction must be between 0 and 1 (exclusive), got {fraction!r}")
-    positions: dict[str, list[int]] = {label: [] for label in task.labels}
-    for i, example in enumerate(task.train):
-        positions[example.label].append(i)
-    capacity = len(task.train) - len(task.labels)  # each label keeps one train example
-    if capacity < 1:
+    if len(task.train) - len(task.labels) < 1:  # each label keeps one train example
         raise StreamError(f"{source}: task {task.name!r} has {len(task.train)} examples for "
                           f"{len(task.labels)} labels: too few to hold out a test split")
-    test_positions = _draw(task, positions, fraction, seed, capacity)
+    test_positions = held_out_positions(task, fraction, seed)
     train = tuple(e for i, e in enumerate(task.train) if i not in test_positions)
     test = tuple(e for i, e in enumerate(task.train) if i in test_positions)
     return Task(task.name, task.labels, train, test)
@@ -38,11 +34,8 @@ def held_out_positions(task: Task, fraction: float, seed: int) -> set[int]:
     for i, example in enumerate(task.train):
         positions[example.label].append(i)
     capacity = len(task.train) - len(task.labels)
-    return _draw(task, positions, fraction, seed, capacity) if capacity >= 1 else set()
-
-
-def _draw(task: Task, positions: dict[str, list[int]], fraction: float, seed: int,
-          capacity: int) -> set[int]:
+    if capacity < 1:
+        return set()
     target = min(max(1, round(fraction * len(task.train))), capacity)
     taken = _allocate({label: len(p) for label, p in positions.items()}, fraction, target)
     drawn: set[int] = set()

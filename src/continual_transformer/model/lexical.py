@@ -58,6 +58,15 @@ class _Rows:
         self.col = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.int64)
         self.tf = np.concatenate([v for _, v in parts]) if parts else np.zeros(0)
 
+    def __add__(self, other: "_Rows") -> "_Rows":
+        """The rows of `self`, then those of `other` (no text hashed again)."""
+        out = object.__new__(_Rows)
+        out.n = self.n + other.n
+        out.row = np.concatenate([self.row, other.row + self.n])
+        out.col = np.concatenate([self.col, other.col])
+        out.tf = np.concatenate([self.tf, other.tf])
+        return out
+
     def dense(self, columns: np.ndarray, idf: np.ndarray) -> torch.Tensor:
         """(n, K) tf x idf on the kept `columns` (sorted), each row L2-normalised."""
         position = np.searchsorted(columns, self.col)
@@ -79,9 +88,12 @@ class LexicalBranch:
     bias: torch.Tensor  # (C,) float32
     mix: float
 
+    def __post_init__(self) -> None:
+        self._columns = self.columns.numpy().astype(np.int64)  # searched on every prediction
+
     def log_probs(self, ids_rows: Sequence[Sequence[int]], skip: frozenset[int]) -> torch.Tensor:
         """(N, C) log-probabilities of the task's labels from the words alone."""
-        x = _Rows(ids_rows, skip).dense(self.columns.numpy().astype(np.int64), self.idf.numpy())
+        x = _Rows(ids_rows, skip).dense(self._columns, self.idf.numpy())
         return torch.log_softmax(x @ self.weight.float().T + self.bias, dim=-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -105,10 +117,12 @@ def fuse(neural_logits: torch.Tensor, lexical_log_probs: torch.Tensor, mix: floa
     return (1 - mix) * torch.log_softmax(neural_logits.float(), dim=-1) + mix * lexical_log_probs
 
 
-def _idf(rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
-    """(columns seen, smooth idf) over the training texts."""
-    columns, df = np.unique(rows.col, return_counts=True)
-    return columns, np.log((1 + rows.n) / (1 + df)) + 1.0
+def _select(rows: _Rows, y: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept columns, their smooth idf): the `COLUMNS` of the highest chi-squared score."""
+    seen, df = np.unique(rows.col, return_counts=True)
+    idf = np.log((1 + rows.n) / (1 + df)) + 1.0
+    columns = _chi2_top(rows, y, n_labels, seen, idf)
+    return columns, idf[np.searchsorted(seen, columns)]
 
 
 def _chi2_top(rows: _Rows, y: np.ndarray, n_labels: int, columns: np.ndarray, idf: np.ndarray) -> np.ndarray:
@@ -164,9 +178,7 @@ def fit(
     """
     fit_rows, val_rows = _Rows(fit_ids, skip), _Rows(val_ids, skip)
     y_fit, y_val = np.asarray(fit_y), torch.tensor(list(val_y))
-    seen, idf = _idf(fit_rows)
-    columns = _chi2_top(fit_rows, y_fit, n_labels, seen, idf)
-    idf_kept = idf[np.searchsorted(seen, columns)]
+    columns, idf_kept = _select(fit_rows, y_fit, n_labels)
     x_fit, x_val = fit_rows.dense(columns, idf_kept), val_rows.dense(columns, idf_kept)
     best, tried = None, []
     for c in C_GRID:
@@ -184,12 +196,9 @@ def fit(
     if mix == 0.0:
         return None, chosen
     # Refit on every training text with the chosen settings.
-    all_ids = list(fit_ids) + list(val_ids)
     all_y = np.concatenate([y_fit, np.asarray(val_y)])
-    rows = _Rows(all_ids, skip)
-    seen, idf = _idf(rows)
-    columns = _chi2_top(rows, all_y, n_labels, seen, idf)
-    idf_kept = idf[np.searchsorted(seen, columns)]
+    rows = fit_rows + val_rows
+    columns, idf_kept = _select(rows, all_y, n_labels)
     weight, bias = _logistic(rows.dense(columns, idf_kept), torch.from_numpy(all_y), n_labels, c)
     branch = LexicalBranch(torch.from_numpy(columns.astype(np.int32)),
                            torch.from_numpy(idf_kept.astype(np.float32)),
