@@ -17,6 +17,7 @@ import torch
 from .. import __version__
 from ..io.runstate import RunState
 from ..learner import ContinualLearner
+from ..model.backbone import Backbone
 from . import metrics
 
 # Report fields that measure time or memory: they differ between any two runs.
@@ -102,8 +103,8 @@ def stream_report(state: RunState, learner: ContinualLearner, names: list[str], 
     })
     return {
         "tasks": names,
-        "accuracy_matrix": _matrix_json(R),
-        "task_free_accuracy_matrix": _matrix_json(F),
+        "accuracy_matrix": matrix_json(R),
+        "task_free_accuracy_matrix": matrix_json(F),
         "routing": _routing_json(names, routing, confusion),
         "metrics": summary,
         "fwt_reference": reference_text,
@@ -130,8 +131,8 @@ def joint_report(names: list[str], R: np.ndarray, F: np.ndarray, confusion: np.n
     }
     return {
         "tasks": names,
-        "accuracy_matrix": _matrix_json(R),
-        "task_free_accuracy_matrix": _matrix_json(F),
+        "accuracy_matrix": matrix_json(R),
+        "task_free_accuracy_matrix": matrix_json(F),
         "matrix_note": JOINT_MATRIX,
         "routing": _routing_json(names, routing, confusion),
         "metrics": summary,
@@ -145,7 +146,8 @@ def joint_report(names: list[str], R: np.ndarray, F: np.ndarray, confusion: np.n
     }
 
 
-def _matrix_json(M: np.ndarray) -> list[list[float | None]]:
+def matrix_json(M: np.ndarray) -> list[list[float | None]]:
+    """A matrix as JSON lists, NaN (not defined) as null."""
     return [[None if np.isnan(v) else float(v) for v in row] for row in M]
 
 
@@ -155,25 +157,32 @@ def _routing_json(names: list[str], routing: dict, confusion: np.ndarray) -> dic
             "confusion_axes": "rows: true task, columns: routed task (final model)"}
 
 
+def backbone_json(backbone: Backbone) -> dict:
+    """The report's description of a backbone: where it comes from, its size, its settings."""
+    return {**backbone.ref.to_dict(), "parameters": backbone.num_parameters(),
+            "config": backbone.config.to_dict()}
+
+
 def _model_fields(learner: ContinualLearner) -> dict:
     """The report's description of the model that produced it."""
     return {
         "shared_state_numbers": learner.shared_state_numbers(),
-        "backbone": {**learner.backbone.ref.to_dict(), "parameters": learner.backbone_parameters,
-                     "config": learner.backbone.config.to_dict()},
+        "backbone": backbone_json(learner.backbone),
         "method": {"name": learner.method.name, "hyperparameters": learner.method.hyperparameters()},
         "device": str(learner.device),
     }
 
 
-def write_outputs(out: Path, report: dict, R: np.ndarray, F: np.ndarray, title: str) -> None:
-    """report.json (atomically) and the two heatmaps."""
+def write_outputs(out: Path, report: dict, R: np.ndarray, F: np.ndarray | None, title: str) -> None:
+    """report.json (atomically) and the two heatmaps (one without `F`: no task-free answers)."""
     from ..io import store
     from .plots import write_heatmap
 
     names, method = report["tasks"], report["method"]["name"]
     store.atomic_write(out / "report.json", json.dumps(report, indent=2, default=json_default).encode())
     write_heatmap(R, names, out / "accuracy_matrix.png", f"{method}: {title}")
+    if F is None:
+        return
     write_heatmap(F, names, out / "task_free_accuracy_matrix.png",
                   f"{method}: task-free accuracy (task predicted, not given)")
 
