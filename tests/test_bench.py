@@ -25,6 +25,7 @@ def test_bench_in_process_compares_every_method(tiny_backbone_dir, toy_stream, t
     rows = {r["method"]: r for r in bench["methods"]}
     assert list(rows) == list(DEFAULT_METHODS)
     assert rows["ia3"]["bwt"] == 0.0 and rows["ia3"]["forgetting"] == 0.0
+    assert rows["tfidf"]["bwt"] == 0.0 and rows["tfidf"]["task_free_acc"] is None
     assert rows["joint"]["bwt"] is None and rows["joint"]["first_task_accuracy"][0] is None
     assert rows["finetune"]["shared_numbers"] == 2 * (32 + 32 + 64)
     assert rows["ewc"]["shared_numbers"] == 3 * 2 * (32 + 32 + 64)  # entry, Fisher, anchor
@@ -34,8 +35,8 @@ def test_bench_in_process_compares_every_method(tiny_backbone_dir, toy_stream, t
     assert all(0 <= r["acc"] <= 1 and r["train_seconds"] >= 0 for r in rows.values())
     # progress arrived for every method, task and step
     kinds = [c[0] for c in events.calls]
-    assert kinds.count("method_started") == 7 and kinds.count("method_finished") == 7
-    assert kinds.count("task_finished") == 6 * 2 + 1 and "train_step" in kinds
+    assert kinds.count("method_started") == 8 and kinds.count("method_finished") == 8
+    assert kinds.count("task_finished") == 7 * 2 + 1 and "train_step" in kinds
     out = tmp_path / "bench"
     saved = json.loads((out / "bench.json").read_text())
     assert [r["method"] for r in saved["methods"]] == list(DEFAULT_METHODS)

@@ -358,8 +358,10 @@ def bench(
     split_column: Optional[str] = _SPLIT_COLUMN,
     task_name: Optional[str] = _TASK_NAME,
     test_fraction: Optional[float] = _TEST_FRACTION,
-    methods: str = typer.Option("ia3,analytic,finetune,ewc,lwf,replay,joint",
-                                help="Comma-separated methods to compare."),
+    methods: str = typer.Option("ia3,analytic,finetune,ewc,lwf,replay,joint,tfidf",
+                                help="Comma-separated methods to compare; besides the continual "
+                                     "methods, the reference rows tfidf, independent (the whole "
+                                     "backbone fine-tuned per task) and lora (per-task LoRA)."),
     out: Path = typer.Option(Path("runs/bench"), help="Output directory."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per task, for every gradient method."),
     adapt_layers: Optional[str] = typer.Option(None, help="Top layers with scales, for every gradient method (a number or 'all') [default: 3]."),
@@ -375,7 +377,7 @@ def bench(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI [default: ./mlruns, SQLite + files] or TensorBoard log folder [default: OUT/tensorboard]."),
 ):
     """Run every method on the same stream, backbone, seed and epochs; write a comparison."""
-    from .experiment.bench import BenchConfig, BenchError, run_bench, table_rows
+    from .experiment.bench import BenchConfig, BenchError, run_bench, table_rows, task_rows
 
     try:
         config = BenchConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
@@ -414,13 +416,14 @@ def bench(
                 events.close(ok=result is not None)
             else:  # the bench failed before it began
                 tracker.end(ok=False)
-    header, rows = table_rows(result)
-    table = Table(title=f"bench: {len(result['tasks'])} tasks, seed {seed}", title_justify="left")
-    for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    for title, (header, rows) in ((f"bench: {len(result['tasks'])} tasks, seed {seed}", table_rows(result)),
+                                  ("accuracy on each task after the last one (%)", task_rows(result))):
+        table = Table(title=title, title_justify="left")
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench_final_accuracy.png'}, "
                   f"{out / 'bench_accuracy_matrices.png'}, {out / 'bench_first_task.png'}")
 

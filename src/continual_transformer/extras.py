@@ -1,5 +1,5 @@
-"""Optional engines (MLflow, TensorBoard, PEFT, ONNX, pyarrow, datasets): imported only where
-used, and a missing one says which extra installs it."""
+"""Optional engines (MLflow, TensorBoard, PEFT, scikit-learn, ONNX, pyarrow, datasets): imported
+only where used, and a missing one says which extra installs it."""
 
 from __future__ import annotations
 

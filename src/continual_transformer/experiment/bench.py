@@ -8,6 +8,10 @@
     DIR/bench_first_task.png          accuracy on the first task after each task, per method
     DIR/<method>/                     that method's own run: report.json, heatmaps, model
 
+Besides the continual methods, the bench runs reference rows (references.py: `tfidf`,
+`independent`, `lora`): a separate model per task, the floor and ceilings to measure against,
+on the same tasks, splits and seed, with reports of the same shape.
+
 Each method runs in a fresh Python process, so the peak resident memory reported for it is its own
 (a process's peak never goes down: measured in one process, every method after the largest
 would report the largest). The processes run one after another, never side by side, so their
@@ -24,8 +28,16 @@ from pathlib import Path
 from ..data.source import ReadOptions
 from .workers import Send, Worker, WorkerDied, WorkerFailed
 
-DEFAULT_METHODS = ("ia3", "analytic", "finetune", "ewc", "lwf", "replay", "joint")
+DEFAULT_METHODS = ("ia3", "analytic", "finetune", "ewc", "lwf", "replay", "joint", "tfidf")
 JOINT = "joint"
+
+
+def known_methods() -> list[str]:
+    """Every name `ctt bench` runs: the continual methods, then the reference rows."""
+    from ..methods import METHODS
+    from .references import REFERENCES
+
+    return [*METHODS, *REFERENCES]
 
 
 class BenchError(RuntimeError):
@@ -50,15 +62,14 @@ class BenchConfig:
     hyperparameters: dict = field(default_factory=dict)  # method -> overrides, e.g. {"ewc": {...}}
 
     def __post_init__(self) -> None:
-        from ..methods import METHODS
-
         if isinstance(self.data, dict):  # as to_dict() wrote it, e.g. into a method's process
             object.__setattr__(self, "data", ReadOptions.from_dict(self.data))
         if not self.methods:
             raise ValueError("methods must name at least one method")
-        unknown = [m for m in self.methods if m not in METHODS]
+        known = known_methods()
+        unknown = [m for m in self.methods if m not in known]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(known)}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must not repeat, got {list(self.methods)}")
         if self.epochs is not None and self.epochs < 1:
@@ -109,10 +120,14 @@ def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None =
     again (a long bench that was interrupted goes on where it stopped).
     """
     from ..data.stream import describe
+    from .references import REFERENCES
 
     events = events or BenchEvents()
     out = Path(out)
     tasks = load_tasks(config)  # validates the stream before anything trains
+    for name in config.methods:  # a missing optional package fails now, not after hours
+        if name in REFERENCES:
+            REFERENCES[name].require()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     started = time.perf_counter()
@@ -133,7 +148,9 @@ def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None =
         row = summarize(method, report, result)
         rows.append(row)
         events.method_finished(method, row)
-    first = json.loads((out / config.methods[0] / "report.json").read_text())
+    reports = [json.loads((out / m / "report.json").read_text()) for m in config.methods]
+    # tfidf has no backbone: the description comes from the first row that has one
+    first = next((r for r in reports if r["backbone"] is not None), reports[0])
     bench = {
         "tasks": [t.name for t in tasks],
         "stream": str(config.stream or "default"),
@@ -179,7 +196,8 @@ NOTES = {
     "task_free_acc": "task-free ACC: as ACC, with the task not given: a row counts only if "
                      "routed to its own task (the router, or analytic's own classifier)",
     "bytes_per_task": "footprint per task: bytes a task adds (its own scale vectors, head, "
-                      "router statistics, or analytic's class columns), mean over tasks",
+                      "router statistics, or analytic's class columns; for the reference rows, "
+                      "the task's own model: see references)",
     "shared_numbers": "shared: numbers the method keeps for all tasks (the baselines' shared "
                       "scale entry; ewc adds Fisher and anchor; analytic its statistics); "
                       "replay also keeps its buffer of texts. The router's shared statistics are "
@@ -187,6 +205,12 @@ NOTES = {
     "train_seconds": "train s: time spent learning tasks; total s: the whole run with "
                      "evaluation after every task",
     "peak_rss_mb": "peak RSS: peak resident memory of the method's own process (MiB)",
+    "references": "tfidf, independent, lora: reference rows, a separate model per task (TF-IDF + "
+                  "logistic regression; the whole backbone fine-tuned; LoRA adapters through "
+                  "peft), each with its own head; nothing shared, so BWT is 0 by construction; "
+                  "they need the task id (task-free n/a). Footprint: independent every encoder "
+                  "parameter + head, lora the adapter matrices + head (float32); tfidf the "
+                  "vocabularies (UTF-8 terms + 4-byte indices), idf and coefficients (float64)",
     "joint": "joint trains once on all tasks: only its accuracy after all tasks exists, so BWT "
              "and forgetting do not apply (n/a)",
 }
@@ -214,6 +238,7 @@ def summarize(method: str, report: dict, result: dict) -> dict:
         "hyperparameters": report["method"]["hyperparameters"],
         "accuracy_matrix": R,
         "first_task_accuracy": [row[0] for row in R],
+        "final_accuracy": R[-1],
     }
 
 
@@ -230,37 +255,56 @@ def table_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([
             r["method"], format_figure(r["acc"], ".1f", 100), format_figure(r["bwt"], "+.1f", 100),
             format_figure(r["forgetting"], ".1f", 100), format_figure(r["task_free_acc"], ".1f", 100),
-            f"{r['bytes_per_task'] / 1024:.1f}", f"{r['shared_numbers']:,}",
+            f"{r['bytes_per_task'] / 1024:,.1f}", f"{r['shared_numbers']:,}",
             f"{r['train_seconds']:.0f}", f"{r['total_seconds']:.0f}",
             format_figure(r["peak_rss_mb"], ".0f"),
         ])
     return header, rows
 
 
+def task_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
+    """Each method's accuracy on each task after the last one (%), and their mean (ACC)."""
+    header = ["method", *bench["tasks"], "ACC %"]
+    rows = [[r["method"], *[format_figure(v, ".1f", 100) for v in r["final_accuracy"]],
+             format_figure(r["acc"], ".1f", 100)] for r in bench["methods"]]
+    return header, rows
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |",
+            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+            *["| " + " | ".join(row) + " |" for row in rows]]
+
+
 def markdown(bench: dict) -> str:
     config = bench["config"]
-    header, rows = table_rows(bench)
     epochs = config["epochs"] or "default (3)"
     train = "all" if config["max_train"] is None else f"at most {config['max_train']}"
+    backbone = bench["backbone"]["name"] if bench["backbone"] else "none (tfidf only)"
+    names = bench["tasks"]
+    first_task = [[r["method"], *[format_figure(v, ".1f", 100) for v in r["first_task_accuracy"]]]
+                  for r in bench["methods"]]
     lines = [
         f"# ctt bench: {len(bench['tasks'])} tasks ({', '.join(bench['tasks'])})",
         "",
-        f"Stream {bench['stream']}; backbone {bench['backbone']['name']}; device "
+        f"Stream {bench['stream']}; backbone {backbone}; device "
         f"{bench['device']}; seed {config['seed']}; epochs {epochs}; {train} training examples "
         f"per task; each method in its own process: {config['isolate']}.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+        *_markdown_table(*table_rows(bench)),
+        "",
+        "Accuracy on each task after the last one (%):",
+        "",
+        *_markdown_table(*task_rows(bench)),
+        "",
+        "Accuracy on the first task after each task (%):",
+        "",
+        *_markdown_table(["method", *[f"after {n}" for n in names]], first_task),
+        "",
+        "Notes:",
+        "",
+        *[f"- {text}" for text in bench["notes"].values()],
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "Accuracy on the first task after each task (%):", ""]
-    names = bench["tasks"]
-    lines.append("| method | " + " | ".join(f"after {n}" for n in names) + " |")
-    lines.append("|---|" + "---:|" * len(names))
-    for r in bench["methods"]:
-        cells = [format_figure(v, ".1f", 100) for v in r["first_task_accuracy"]]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    lines += ["", "Notes:", ""] + [f"- {text}" for text in bench["notes"].values()]
     return "\n".join(lines) + "\n"
 
 
@@ -276,6 +320,7 @@ def run_method(send: Send, spec: dict) -> dict:
     from ..config import BackboneConfig, LearnerSpec
     from ..learner import ContinualLearner
     from ..methods import METHODS, GradientMethod
+    from .references import REFERENCES, EncoderReference, make_reference, run_reference
     from .resources import peak_rss_mb
     from .run import RunEvents, run_joint, run_stream
 
@@ -284,15 +329,22 @@ def run_method(send: Send, spec: dict) -> dict:
     tasks = load_tasks(config)
     torch.manual_seed(config.seed)
     hyperparameters = dict(config.hyperparameters.get(name, {}))
-    if issubclass(METHODS[name], GradientMethod):
+    kind = REFERENCES[name] if name in REFERENCES else METHODS[name]
+    if issubclass(kind, (GradientMethod, EncoderReference)):
         train = {"seed": config.seed, **({"epochs": config.epochs} if config.epochs else {})}
         hyperparameters["train"] = {**train, **hyperparameters.get("train", {})}
-        hyperparameters.setdefault("adapt_layers", config.adapt_layers)
+        if issubclass(kind, GradientMethod):
+            hyperparameters.setdefault("adapt_layers", config.adapt_layers)
     else:
         hyperparameters.setdefault("seed", config.seed)
-    learner = ContinualLearner.from_spec(
-        LearnerSpec(BackboneConfig(config.backbone, max_length=config.max_length), name,
-                    hyperparameters), device=config.device)
+    backbone = BackboneConfig(config.backbone, max_length=config.max_length)
+    if name in REFERENCES:
+        model = make_reference(name, hyperparameters, backbone=backbone, device=config.device)
+        runner = run_reference
+    else:
+        model = ContinualLearner.from_spec(LearnerSpec(backbone, name, hyperparameters),
+                                           device=config.device)
+        runner = run_joint if name == JOINT else run_stream
 
     class Forward(RunEvents):
         def task_started(self, index, total, task):
@@ -308,10 +360,9 @@ def run_method(send: Send, spec: dict) -> dict:
             row = [None if v != v else float(v) for v in matrix[-1]]  # NaN -> None
             send("task_finished", name, index, row)
 
-    runner = run_joint if name == JOINT else run_stream
+    run_config = {"bench": config.to_dict(), "method": name, "hyperparameters": hyperparameters}
     start = time.perf_counter()
-    runner(tasks, learner, spec["out"], Forward(),
-           {"bench": config.to_dict(), "method": name, "hyperparameters": hyperparameters})
+    runner(tasks, model, spec["out"], Forward(), run_config)
     return {"wall_seconds": round(time.perf_counter() - start, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1) if config.isolate else None}
 
