@@ -152,8 +152,6 @@ class EncoderReference(Reference):
     """A copy of the backbone per task, partly or wholly trained, with a linear head on its pooled
     output (the product's pooling), trained by the product's loop, batched by its one path."""
 
-    requires = ()
-
     def __init__(self, *, backbone: BackboneConfig | None = None, device: str = "auto",
                  train: TrainConfig | None = None):
         from ..model.backbone import Backbone
