@@ -196,11 +196,11 @@ class GradientMethod(Method):
         self, model: "AdaptedModel", task: Task, states: TrunkStates,
         progress: Progress | None, checkpointing: Checkpointing | None = None,
         *, train: TrainConfig | None = None, top_layers: int | None = None,
-        on_epoch_end: Callable[[int], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> dict:
         """Learn the task with the method's `TrainConfig`, or `train` (a search's trial);
         `top_layers` limits training to the scales of that many top layers (None: all the
-        method adapts); `on_epoch_end` as in `training.loop.fit`."""
+        method adapts); `on_step` as in `training.loop.fit`."""
         train = train or self.train
         self.begin_task(model, task, states)
         index = task.label_index()
@@ -216,7 +216,7 @@ class GradientMethod(Method):
             self.param_groups(model, task, train, top_layers), batch_loss, len(states), train,
             task_seed(train.seed, task.name), progress, lengths=states.lengths,
             checkpointing=checkpointing, max_tokens=model.pass_tokens,
-            length_multiple=model.backbone.length_multiple, on_epoch_end=on_epoch_end,
+            length_multiple=model.backbone.length_multiple, on_step=on_step,
         )
         self.end_task(model, task, states)
         return result.stats()

@@ -26,6 +26,7 @@ ADAPTER = "adapter."
 HEAD = "head."
 VALIDATION_FRACTION = 0.15
 MIN_VALIDATION = 30
+REPORTS_PER_EPOCH = 3  # validation scores a search trial reports per epoch
 
 
 class IA3Method(GradientMethod):
@@ -96,7 +97,7 @@ class IA3Method(GradientMethod):
         def space(trial) -> dict:
             return {"lr": trial.suggest_float("lr", 3e-3, 1e-1, log=True),
                     "head_lr": trial.suggest_float("head_lr", 1e-2, 3e-1, log=True),
-                    "epochs": trial.suggest_int("epochs", 1, 2 * self.train.epochs),
+                    "epochs": trial.suggest_int("epochs", 1, self.train.epochs),
                     "top_layers": trial.suggest_int("top_layers", 1, depth)}
 
         def score(logits: torch.Tensor) -> tuple[float, dict | None]:
@@ -110,14 +111,20 @@ class IA3Method(GradientMethod):
         def evaluate(params: dict, report) -> float:
             train = replace(self.train, lr=params["lr"], head_lr=params["head_lr"],
                             epochs=params["epochs"])
+            checks = 0
 
-            def epoch_end(epoch: int) -> None:
-                report(epoch, score(self._logits(model, task.name, val_states))[0])
+            def on_step(step: int, steps_per_epoch: int) -> None:
+                # Scored REPORTS_PER_EPOCH times an epoch: the pruner may stop a trial after a
+                # fraction of one, which is what keeps a study's cost a few default runs.
+                nonlocal checks
+                every = max(1, steps_per_epoch // REPORTS_PER_EPOCH)
+                if step % every == 0 and step < steps_per_epoch * train.epochs:
+                    checks += 1
+                    report(checks, score(self._logits(model, task.name, val_states))[0])
 
             try:
                 stats = GradientMethod.learn(self, model, task, fit_states, progress, train=train,
-                                             top_layers=params["top_layers"],
-                                             on_epoch_end=epoch_end)
+                                             top_layers=params["top_layers"], on_step=on_step)
                 value, chosen = score(self._logits(model, task.name, val_states))
                 if not best or value > best["value"]:
                     best.update(value=value, chosen=chosen, stats=stats, params=params,
