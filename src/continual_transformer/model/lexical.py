@@ -212,19 +212,3 @@ class Candidates:
                              torch.from_numpy(idf_kept.astype(np.float32)),
                              weight.to(torch.float16), bias.float(), chosen["mix"])
 
-
-def fit(
-    fit_ids: Sequence[Sequence[int]], fit_y: Sequence[int], val_ids: Sequence[Sequence[int]],
-    val_y: Sequence[int], val_neural_logits: torch.Tensor, n_labels: int, skip: frozenset[int],
-) -> tuple[LexicalBranch | None, dict]:
-    """The branch for one task (None when mix 0 wins on validation) and what was chosen.
-
-    The regularisation and the mix are chosen by validation log-likelihood, with the
-    classifier fitted on the fit split; the kept branch is then refitted on fit + validation.
-    """
-    candidates = Candidates(fit_ids, fit_y, val_ids, val_y, n_labels, skip)
-    chosen = candidates.choose(val_neural_logits)
-    branch = candidates.branch(chosen)
-    if branch is not None:
-        chosen["bytes"] = branch.nbytes()
-    return branch, chosen
