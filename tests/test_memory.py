@@ -55,3 +55,16 @@ def test_rate_limited_release_runs_at_most_once_per_interval(monkeypatch):
     assert len(calls) == 1
     memory.release_freed_memory_at_most_every(0.0)
     assert len(calls) == 2
+
+
+def test_a_peak_window_forgets_an_earlier_high_but_the_process_peak_keeps_it():
+    from continual_transformer.experiment.resources import (peak_rss_mb, start_peak_window,
+                                                            window_peak_rss_mb)
+    import numpy as np
+
+    block = np.ones(300 * 2**20 // 8)  # 300 MiB touched, then freed
+    del block
+    process_peak = peak_rss_mb()
+    assert start_peak_window(), "Linux resets the high-water mark through /proc/self/clear_refs"
+    assert window_peak_rss_mb() < process_peak - 200
+    assert peak_rss_mb() >= process_peak

@@ -126,6 +126,8 @@ def run(
     precision: Optional[str] = typer.Option(None, help="Training precision: auto (bf16 where the hardware has it), fp32 or bf16."),
     adapt_layers: Optional[str] = typer.Option(None, help="Top layers that carry each task's scales (a number or 'all'); the layers below are a shared trunk run once per text [default: 3]."),
     lexical: Optional[bool] = typer.Option(None, "--lexical/--no-lexical", help="ia3: learn a lexical branch per task, weighed on a validation split held out from training [default: on]."),
+    search: Optional[int] = typer.Option(None, help="ia3: per task, an Optuna study of N trials over rates, epochs and adapted layers, scored on the validation split (extra: search) [default: off]."),
+    search_budget: Optional[float] = typer.Option(None, help="ia3 with --search: stop a task's study after this many seconds."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same numbers [default: 0]."),
     backbone: Optional[str] = typer.Option(None, help="'default' (MiniLM-L6), a model folder or a hub id [default: default]."),
@@ -178,6 +180,12 @@ def run(
         lexical = given(lexical, "lexical", None)
         if lexical is not None and method != "ia3":
             raise ValueError(f"--lexical/--no-lexical applies to method 'ia3', not {method!r}")
+        # Saved in the run's config only when given: runs saved before them resume unchanged.
+        searched = {k: v for k, v in {"search": given(search, "search", None),
+                                      "search_budget": given(search_budget, "search_budget", None)}.items()
+                    if v is not None}
+        if searched and method != "ia3":
+            raise ValueError(f"--search applies to method 'ia3', not {method!r}")
         if method == "analytic":
             if overrides or adapt_layers is not None:
                 raise ValueError(f"method 'analytic' is not trained by gradient; "
@@ -188,7 +196,8 @@ def run(
         else:
             train = TrainConfig.from_dict({**(saved.get("train") or {}), **overrides, "seed": seed})
             spec = LearnerSpec(config, method, {"train": train.to_dict(), "adapt_layers": adapt_layers,
-                                                **({"lexical": lexical} if lexical is not None else {})})
+                                                **({"lexical": lexical} if lexical is not None else {}),
+                                                **searched})
         learner = ContinualLearner.from_spec(spec, device=device)
     except _user_errors() as exc:
         _fail(str(exc))
@@ -201,6 +210,7 @@ def run(
                   "method": method, "seed": seed,
                   "adapt_layers": adapt_layers,
                   **({"lexical": lexical} if lexical is not None else {}),  # runs saved before it resume
+                  **searched,
                   "max_train": max_train, "train": train.to_dict() if train else None,
                   "backbone": backbone, "max_length": max_length, "device": device,
                   "save_every": save_every, "stream_summary": describe(tasks)}
@@ -500,14 +510,32 @@ def tasks(model: Path = typer.Argument(..., help="Model directory.")):
     except _user_errors() as exc:
         _fail(str(exc))
     table = Table(title=f"{model}: method {manifest['method']['name']}, backbone {manifest['backbone']['name']}")
-    for column in ("task", "labels", "scale params", "head params", "lexical mix", "bytes", "learned at"):
+    searched = any("search" in (t.get("stats") or {}) for t in manifest["tasks"])
+    columns = ("task", "labels", "scale params", "head params", "lexical mix",
+               *(["searched choice"] if searched else []), "bytes", "learned at")
+    for column in columns:
         table.add_column(column)
     for t in manifest["tasks"]:
-        lexical = (t.get("stats") or {}).get("lexical")
+        stats = t.get("stats") or {}
+        lexical = stats.get("lexical")
         mix = "-" if not lexical else f"{lexical['mix']:g}"
+        choice = [_search_choice(stats.get("search"))] if searched else []
         table.add_row(t["name"], ", ".join(t["labels"]), f"{t['adapter_parameters']:,}",
-                      f"{t['head_parameters']:,}", mix, f"{t['bytes_added']:,}", t["learned_at"])
+                      f"{t['head_parameters']:,}", mix, *choice, f"{t['bytes_added']:,}",
+                      t["learned_at"])
     console.print(table)
+
+
+def _search_choice(search: dict | None) -> str:
+    """A task's searched configuration in one cell of `ctt tasks`."""
+    if not search:
+        return "-"
+    if "best" not in search:
+        return f"none: {search.get('why', '')}"
+    best = search["best"]
+    return (f"lr {best['lr']:.3g}, head_lr {best['head_lr']:.3g}, {best['epochs']} epochs, "
+            f"top {best['top_layers']} layers (val {100 * search['best_score']:.1f}, "
+            f"{search['trials']} trials)")
 
 
 @app.command()

@@ -21,7 +21,7 @@ from ..model.backbone import Backbone
 from . import metrics
 
 # Report fields that measure time or memory: they differ between any two runs.
-TIMING_FIELDS = frozenset({"train_seconds", "eval_seconds", "peak_rss_mb", "total_seconds",
+TIMING_FIELDS = frozenset({"train_seconds", "eval_seconds", "peak_rss_mb", "task_peak_rss_mb", "total_seconds",
                            "sessions", "learned_at"})
 
 FWT_REFERENCE = (

@@ -24,7 +24,7 @@ from ..training.loop import Checkpointing, TrainState
 from ..types import Task, TaskRecord
 from .evaluate import StreamEvaluation
 from .report import joint_report, json_default, matrices, stream_report, write_outputs
-from .resources import peak_rss_mb
+from .resources import peak_rss_mb, start_peak_window, window_peak_rss_mb
 from .resume import manifest_sha256, open_run, save_progress
 
 
@@ -93,6 +93,7 @@ def run_stream(
     for i in range(len(state.completed), T):
         task = tasks[i]
         events.task_started(i, T, task)
+        start_peak_window()
         current = state.current if state.current and state.current["task"] == task.name else None
         if task.name in learner.tasks:
             # Saved to the model by a run killed before it recorded the task as finished.
@@ -131,7 +132,8 @@ def run_stream(
             "task_free_accuracy_just_learned": free_row[i],
             "accuracy_before_learning": before,
             **learner.footprint(task.name),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),  # the process's, so far
+            "task_peak_rss_mb": round(window_peak_rss_mb(), 1),  # while this task was learned and evaluated
             "train_stats": record.stats,
             "evaluation": evaluated.info,
         }

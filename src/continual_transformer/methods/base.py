@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -166,7 +166,9 @@ class GradientMethod(Method):
     def begin_task(self, model: "AdaptedModel", task: Task, states: TrunkStates) -> None:
         model.heads.add(task.name, task.labels, task_seed(self.train.seed, task.name), model.device)
 
-    def param_groups(self, model: "AdaptedModel", task: Task) -> list[dict]:
+    def param_groups(self, model: "AdaptedModel", task: Task, train: TrainConfig,
+                     top_layers: int | None = None) -> list[dict]:
+        """AdamW groups of the task's trainable parameters, at `train`'s rates."""
         raise NotImplementedError
 
     def logits(self, model: "AdaptedModel", inputs: TopInput, task: str) -> torch.Tensor:
@@ -193,22 +195,28 @@ class GradientMethod(Method):
     def learn(
         self, model: "AdaptedModel", task: Task, states: TrunkStates,
         progress: Progress | None, checkpointing: Checkpointing | None = None,
+        *, train: TrainConfig | None = None, top_layers: int | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> dict:
+        """Learn the task with the method's `TrainConfig`, or `train` (a search's trial);
+        `top_layers` limits training to the scales of that many top layers (None: all the
+        method adapts); `on_step` as in `training.loop.fit`."""
+        train = train or self.train
         self.begin_task(model, task, states)
         index = task.label_index()
         labels = torch.tensor([index[e.label] for e in task.train], device=model.device)
 
-        autocast = training_autocast(self.train.precision, model.device)
+        autocast = training_autocast(train.precision, model.device)
 
         def batch_loss(indices: list[int]) -> torch.Tensor:
             with autocast():
                 return self.batch_loss(model, task, indices, states, labels).float()
 
         result: TrainResult = fit(
-            self.param_groups(model, task), batch_loss, len(states), self.train,
-            task_seed(self.train.seed, task.name), progress, lengths=states.lengths,
+            self.param_groups(model, task, train, top_layers), batch_loss, len(states), train,
+            task_seed(train.seed, task.name), progress, lengths=states.lengths,
             checkpointing=checkpointing, max_tokens=model.pass_tokens,
-            length_multiple=model.backbone.length_multiple,
+            length_multiple=model.backbone.length_multiple, on_step=on_step,
         )
         self.end_task(model, task, states)
         return result.stats()

@@ -9,6 +9,8 @@ small to hold out `MIN_VALIDATION` texts learns on all of them without a branch.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..config import TrainConfig
@@ -16,6 +18,7 @@ from ..data.split import held_out_positions
 from ..model import lexical
 from ..model.batching import length_batches
 from ..model.memory import release_freed_memory
+from ..training.search import SearchConfig, run_search
 from ..types import Task
 from .base import GradientMethod
 
@@ -23,43 +26,120 @@ ADAPTER = "adapter."
 HEAD = "head."
 VALIDATION_FRACTION = 0.15
 MIN_VALIDATION = 30
+REPORTS_PER_EPOCH = 3  # validation scores a search trial reports per epoch
 
 
 class IA3Method(GradientMethod):
     name = "ia3"
 
     def __init__(self, train: TrainConfig | None = None, adapt_layers: int | str | None = None,
-                 lexical: bool = True):
+                 lexical: bool = True, search: int = 0, search_budget: float | None = None):
         super().__init__(train, adapt_layers)
         if not isinstance(lexical, bool):
             raise ValueError(f"lexical must be true or false, got {lexical!r}")
         self.lexical = lexical
+        if search:  # validated now, not when the first task is learned
+            SearchConfig(search, search_budget, self.train.seed)
+        elif search_budget is not None:
+            raise ValueError("search_budget needs search (the number of trials) >= 1")
+        self.search, self.search_budget = search, search_budget
 
     def hyperparameters(self) -> dict:
-        return {**super().hyperparameters(), "lexical": self.lexical}
+        options = {**super().hyperparameters(), "lexical": self.lexical}
+        if self.search:  # absent otherwise: models without a search are saved as before
+            options.update(search=self.search, search_budget=self.search_budget)
+        return options
 
     def learn(self, model, task: Task, states, progress=None, checkpointing=None) -> dict:
-        held = held_out_positions(task, VALIDATION_FRACTION, self.train.seed) if self.lexical else set()
+        held = (held_out_positions(task, VALIDATION_FRACTION, self.train.seed)
+                if self.lexical or self.search else set())
         if len(held) < MIN_VALIDATION:
             stats = super().learn(model, task, states, progress, checkpointing)
-            stats["lexical"] = None if not self.lexical else {
-                "mix": 0.0, "why": f"fewer than {MIN_VALIDATION} texts to validate on"}
+            why = f"fewer than {MIN_VALIDATION} texts to validate on"
+            stats["lexical"] = None if not self.lexical else {"mix": 0.0, "why": why}
+            if self.search:
+                stats["search"] = {"why": why}
             return stats
         fit_rows = [i for i in range(len(task.train)) if i not in held]
         val_rows = sorted(held)
         fit_task = Task(task.name, task.labels, tuple(task.train[i] for i in fit_rows), task.test)
-        stats = super().learn(model, fit_task, states.subset(fit_rows), progress, checkpointing)
-        release_freed_memory()  # the training passes' blocks, before the branch's arrays
         index = task.label_index()
-        branch, chosen = lexical.fit(
-            [states.ids[i] for i in fit_rows], [index[task.train[i].label] for i in fit_rows],
-            [states.ids[i] for i in val_rows], [index[task.train[i].label] for i in val_rows],
-            self._logits(model, task.name, states.subset(val_rows)), len(task.labels),
-            model.special_ids)
-        if branch is not None:
-            model.lexical[task.name] = branch
+        candidates = None
+        if self.lexical:
+            candidates = lexical.Candidates(
+                [states.ids[i] for i in fit_rows], [index[task.train[i].label] for i in fit_rows],
+                [states.ids[i] for i in val_rows], [index[task.train[i].label] for i in val_rows],
+                len(task.labels), model.special_ids)
+        if self.search:
+            val_y = torch.tensor([index[task.train[i].label] for i in val_rows])
+            stats, chosen = self._learn_searched(model, fit_task, states.subset(fit_rows),
+                                                 states.subset(val_rows), val_y, candidates, progress)
+        else:
+            stats = super().learn(model, fit_task, states.subset(fit_rows), progress, checkpointing)
+            chosen = candidates.choose(self._logits(model, task.name, states.subset(val_rows))) \
+                if candidates is not None else None
+        if candidates is not None:
+            release_freed_memory()  # the training passes' blocks, before the branch's arrays
+            branch = candidates.branch(chosen)
+            if branch is not None:
+                model.lexical[task.name] = branch
+                chosen["bytes"] = branch.nbytes()
         stats["lexical"] = chosen
         return stats
+
+    def _learn_searched(self, model, task: Task, fit_states, val_states, val_y, candidates, progress):
+        """An Optuna study over this task's training choices, each trial trained on the fit
+        split and scored on the validation split (the fused accuracy when there is a lexical
+        branch: its regularisation and weight, 0 meaning off, chosen per trial on the same
+        split); the best trial's scales and head are kept. Returns (stats, lexical choice)."""
+        depth = self.adapt_layers  # resolved to a number by the learner
+
+        def space(trial) -> dict:
+            return {"lr": trial.suggest_float("lr", 3e-3, 1e-1, log=True),
+                    "head_lr": trial.suggest_float("head_lr", 1e-2, 3e-1, log=True),
+                    "epochs": trial.suggest_int("epochs", 1, self.train.epochs),
+                    "top_layers": trial.suggest_int("top_layers", 1, depth)}
+
+        def score(logits: torch.Tensor) -> tuple[float, dict | None]:
+            if candidates is None:
+                return float((logits.argmax(-1) == val_y).float().mean()), None
+            chosen = candidates.choose(logits)
+            return chosen["val_accuracy"], chosen
+
+        best: dict = {}
+
+        def evaluate(params: dict, report) -> float:
+            train = replace(self.train, lr=params["lr"], head_lr=params["head_lr"],
+                            epochs=params["epochs"])
+            checks = 0
+
+            def on_step(step: int, steps_per_epoch: int) -> None:
+                # Scored REPORTS_PER_EPOCH times an epoch: the pruner may stop a trial after a
+                # fraction of one, which is what keeps a study's cost a few default runs.
+                nonlocal checks
+                every = max(1, steps_per_epoch // REPORTS_PER_EPOCH)
+                if step % every == 0 and step < steps_per_epoch * train.epochs:
+                    checks += 1
+                    report(checks, score(self._logits(model, task.name, val_states))[0])
+
+            try:
+                stats = GradientMethod.learn(self, model, task, fit_states, progress, train=train,
+                                             top_layers=params["top_layers"], on_step=on_step)
+                value, chosen = score(self._logits(model, task.name, val_states))
+                if not best or value > best["value"]:
+                    best.update(value=value, chosen=chosen, stats=stats, params=params,
+                                tensors={k: v.clone() for k, v in self.task_tensors(model, task.name).items()})
+                return value
+            finally:
+                self.delete(model, task.name)
+
+        result = run_search(SearchConfig(self.search, self.search_budget, self.train.seed),
+                            space, evaluate)
+        model.adapter.add(task.name)
+        self.load_task_tensors(model, task.name, task.labels, best["tensors"])
+        stats = dict(best["stats"])
+        stats["search"] = {**result.summary(), "validation_texts": len(val_y)}
+        return stats, best["chosen"]
 
     @torch.inference_mode()
     def _logits(self, model, task: str, states) -> torch.Tensor:
@@ -78,10 +158,10 @@ class IA3Method(GradientMethod):
         model.adapter.add(task.name)
         super().begin_task(model, task, states)
 
-    def param_groups(self, model, task: Task) -> list[dict]:
+    def param_groups(self, model, task: Task, train: TrainConfig, top_layers=None) -> list[dict]:
         return [
-            {"params": model.adapter.parameters_of(task.name), "lr": self.train.lr},
-            {"params": list(model.heads.heads[task.name].parameters()), "lr": self.train.head_lr},
+            {"params": model.adapter.parameters_of(task.name, top_layers), "lr": train.lr},
+            {"params": list(model.heads.heads[task.name].parameters()), "lr": train.head_lr},
         ]
 
     def delete(self, model, task: str) -> None:

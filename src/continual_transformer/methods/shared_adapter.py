@@ -61,12 +61,12 @@ class SharedAdapterMethod(GradientMethod):
             model.adapter.add(SHARED)
         super().begin_task(model, task, states)
 
-    def param_groups(self, model, task: Task) -> list[dict]:
+    def param_groups(self, model, task: Task, train, top_layers=None) -> list[dict]:
         heads = list(model.heads.heads) if self.trains_old_heads else [task.name]
         return [
-            {"params": model.adapter.parameters_of(SHARED), "lr": self.train.lr},
+            {"params": model.adapter.parameters_of(SHARED, top_layers), "lr": train.lr},
             {"params": [p for name in heads for p in model.heads.heads[name].parameters()],
-             "lr": self.train.head_lr},
+             "lr": train.head_lr},
         ]
 
     def began(self, task: str) -> bool:

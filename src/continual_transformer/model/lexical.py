@@ -167,41 +167,48 @@ def _fused_score(neural: torch.Tensor, lexical: torch.Tensor, y: torch.Tensor, m
     return float(fused[torch.arange(len(y)), y].mean()), accuracy
 
 
-def fit(
-    fit_ids: Sequence[Sequence[int]], fit_y: Sequence[int], val_ids: Sequence[Sequence[int]],
-    val_y: Sequence[int], val_neural_logits: torch.Tensor, n_labels: int, skip: frozenset[int],
-) -> tuple[LexicalBranch | None, dict]:
-    """The branch for one task (None when mix 0 wins on validation) and what was chosen.
+class Candidates:
+    """A task's lexical classifiers for every regularisation in `C_GRID`, fitted on the fit
+    split once, and their log-probabilities on the validation split: the mix with any neural
+    head's validation logits is then chosen without refitting (a search's trials share them)."""
 
-    The regularisation and the mix are chosen by validation log-likelihood, with the
-    classifier fitted on the fit split; the kept branch is then refitted on fit + validation.
-    """
-    fit_rows, val_rows = _Rows(fit_ids, skip), _Rows(val_ids, skip)
-    y_fit, y_val = np.asarray(fit_y), torch.tensor(list(val_y))
-    columns, idf_kept = _select(fit_rows, y_fit, n_labels)
-    x_fit, x_val = fit_rows.dense(columns, idf_kept), val_rows.dense(columns, idf_kept)
-    best, tried = None, []
-    for c in C_GRID:
-        weight, bias = _logistic(x_fit, torch.from_numpy(y_fit), n_labels, c)
-        lexical = torch.log_softmax(x_val @ weight.T + bias, dim=-1)
-        for mix in MIX_GRID:
-            score = _fused_score(val_neural_logits, lexical, y_val, mix)
-            tried.append({"c": c, "mix": mix, "val_accuracy": round(score[1], 4)})
-            if best is None or score > best[0]:
-                best = (score, c, mix)
-    (_, accuracy), c, mix = best
-    chosen = {"c": c, "mix": mix, "val_accuracy": round(accuracy, 4),
-              "val_accuracy_neural": round(_fused_score(val_neural_logits, lexical, y_val, 0.0)[1], 4),
-              "validation_texts": len(val_y)}
-    if mix == 0.0:
-        return None, chosen
-    # Refit on every training text with the chosen settings.
-    all_y = np.concatenate([y_fit, np.asarray(val_y)])
-    rows = fit_rows + val_rows
-    columns, idf_kept = _select(rows, all_y, n_labels)
-    weight, bias = _logistic(rows.dense(columns, idf_kept), torch.from_numpy(all_y), n_labels, c)
-    branch = LexicalBranch(torch.from_numpy(columns.astype(np.int32)),
-                           torch.from_numpy(idf_kept.astype(np.float32)),
-                           weight.to(torch.float16), bias.float(), mix)
-    chosen["bytes"] = branch.nbytes()
-    return branch, chosen
+    def __init__(self, fit_ids: Sequence[Sequence[int]], fit_y: Sequence[int],
+                 val_ids: Sequence[Sequence[int]], val_y: Sequence[int], n_labels: int,
+                 skip: frozenset[int]):
+        self.fit_rows, self.val_rows = _Rows(fit_ids, skip), _Rows(val_ids, skip)
+        self.y_fit, self.y_val = np.asarray(fit_y), torch.tensor(list(val_y))
+        self.n_labels = n_labels
+        columns, idf_kept = _select(self.fit_rows, self.y_fit, n_labels)
+        x_fit, x_val = self.fit_rows.dense(columns, idf_kept), self.val_rows.dense(columns, idf_kept)
+        self.val_log_probs = {}  # c -> (N_val, C)
+        for c in C_GRID:
+            weight, bias = _logistic(x_fit, torch.from_numpy(self.y_fit), n_labels, c)
+            self.val_log_probs[c] = torch.log_softmax(x_val @ weight.T + bias, dim=-1)
+
+    def choose(self, val_neural_logits: torch.Tensor) -> dict:
+        """The regularisation and mix with the best validation log-likelihood, fused with these
+        neural logits (N_val, C), and the validation accuracies with and without the branch."""
+        best = None
+        for c, lexical in self.val_log_probs.items():
+            for mix in MIX_GRID:
+                score = _fused_score(val_neural_logits, lexical, self.y_val, mix)
+                if best is None or score > best[0]:
+                    best = (score, c, mix)
+        (_, accuracy), c, mix = best
+        neural = _fused_score(val_neural_logits, self.val_log_probs[c], self.y_val, 0.0)[1]
+        return {"c": c, "mix": mix, "val_accuracy": round(accuracy, 4),
+                "val_accuracy_neural": round(neural, 4), "validation_texts": len(self.y_val)}
+
+    def branch(self, chosen: dict) -> LexicalBranch | None:
+        """The branch for the chosen settings, refitted on fit + validation (None for mix 0)."""
+        if chosen["mix"] == 0.0:
+            return None
+        all_y = np.concatenate([self.y_fit, self.y_val.numpy()])
+        rows = self.fit_rows + self.val_rows
+        columns, idf_kept = _select(rows, all_y, self.n_labels)
+        weight, bias = _logistic(rows.dense(columns, idf_kept), torch.from_numpy(all_y),
+                                 self.n_labels, chosen["c"])
+        return LexicalBranch(torch.from_numpy(columns.astype(np.int32)),
+                             torch.from_numpy(idf_kept.astype(np.float32)),
+                             weight.to(torch.float16), bias.float(), chosen["mix"])
+

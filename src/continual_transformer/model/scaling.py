@@ -166,9 +166,16 @@ class IA3(nn.Module):
             del layer.scales[key]
         self._entries.remove(key)
 
-    def parameters_of(self, key: str) -> list[nn.Parameter]:
+    def parameters_of(self, key: str, top_layers: int | None = None) -> list[nn.Parameter]:
+        """The entry's vectors; with `top_layers`, only those of that many top scaled layers."""
         self._require(key)
-        return [layer.scales[key] for layer in self.layers.values()]
+        names = list(self.layers)
+        if top_layers is not None:
+            depths = sorted({_layer_index(module_name(name)) for name in names})
+            if not 1 <= top_layers <= len(depths):
+                raise ValueError(f"top_layers must be in [1, {len(depths)}], got {top_layers!r}")
+            names = [n for n in names if _layer_index(module_name(n)) >= depths[-top_layers]]
+        return [self.layers[name].scales[key] for name in names]
 
     def num_parameters(self, key: str) -> int:
         return sum(p.numel() for p in self.parameters_of(key))

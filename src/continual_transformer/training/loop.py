@@ -269,6 +269,7 @@ def fit(
     checkpointing: Checkpointing | None = None,
     max_tokens: int | None = None,
     length_multiple: int = 1,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Minimise `batch_loss(indices)` (a mean over the batch) over `config.epochs` epochs.
 
@@ -280,7 +281,8 @@ def fit(
     `param_groups` are AdamW groups (each with its own `lr`); every group's rate follows the
     same warm-up-then-linear-decay factor, times the guard's `lr_scale`. With
     `checkpointing.resume_from`, the parameters, optimizer, position and RNG are restored
-    from that state first.
+    from that state first. `on_step(step, steps_per_epoch)` is called after every step;
+    whatever it raises ends the training (a search's pruner stops a trial so).
     """
     params = [p for group in param_groups for p in group["params"]]
     if not params:
@@ -361,6 +363,8 @@ def fit(
             state.bad_in_row = 0
         if progress is not None:
             progress(state.step, total, loss)
+        if on_step is not None:
+            on_step(state.step, steps_per_epoch)
         if save_every and state.step % save_every == 0 and state.step < total:
             checkpointing.save(current_state())
     state.seconds = seconds_before + time.perf_counter() - start

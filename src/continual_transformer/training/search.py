@@ -1,0 +1,117 @@
+"""Per-task hyperparameter search on the validation split, with Optuna.
+
+A study per task: the TPE sampler (seeded, so the same data and seed give the same trials) draws
+a configuration, `evaluate` trains with it and returns its score on texts held out from
+training. While it trains, a trial reports its validation score at numbered points (a method
+reports a few times an epoch); successive halving (Optuna's `SuccessiveHalvingPruner`) lets
+only the best third of the trials that reached a point go on to three times as many points, so
+most trials stop after a fraction of an epoch and a study of N trials costs far less than N
+training runs. Nothing here knows what is
+trained: the method supplies the search space and the evaluation. Optuna is an optional engine
+(`pip install 'continual-tiny-transformer[search]'`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..extras import import_extra
+
+# Successive halving: the first judgement after this many reported points; then a trial goes
+# on only if it is in the best 1/REDUCTION of the trials judged at that point.
+MIN_POINTS = 1
+REDUCTION = 3
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """`trials` configurations at most, stopping early after `budget_seconds` (None: no limit)."""
+
+    trials: int
+    budget_seconds: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise ValueError(f"search trials must be a whole number >= 1, got {self.trials!r}")
+        if self.budget_seconds is not None and not self.budget_seconds > 0:
+            raise ValueError(f"search budget must be > 0 seconds, got {self.budget_seconds!r}")
+
+
+class Pruned(Exception):
+    """Raised inside `evaluate` by `report` when the pruner stops the trial."""
+
+
+@dataclass
+class SearchResult:
+    """The best configuration, its validation score, and every trial (JSON-ready)."""
+
+    best: dict
+    best_score: float
+    best_trial: int
+    trials: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        pruned = sum(t["state"] == "pruned" for t in self.trials)
+        return {"best": self.best, "best_score": self.best_score, "best_trial": self.best_trial,
+                "trials": len(self.trials), "pruned": pruned, "seconds": round(self.seconds, 2),
+                "history": self.trials}
+
+
+def run_search(
+    config: SearchConfig,
+    space: Callable[[Any], dict],
+    evaluate: Callable[[dict, Callable[[int, float], None]], float],
+) -> SearchResult:
+    """Maximise `evaluate(params, report)` over `params = space(trial)`.
+
+    `space(trial)` draws a configuration with Optuna's `trial.suggest_*`; `evaluate` trains
+    with it, calls `report(point, score)` at numbered points 1, 2, ... while it trains (which
+    raises `Pruned` when the pruner stops the trial) and returns the final validation score
+    (higher is better).
+    """
+    optuna = import_extra("optuna", "search")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=min(5, config.trials)),
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=MIN_POINTS,
+                                                      reduction_factor=REDUCTION),
+    )
+    history: list[dict] = []
+    start = time.perf_counter()
+
+    def objective(trial) -> float:
+        params = space(trial)
+        began = time.perf_counter()
+        reported: list[int] = []
+
+        def report(point: int, score: float) -> None:
+            trial.report(score, point)
+            reported.append(point)
+            if trial.should_prune():
+                raise Pruned(f"pruned at point {point} at {score:.4f}")
+
+        entry = {"trial": trial.number, "params": params}
+        try:
+            score = float(evaluate(params, report))
+        except Pruned:
+            entry.update(state="pruned", score=None, points=reported[-1] if reported else None,
+                         seconds=round(time.perf_counter() - began, 2))
+            history.append(entry)
+            raise optuna.TrialPruned() from None
+        entry.update(state="complete", score=score, seconds=round(time.perf_counter() - began, 2))
+        history.append(entry)
+        return score
+
+    study.optimize(objective, n_trials=config.trials, timeout=config.budget_seconds,
+                   catch=(), gc_after_trial=True)
+    completed = [t for t in history if t["state"] == "complete"]
+    if not completed:
+        raise RuntimeError(f"no search trial completed ({len(history)} pruned)")
+    best = max(completed, key=lambda t: t["score"])  # the first of equal scores, as Optuna's
+    return SearchResult(best=best["params"], best_score=best["score"], best_trial=best["trial"],
+                        trials=history, seconds=time.perf_counter() - start)
