@@ -106,3 +106,37 @@ def test_cli_refuses_search_for_other_methods(tmp_path, tiny_backbone_dir):
                                       "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "r")])
     assert result.exit_code != 0
     assert "--search applies to method 'ia3', not 'ewc'" in result.output
+
+
+def test_the_first_trial_runs_the_given_configuration_and_sets_the_budget():
+    import time
+
+    def space(trial):
+        return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+    def evaluate(params, report):
+        for point in range(1, 4):
+            time.sleep(0.05)
+            report(point, params["x"])
+        return params["x"]
+
+    result = run_search(SearchConfig(trials=200, seed=0), space, evaluate, first={"x": 0.25})
+    assert result.trials[0]["params"] == {"x": 0.25} and result.trials[0]["state"] == "complete"
+    first = result.trials[0]["seconds"]
+    # Without a budget in seconds the study stops at 5 first trials (a trial running then stops
+    # at its next report: one more trial's time at most, with slack for a busy machine).
+    assert len(result.trials) < 200
+    assert result.seconds < 6 * first + 0.5, (result.seconds, first)
+    assert result.summary()["stopped"] <= 1
+    # The defaults are kept when nothing beats them.
+    kept = run_search(SearchConfig(trials=3, seed=0), space, lambda p, r: 1.0 - abs(p["x"] - 0.25),
+                      first={"x": 0.25})
+    assert kept.best == {"x": 0.25} and kept.best_trial == 0
+
+
+def test_searching_ia3_tries_its_defaults_first(tiny_config):
+    learner = _searching_learner(tiny_config, trials=2)
+    search = learner.learn(_word_task("colours", 0)).stats["search"]
+    train = learner.method.train
+    assert search["history"][0]["params"] == {"lr": train.lr, "head_lr": train.head_lr,
+                                              "epochs": train.epochs, "top_layers": 2}

@@ -88,8 +88,9 @@ class IA3Method(GradientMethod):
         return stats
 
     def _learn_searched(self, model, task: Task, fit_states, val_states, val_y, candidates, progress):
-        """An Optuna study over this task's training choices, each trial trained on the fit
-        split and scored on the validation split (the fused accuracy when there is a lexical
+        """An Optuna study over this task's training choices, the defaults first (so the
+        search keeps them unless a trial beats them, and its time budget is counted in their
+        runs), each trial trained on the fit split and scored on the validation split (the fused accuracy when there is a lexical
         branch: its regularisation and weight, 0 meaning off, chosen per trial on the same
         split); the best trial's scales and head are kept. Returns (stats, lexical choice)."""
         depth = self.adapt_layers  # resolved to a number by the learner
@@ -133,8 +134,10 @@ class IA3Method(GradientMethod):
             finally:
                 self.delete(model, task.name)
 
+        defaults = {"lr": self.train.lr, "head_lr": self.train.head_lr,
+                    "epochs": self.train.epochs, "top_layers": depth}
         result = run_search(SearchConfig(self.search, self.search_budget, self.train.seed),
-                            space, evaluate)
+                            space, evaluate, first=defaults)
         model.adapter.add(task.name)
         self.load_task_tensors(model, task.name, task.labels, best["tensors"])
         stats = dict(best["stats"])
