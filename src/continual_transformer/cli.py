@@ -127,7 +127,7 @@ def run(
     adapt_layers: Optional[str] = typer.Option(None, help="Top layers that carry each task's scales (a number or 'all'); the layers below are a shared trunk run once per text [default: 3]."),
     lexical: Optional[bool] = typer.Option(None, "--lexical/--no-lexical", help="ia3: learn a lexical branch per task, weighed on a validation split held out from training [default: on]."),
     search: Optional[int] = typer.Option(None, help="ia3: per task, an Optuna study of N trials over rates, epochs and adapted layers, scored on the validation split (extra: search) [default: off]."),
-    search_budget: Optional[float] = typer.Option(None, help="ia3 with --search: stop a task's study after this many seconds [default: 5x its first trial, which runs the defaults]."),
+    search_budget: Optional[float] = typer.Option(None, help="ia3 with --search: stop a task's study after this many seconds [default: 4x its first trial, which runs the defaults]."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same numbers [default: 0]."),
     backbone: Optional[str] = typer.Option(None, help="'default' (MiniLM-L6), a model folder or a hub id [default: default]."),
