@@ -105,3 +105,30 @@ def test_cli_turns_the_branch_off_and_refuses_it_for_other_methods(tmp_path, tin
     result = runner.invoke(app, ["run", *common, "--out", str(tmp_path / "x"), "--method", "ewc",
                                  "--no-lexical"])
     assert result.exit_code == 2 and "applies to method 'ia3', not 'ewc'" in " ".join(result.output.split())
+
+
+def test_int8_weights_predict_as_the_float_weights_and_old_branches_still_load():
+    import numpy as np
+
+    torch.manual_seed(0)
+    weight = torch.randn(3, 50)
+    quantized, scale = lexical.quantize(weight)
+    assert quantized.dtype == torch.int8 and scale.shape == (3,)
+    assert quantized.abs().amax(dim=1).tolist() == [127, 127, 127]
+    torch.testing.assert_close(quantized.float() * scale[:, None], weight, rtol=0, atol=float(scale.max()) / 2)
+
+    columns = torch.arange(0, 100, 2, dtype=torch.int32)
+    idf = torch.ones(50, dtype=torch.float16)
+    ids = [[1, 2, 3], [4, 5], [2, 2, 7, 9]]
+    kept = np.unique(np.concatenate([lexical.row_features(row, frozenset())[0] for row in ids]))
+    columns = torch.from_numpy(np.sort(np.concatenate([kept, np.arange(50 - len(kept)) * 7919 + 17]))[:50].astype(np.int32))
+    new = lexical.LexicalBranch(columns, idf, quantized, torch.zeros(3), 0.5, scale)
+    # A branch saved before int8 weights: float16 weights, float32 idf, no scale.
+    old = lexical.LexicalBranch.from_tensors({k: v for k, v in lexical.LexicalBranch(
+        columns, idf.float(), weight.half(), torch.zeros(3), 0.5).tensors().items()})
+    assert old.scale is None and "lexical.scale" not in old.tensors()
+    again = lexical.LexicalBranch.from_tensors(new.tensors())
+    assert torch.equal(again.weight, quantized) and torch.equal(again.scale, scale)
+    torch.testing.assert_close(new.log_probs(ids, frozenset()), old.log_probs(ids, frozenset()),
+                               rtol=0, atol=0.05)
+    assert new.nbytes() == 50 * (4 + 2 + 3) + 3 * 4 * 2 + 4
