@@ -125,7 +125,8 @@ class IA3Method(GradientMethod):
 
             try:
                 stats = GradientMethod.learn(self, model, task, fit_states, progress, train=train,
-                                             top_layers=params["top_layers"], on_step=on_step)
+                                             top_layers=params["top_layers"],
+                                             on_step=on_step if report is not None else None)
                 value, chosen = score(self._logits(model, task.name, val_states))
                 if not best or value > best["value"]:
                     best.update(value=value, chosen=chosen, stats=stats, params=params,

@@ -30,6 +30,7 @@ REDUCTION = 3
 # (the trunk pass, the lexical branch) and the trial that runs past the deadline, 5 made a
 # task's learning 5.4-5.6x the defaults' (MiniLM, bundled stream); 4 keeps it under 5x.
 DEFAULT_BUDGET_MULTIPLE = 4
+MIN_DEFAULT_BUDGET = 10.0  # seconds: a first trial of a fraction of a second would leave none
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,9 @@ def run_search(
     with it, calls `report(point, score)` at numbered points 1, 2, ... while it trains (which
     raises `Pruned` when the pruner stops the trial) and returns the final validation score
     (higher is better). `first`, when given, is the first configuration tried (with the values
-    `space` would draw); the study's deadline is then counted from its time unless the config
-    sets one. A trial past the deadline stops at its next report (the first trial never does).
+    `space` would draw), evaluated with `report=None`; the study's deadline is then counted from its time unless the config
+    sets one (at least `MIN_DEFAULT_BUDGET`). A trial past the deadline stops at its next report
+    (the first trial never does).
     """
     optuna = import_extra("optuna", "search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -115,7 +117,9 @@ def run_search(
 
         entry = {"trial": trial.number, "params": params}
         try:
-            score = float(evaluate(params, report))
+            # The given first trial is never pruned or stopped: it reports nothing, so that it
+            # costs what a run with its settings costs (the budget is counted in it).
+            score = float(evaluate(params, None if trial.number == 0 and first is not None else report))
         except Pruned as stop:
             entry.update(state="stopped" if str(stop) == "out of time" else "pruned", score=None,
                          points=reported[-1] if reported else None,
@@ -124,7 +128,8 @@ def run_search(
             raise optuna.TrialPruned() from None
         finally:
             if trial.number == 0 and first is not None and config.budget_seconds is None:
-                deadline[0] = start + DEFAULT_BUDGET_MULTIPLE * (time.perf_counter() - start)
+                deadline[0] = start + max(MIN_DEFAULT_BUDGET,
+                                          DEFAULT_BUDGET_MULTIPLE * (time.perf_counter() - start))
         entry.update(state="complete", score=score, seconds=round(time.perf_counter() - began, 2))
         history.append(entry)
         return score
