@@ -117,11 +117,12 @@ def test_int8_weights_predict_as_the_float_weights_and_old_branches_still_load()
     assert quantized.abs().amax(dim=1).tolist() == [127, 127, 127]
     torch.testing.assert_close(quantized.float() * scale[:, None], weight, rtol=0, atol=float(scale.max()) / 2)
 
-    columns = torch.arange(0, 100, 2, dtype=torch.int32)
     idf = torch.ones(50, dtype=torch.float16)
     ids = [[1, 2, 3], [4, 5], [2, 2, 7, 9]]
-    kept = np.unique(np.concatenate([lexical.row_features(row, frozenset())[0] for row in ids]))
-    columns = torch.from_numpy(np.sort(np.concatenate([kept, np.arange(50 - len(kept)) * 7919 + 17]))[:50].astype(np.int32))
+    # 50 sorted columns: every column these texts hash to, then others they never hit.
+    hit = np.unique(np.concatenate([lexical.row_features(row, frozenset())[0] for row in ids]))
+    other = np.setdiff1d(np.arange(1000, 1100), hit)[:50 - len(hit)]
+    columns = torch.from_numpy(np.sort(np.concatenate([hit, other])).astype(np.int32))
     new = lexical.LexicalBranch(columns, idf, quantized, torch.zeros(3), 0.5, scale)
     # A branch saved before int8 weights: float16 weights, float32 idf, no scale.
     old = lexical.LexicalBranch.from_tensors({k: v for k, v in lexical.LexicalBranch(

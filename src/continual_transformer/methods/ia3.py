@@ -90,9 +90,10 @@ class IA3Method(GradientMethod):
     def _learn_searched(self, model, task: Task, fit_states, val_states, val_y, candidates, progress):
         """An Optuna study over this task's training choices, the defaults first (so the
         search keeps them unless a trial beats them, and its time budget is counted in their
-        runs), each trial trained on the fit split and scored on the validation split (the fused accuracy when there is a lexical
-        branch: its regularisation and weight, 0 meaning off, chosen per trial on the same
-        split); the best trial's scales and head are kept. Returns (stats, lexical choice)."""
+        runs), each trial trained on the fit split and scored on the validation split (the
+        fused accuracy when there is a lexical branch: its regularisation and weight, 0 meaning
+        off, chosen per trial on the same split); the best trial's scales and head are kept.
+        Returns (stats, lexical choice)."""
         depth = self.adapt_layers  # resolved to a number by the learner
 
         def space(trial) -> dict:

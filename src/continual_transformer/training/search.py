@@ -10,8 +10,8 @@ training runs. The first trial may be given (a method gives its defaults): a stu
 chooses anything that scored below the defaults on validation, and, without a budget in
 seconds, it stops at `DEFAULT_BUDGET_MULTIPLE` times that first trial's time (a trial running
 at that moment stops at its next report), so a search costs about that many default runs.
-Nothing here knows what is trained: the method supplies the search space and the evaluation. Optuna is an optional engine
-(`pip install 'continual-tiny-transformer[search]'`).
+Nothing here knows what is trained: the method supplies the search space and the evaluation.
+Optuna is an optional engine (`pip install 'continual-tiny-transformer[search]'`).
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ def run_search(
     with it, calls `report(point, score)` at numbered points 1, 2, ... while it trains (which
     raises `Pruned` when the pruner stops the trial) and returns the final validation score
     (higher is better). `first`, when given, is the first configuration tried (with the values
-    `space` would draw), evaluated with `report=None`; the study's deadline is then counted from its time unless the config
-    sets one (at least `MIN_DEFAULT_BUDGET`). A trial past the deadline stops at its next report
-    (the first trial never does).
+    `space` would draw), evaluated with `report=None`; the study's deadline is then counted
+    from its time unless the config sets one (at least `MIN_DEFAULT_BUDGET`). A trial past the
+    deadline stops at its next report (the first trial never does).
     """
     optuna = import_extra("optuna", "search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -119,7 +119,8 @@ def run_search(
         try:
             # The given first trial is never pruned or stopped: it reports nothing, so that it
             # costs what a run with its settings costs (the budget is counted in it).
-            score = float(evaluate(params, None if trial.number == 0 and first is not None else report))
+            given_first = trial.number == 0 and first is not None
+            score = float(evaluate(params, None if given_first else report))
         except Pruned as stop:
             entry.update(state="stopped" if str(stop) == "out of time" else "pruned", score=None,
                          points=reported[-1] if reported else None,
