@@ -111,17 +111,15 @@ class LexicalBranch:
     mix: float
     scale: torch.Tensor | None = None  # (C,) float32
 
-    def dense_weight(self) -> torch.Tensor:
-        """(C, K) float32 weights."""
-        weight = self.weight.float()
-        return weight if self.scale is None else weight * self.scale[:, None]
-
     def log_probs(self, ids_rows: Sequence[Sequence[int]], skip: frozenset[int]) -> torch.Tensor:
         """(N, C) log-probabilities of the task's labels from the words alone."""
         # The int32 columns are searched as they are stored: an int64 copy kept per task
         # would double the branch's resident size for a few microseconds per call.
         x = _Rows(ids_rows, skip).matrix(self.columns.numpy(), self.idf.float().numpy())
-        return torch.log_softmax(torch.sparse.mm(x, self.dense_weight().T) + self.bias, dim=-1)
+        logits = torch.sparse.mm(x, self.weight.float().T)
+        if self.scale is not None:  # x @ (q * s).T == (x @ q.T) * s: no dequantized copy
+            logits = logits * self.scale
+        return torch.log_softmax(logits + self.bias, dim=-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {PREFIX + "columns": self.columns, PREFIX + "idf": self.idf,

@@ -100,9 +100,10 @@ def run_search(
         study.enqueue_trial(first)
     history: list[dict] = []
     start = time.perf_counter()
-    deadline = [start + config.budget_seconds if config.budget_seconds is not None else float("inf")]
+    deadline = start + config.budget_seconds if config.budget_seconds is not None else float("inf")
 
     def objective(trial) -> float:
+        nonlocal deadline
         params = space(trial)
         began = time.perf_counter()
         reported: list[int] = []
@@ -110,7 +111,7 @@ def run_search(
         def report(point: int, score: float) -> None:
             trial.report(score, point)
             reported.append(point)
-            if trial.number > 0 and time.perf_counter() > deadline[0]:
+            if trial.number > 0 and time.perf_counter() > deadline:
                 raise Pruned("out of time")
             if trial.should_prune():
                 raise Pruned(f"pruned at point {point} at {score:.4f}")
@@ -129,14 +130,14 @@ def run_search(
             raise optuna.TrialPruned() from None
         finally:
             if trial.number == 0 and first is not None and config.budget_seconds is None:
-                deadline[0] = start + max(MIN_DEFAULT_BUDGET,
+                deadline = start + max(MIN_DEFAULT_BUDGET,
                                           DEFAULT_BUDGET_MULTIPLE * (time.perf_counter() - start))
         entry.update(state="complete", score=score, seconds=round(time.perf_counter() - began, 2))
         history.append(entry)
         return score
 
     def stop_when_out_of_time(study, _trial) -> None:
-        if time.perf_counter() > deadline[0]:
+        if time.perf_counter() > deadline:
             study.stop()
 
     study.optimize(objective, n_trials=config.trials, callbacks=[stop_when_out_of_time],
