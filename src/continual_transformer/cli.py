@@ -544,12 +544,13 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     device: Optional[str] = typer.Option(None, help="'auto', 'cpu' or 'cuda[:N]' (default: CTT_DEVICE or auto)."),
-    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (one line each; CTT_LOG_FORMAT=json for JSON lines)."),
 ):
     """Serve every task over HTTP and learn new ones while serving.
 
     Settings come from CTT_* environment variables or a .env file: CTT_ADMIN_KEY (learn, delete,
-    everything), CTT_API_KEYS (comma-separated; read and predict), CTT_PUBLIC_PREDICT, limits and
+    everything), CTT_API_KEYS (comma-separated; read and predict), scoped JWTs (CTT_JWT_SECRET,
+    CTT_JWT_PUBLIC_KEY or CTT_JWT_JWKS), CTT_PUBLIC_PREDICT, CTT_LOG_FORMAT, limits and
     batching; see docs/serving.md. API documentation: http://HOST:PORT/docs.
     """
     import uvicorn
@@ -560,13 +561,18 @@ def serve(
     from .server.settings import Settings
 
     try:
-        settings = Settings(model_dir=model, **({"device": device} if device else {}))
+        given = {"device": device} if device else {}
+        if not access_log:
+            given["access_log"] = False
+        settings = Settings(model_dir=model, **given)
         read_manifest(model)
     except ValidationError as exc:
         _fail("; ".join(_setting_error(e) for e in exc.errors()))
     except _user_errors() as exc:
         _fail(str(exc))
-    uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log,
+    # The app logs each request itself (request id, caller, tasks; CTT_LOG_FORMAT=json for
+    # JSON lines), so uvicorn's own access log is off.
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=False,
                 log_level="info", timeout_graceful_shutdown=10)
 
 

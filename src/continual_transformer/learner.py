@@ -13,7 +13,7 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -236,23 +236,26 @@ class ContinualLearner:
             with_features=self.router is not None)
 
     # -- inference ---------------------------------------------------------------------------
-    def route(self, features: torch.Tensor) -> list[str]:
-        """The task the router picks for each row of trunk features (N, H)."""
+    def route(self, features: torch.Tensor, among: Sequence[Collection[str] | None] | None = None) -> list[str]:
+        """The task the router picks for each row of trunk features (N, H); `among` (per row,
+        None: any task) limits a row to some tasks."""
         if self.router is None:
             raise ValueError(f"method {self.method.name!r} predicts tasks itself; it has no router")
         if not self.tasks:
             raise ValueError("no task given and no task learned yet")
-        return self.router.predict(features)
+        return self.router.predict(features, among)
 
     def row_logits(
-        self, batch: dict[str, torch.Tensor], tasks: Sequence[str | None]
+        self, batch: dict[str, torch.Tensor], tasks: Sequence[str | None],
+        among: Sequence[Collection[str] | None] | None = None,
     ) -> tuple[list[str], list[torch.Tensor]]:
         """Logits per row in one pass, each row under its own task: the trunk runs once for
         all rows, then the top with each row's own scales.
 
         Rows whose task is None are routed: the router reads the trunk's pooled output inside
         this pass, before any task-specific layer runs (methods that classify over all tasks'
-        labels name the task from the pooled output instead).
+        labels name the task from the pooled output instead); `among[i]`, when given, is the
+        set of tasks row i may be routed to.
         """
         tasks = list(tasks)
         missing = [i for i, t in enumerate(tasks) if t is None]
@@ -262,22 +265,26 @@ class ContinualLearner:
         if self.router is None:  # the method classifies over all tasks on the plain backbone
             pooled = self.model.top_pooled(inputs, [None] * len(tasks))  # (B, H)
             if missing:
-                for i, name in zip(missing, self.method.infer_tasks(self.model, pooled[missing])):
+                limits = None if among is None else [among[i] for i in missing]
+                for i, name in zip(missing, self.method.infer_tasks(self.model, pooled[missing], limits)):
                     tasks[i] = name
         else:
             if missing:
                 features = masked_mean(inputs.hidden, inputs.attention_mask)[missing]  # (M, H)
-                for i, name in zip(missing, self.route(features)):
+                limits = None if among is None else [among[i] for i in missing]
+                for i, name in zip(missing, self.route(features, limits)):
                     tasks[i] = name
             pooled = self.model.top_pooled(inputs, [self.method.adapter_key(t) for t in tasks])
         return tasks, self.method.head_logits(self.model, pooled, tasks)
 
     @torch.inference_mode()
-    def _run(self, ids: Sequence[Sequence[int]], row_tasks: list[str | None]) -> tuple[list[str], list[torch.Tensor]]:
+    def _run(self, ids: Sequence[Sequence[int]], row_tasks: list[str | None],
+             among: Sequence[Collection[str] | None] | None = None) -> tuple[list[str], list[torch.Tensor]]:
         tasks: list[str | None] = list(row_tasks)
         out: list[torch.Tensor | None] = [None] * len(ids)
         for rows, batch in collated(self.backbone, ids):
-            resolved, logits = self.row_logits(batch, [row_tasks[i] for i in rows])
+            resolved, logits = self.row_logits(batch, [row_tasks[i] for i in rows],
+                                               None if among is None else [among[i] for i in rows])
             logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
             for i, name, row in zip(rows, resolved, logits):
                 tasks[i], out[i] = name, row.float().cpu()
@@ -291,22 +298,27 @@ class ContinualLearner:
         return self._run(self.backbone.tokenize(list(texts)), row_tasks)[1]
 
     def predict(
-        self, texts: Sequence[str], task: str | Sequence[str | None] | None = None
+        self, texts: Sequence[str], task: str | Sequence[str | None] | None = None,
+        among: Collection[str] | Sequence[Collection[str] | None] | None = None,
     ) -> list[Prediction]:
         """Label and label probabilities for each text.
 
         `task` is one task name for all texts, one name (or None) per text, or None: texts
-        without a task are routed to the task the model predicts for them.
+        without a task are routed to the task the model predicts for them. `among` limits
+        routing to some tasks: one collection of task names for all texts, or one (or None:
+        any task) per text; it never changes a row whose task is given.
         """
         row_tasks = self._row_tasks(texts, task)
-        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks)
+        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks, among)
 
     def predict_ids(
-        self, ids: Sequence[Sequence[int]], task: str | Sequence[str | None] | None = None
+        self, ids: Sequence[Sequence[int]], task: str | Sequence[str | None] | None = None,
+        among: Collection[str] | Sequence[Collection[str] | None] | None = None,
     ) -> list[Prediction]:
         """`predict` for texts already tokenised by `backbone.tokenize` (the server tokenises
         a request once, to batch it, and predicts from those ids)."""
-        tasks, logits = self._run(ids, self._row_tasks(ids, task))
+        row_tasks = self._row_tasks(ids, task)
+        tasks, logits = self._run(ids, row_tasks, self._row_among(row_tasks, among))
         predictions = []
         for name, row in zip(tasks, logits):
             labels = self.tasks[name].labels
@@ -519,6 +531,25 @@ class ContinualLearner:
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; known: {list(self.tasks)}")
         return self.tasks[task]
+
+    def _row_among(self, row_tasks: list[str | None], among) -> list[Collection[str] | None] | None:
+        """`among` as one entry per row; each routed row must have a learned task to go to."""
+        if among is None:
+            return None
+        if isinstance(among, str):
+            raise TypeError("among must be a collection of task names, not one string")
+        rows = list(among)
+        if not rows or all(isinstance(r, str) for r in rows):  # one collection for every row
+            rows = [frozenset(rows)] * len(row_tasks)
+        elif len(rows) != len(row_tasks):
+            raise ValueError(f"{len(row_tasks)} texts but {len(rows)} entries of 'among'")
+        checked: set[int] = set()
+        for task, names in zip(row_tasks, rows):
+            if task is None and names is not None and id(names) not in checked:
+                checked.add(id(names))
+                if not any(t in self.tasks for t in names):
+                    raise ValueError(f"no learned task to route to among {sorted(names)[:10]}")
+        return rows
 
     def _row_tasks(self, texts: Sequence[str], task: str | Sequence[str | None] | None) -> list[str | None]:
         if isinstance(texts, str):

@@ -76,9 +76,15 @@ class AnalyticMethod(Method):
         columns = {t: self._columns(t) for t in dict.fromkeys(tasks)}
         return [scores[i, columns[t]] for i, t in enumerate(tasks)]
 
-    def infer_tasks(self, model, pooled: torch.Tensor) -> list[str]:
-        """The task of the best class over all labels of all tasks (class-incremental)."""
-        return [key.split(SEP, 1)[0] for key in self.classifier.predict(pooled)]
+    def infer_tasks(self, model, pooled: torch.Tensor, among=None) -> list[str]:
+        """The task of the best class over all labels of all tasks (class-incremental); `among`
+        (per row, None: all) limits a row to the labels of some tasks."""
+        classes = None
+        if among is not None:
+            classes = [None if names is None else
+                       {c for c in self.classifier.classes_ if c.split(SEP, 1)[0] in names}
+                       for names in among]
+        return [key.split(SEP, 1)[0] for key in self.classifier.predict(pooled, classes)]
 
     def delete(self, model, task: str) -> None:
         if task in self.labels:

@@ -77,7 +77,7 @@ class Method:
         """Logits per row from the pooled backbone output (B, H), each under its own task."""
         return model.heads.per_row(pooled, tasks)
 
-    def infer_tasks(self, model: "AdaptedModel", pooled: torch.Tensor) -> list[str]:
+    def infer_tasks(self, model: "AdaptedModel", pooled: torch.Tensor, among=None) -> list[str]:
         raise NotImplementedError(f"method {self.name!r} does not predict tasks; use the router")
 
     def footprint(self, model: "AdaptedModel", task: str) -> tuple[int, int]:

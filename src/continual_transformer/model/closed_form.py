@@ -28,6 +28,8 @@ Solvers (`solver=`):
 
 from __future__ import annotations
 
+from typing import Collection, Sequence
+
 import numpy as np
 import torch
 
@@ -203,8 +205,19 @@ class AnalyticClassifier:
         coef, intercept = self.solution()
         return self.features(X) @ coef + intercept  # (n, K)
 
-    def predict(self, X: torch.Tensor) -> list[str]:
-        return [self.classes_[i] for i in self.decision_function(X).argmax(1).tolist()]
+    def predict(self, X: torch.Tensor, among: Sequence[Collection[str] | None] | None = None) -> list[str]:
+        """The best class per row; `among` (one entry per row) limits a row to those classes
+        (None: every class). With equal priors this is the same classifier restricted."""
+        scores = self.decision_function(X)  # (n, K)
+        if among is not None:
+            allowed = torch.ones(scores.shape, dtype=torch.bool)
+            for row, names in enumerate(among):
+                if names is not None:
+                    allowed[row] = torch.tensor([c in names for c in self.classes_], dtype=torch.bool)
+            if not bool(allowed.any(1).all()):
+                raise ValueError("a row may be classified among no known class")
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return [self.classes_[i] for i in scores.argmax(1).tolist()]
 
     # -- persistence -------------------------------------------------------------------------
     def shared_state(self) -> dict[str, torch.Tensor]:

@@ -13,6 +13,8 @@ computed anyway; its state is constant in the number of examples.
 
 from __future__ import annotations
 
+from typing import Collection, Sequence
+
 import torch
 
 from .closed_form import AnalyticClassifier
@@ -43,13 +45,17 @@ class Router:
         """Add one task's training features (n, H)."""
         self.classifier.partial_fit(features, [task] * len(features))
 
-    def predict(self, features: torch.Tensor) -> list[str]:
-        """The most likely task per row (n, H) -> n names."""
+    def predict(self, features: torch.Tensor,
+                among: Sequence[Collection[str] | None] | None = None) -> list[str]:
+        """The most likely task per row (n, H) -> n names; `among` (one entry per row, None:
+        every task) limits a row to some tasks: a caller that may see only those."""
         if len(self.classifier.classes_) == 1:
             return [self.classifier.classes_[0]] * len(features)
         # In chunks: the expanded features are float64, 16 KiB per row.
         return [name for start in range(0, len(features), PREDICT_ROWS)
-                for name in self.classifier.predict(features[start : start + PREDICT_ROWS])]
+                for name in self.classifier.predict(
+                    features[start : start + PREDICT_ROWS],
+                    None if among is None else among[start : start + PREDICT_ROWS])]
 
     def remove(self, task: str) -> None:
         if task in self.classifier.classes_:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .. import __version__
+from .logs import AccessLogMiddleware, configure
 from .prometheus import Metrics, MetricsMiddleware
 from .routes import READ_ROUTERS, task_writes
 from .security import KeyRing, RateLimiter
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from prometheus_client import disable_created_metrics
 
     settings = settings or get_settings()
+    configure(settings.log_format)
     disable_created_metrics()  # the `_created` series only repeat the start time
     app = FastAPI(
         title="continual-tiny-transformer",
@@ -117,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.admin_key.get_secret_value() if settings.admin_key is not None else None,
         settings.reader_keys(),
     )
+    app.state.tokens = settings.token_verifier()  # None without CTT_JWT_* keys
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     for router in READ_ROUTERS:
         app.include_router(router)
@@ -127,4 +130,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)  # outermost: times it all
     return app

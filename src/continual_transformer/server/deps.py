@@ -1,7 +1,10 @@
 """Typed dependencies: settings, the served model, the job runner, and who is calling.
 
-Every route that needs a caller names one of `ReaderDep`, `AdminDep` or `PredictorDep`; each
-checks the bearer key (constant time), then the caller's rate limit.
+Every route that needs a caller names the scope it needs: `PredictorDep` (predict), `ReaderDep`
+(read), `LearnerDep` (learn), `DeleterDep` (delete) or `AdminDep` (admin). Each checks the
+bearer credential (a static key, compared in constant time, or a JWT: `tokens.py`), then the
+scope, then the caller's rate limit, and leaves the caller's id in `request.state` for the log.
+Which tasks a caller may touch is the routes' business (`Caller.sees`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from .prometheus import Metrics
 from .security import Caller, KeyRing, RateLimiter
 from .serving import ModelService
 from .settings import Settings
+from .tokens import TokenError, TokenVerifier, looks_like_jwt
 
-bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`: CTT_ADMIN_KEY or one of CTT_API_KEYS.")
+bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <credential>`: "
+                    "CTT_ADMIN_KEY, one of CTT_API_KEYS, or a JWT with scopes (docs/serving.md).")
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -66,25 +71,42 @@ def _caller(request: Request, credentials: HTTPAuthorizationCredentials | None) 
         if request.headers.get("authorization"):
             raise _unauthorized("malformed Authorization header: expected 'Bearer <key>'")
         return None
-    keys: KeyRing = request.app.state.keys
-    caller = keys.caller(credentials.credentials)
-    if caller is None:
-        raise _unauthorized("invalid key")
+    credential = credentials.credentials
+    verifier: TokenVerifier | None = request.app.state.tokens
+    if verifier is not None and looks_like_jwt(credential):
+        try:
+            claims = verifier.verify(credential)
+        except TokenError as exc:
+            raise _unauthorized(str(exc)) from None
+        caller = Caller(f"token:{claims.subject}", "token", claims.scopes, claims.tasks)
+    else:
+        keys: KeyRing = request.app.state.keys
+        caller = keys.caller(credential)
+        if caller is None:
+            raise _unauthorized("invalid key")
+    request.state.caller = caller.id
     return caller
 
 
-async def require_reader(request: Request, credentials: Credentials) -> Caller:
-    caller = _caller(request, credentials)
-    if caller is None:
-        raise _unauthorized("missing key: send 'Authorization: Bearer <key>'")
-    return _limit(request, caller)
+def _forbidden(caller: Caller, scope: str) -> HTTPException:
+    if caller.role == "token":
+        return HTTPException(status.HTTP_403_FORBIDDEN, f"this token lacks the scope {scope!r}")
+    return HTTPException(status.HTTP_403_FORBIDDEN, "this needs the admin key (CTT_ADMIN_KEY)")
 
 
-async def require_admin(request: Request, credentials: Credentials) -> Caller:
-    caller = await require_reader(request, credentials)
-    if caller.role != "admin":
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs the admin key (CTT_ADMIN_KEY)")
-    return caller
+def requires(scope: str):
+    """The dependency of a route that needs `scope`."""
+
+    async def dependency(request: Request, credentials: Credentials) -> Caller:
+        caller = _caller(request, credentials)
+        if caller is None:
+            raise _unauthorized("missing key: send 'Authorization: Bearer <key>'")
+        if not caller.may(scope):
+            raise _forbidden(caller, scope)
+        return _limit(request, caller)
+
+    dependency.__name__ = f"require_{scope}"
+    return dependency
 
 
 async def require_predictor(request: Request, credentials: Credentials, settings: SettingsDep) -> Caller:
@@ -95,16 +117,25 @@ async def require_predictor(request: Request, credentials: Credentials, settings
                                 "(or the operator sets CTT_PUBLIC_PREDICT=true)")
         host = request.client.host if request.client else "unknown"
         caller = Caller(f"address:{host}", "public")
+        request.state.caller = caller.id
+    elif not caller.may("predict"):
+        raise _forbidden(caller, "predict")
     return _limit(request, caller)
 
 
 async def require_metrics_reader(request: Request, credentials: Credentials, settings: SettingsDep) -> Caller | None:
     if settings.public_metrics and _caller(request, credentials) is None:
         return None
-    return await require_reader(request, credentials)
+    caller = await requires("read")(request, credentials)
+    if caller.tasks is not None:  # the series are labelled with every task's name
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            "/metrics names every task: it needs a token for all tasks")
+    return caller
 
 
-ReaderDep = Annotated[Caller, Depends(require_reader)]
-AdminDep = Annotated[Caller, Depends(require_admin)]
+ReaderDep = Annotated[Caller, Depends(requires("read"))]
+LearnerDep = Annotated[Caller, Depends(requires("learn"))]
+DeleterDep = Annotated[Caller, Depends(requires("delete"))]
+AdminDep = Annotated[Caller, Depends(requires("admin"))]
 PredictorDep = Annotated[Caller, Depends(require_predictor)]
 MetricsReaderDep = Annotated[Caller | None, Depends(require_metrics_reader)]

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ..experiment.workers import Send, Worker, WorkerDied, WorkerFailed
+from .logs import event
 
 if TYPE_CHECKING:
     from ..types import Task
@@ -167,10 +168,15 @@ class JobRunner:
 
     def _finish(self, job: Job, state: str, error: str | None = None) -> None:
         self._set(job, state=state, error=error, finished_at=_now())
+        event(f"job.{state}", f"learning job {job.id} {state}",
+              logging.WARNING if state == "failed" else logging.INFO,
+              job=job.id, tasks=[job.task], state=state, error=error)
 
     def _run(self, job: Job, task: "Task") -> None:
         start = time.perf_counter()
         self._set(job, state="running", started_at=_now())
+        event("job.started", f"learning job {job.id} started", job=job.id, tasks=[job.task],
+              state="running")
         learner = self.service.learner
         spec = {
             "learner": learner.spec(),

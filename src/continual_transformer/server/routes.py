@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -12,18 +12,32 @@ from ..data.source import ReadOptions, tasks_from_upload
 from ..data.stream import check_row, tasks_from_rows
 from ..extras import MissingExtra
 from ..types import StreamError, Task, check_task_name
-from .deps import (AdminDep, JobsDep, MetricsDep, MetricsReaderDep, PredictorDep, ReaderDep,
-                   ServiceDep, SettingsDep)
+from .deps import (DeleterDep, JobsDep, LearnerDep, MetricsDep, MetricsReaderDep, PredictorDep,
+                   ReaderDep, ServiceDep, SettingsDep)
 from .jobs import Job, JobRejected
 from .schemas import (ErrorOut, Health, JobOut, JobsResponse, PredictionOut, PredictRequest,
                       PredictResponse, Ready, TaskOut, TasksResponse, TaskUpload)
+from .security import Caller
 from .serving import PredictionRefused, UnknownTask
 from .settings import Settings
 
 
+def _sees(caller: Caller):
+    """The filter a tenant's requests go through (None: the caller sees every task)."""
+    return None if caller.tasks is None else caller.sees
+
+
+def _involve(request: Request, tasks, job: str | None = None) -> None:
+    """Name the tasks (and job) a request touched, for its log line."""
+    request.state.tasks = sorted({t for t in tasks if t is not None})
+    if job is not None:
+        request.state.job = job
+
+
 def _errors(*codes: int) -> dict:
     why = {400: "the body could not be parsed (not UTF-8 JSON, broken multipart)",
-           401: "missing or invalid key", 403: "needs the admin key", 404: "not found",
+           401: "missing or invalid key or token", 403: "the key or token lacks the scope (or task)",
+           404: "not found",
            409: "conflicts with a task or job", 413: "over a size limit (named in the message)",
            415: "a file format this server cannot read (an optional package is not installed)",
            422: "invalid input (the message names the problem or the limit)",
@@ -63,9 +77,10 @@ predictions = APIRouter(prefix="/v1", tags=["predict"])
 
 
 @predictions.post("/predict", response_model=PredictResponse, responses=_errors(*AUTH, 400, 413, 422))
-async def predict(body: PredictRequest, _: PredictorDep, service: ServiceDep, settings: SettingsDep,
-                  metrics: MetricsDep) -> PredictResponse:
-    """Label and label probabilities per item; items may mix tasks (one forward pass)."""
+async def predict(body: PredictRequest, caller: PredictorDep, service: ServiceDep, settings: SettingsDep,
+                  metrics: MetricsDep, request: Request) -> PredictResponse:
+    """Label and label probabilities per item; items may mix tasks (one forward pass). An item
+    without a task is routed among the tasks the caller may see."""
     if len(body.items) > settings.max_items:
         raise HTTPException(413,
                             f"{len(body.items)} items, more than the limit of {settings.max_items} "
@@ -75,10 +90,13 @@ async def predict(body: PredictRequest, _: PredictorDep, service: ServiceDep, se
             raise HTTPException(422,
                                 f"items[{i}].text has {len(item.text)} characters, more than the limit "
                                 f"of {settings.max_text_chars} (CTT_MAX_TEXT_CHARS)")
+    _involve(request, [i.task for i in body.items])
     try:
-        results = await service.predict([i.text for i in body.items], [i.task for i in body.items])
+        results = await service.predict([i.text for i in body.items], [i.task for i in body.items],
+                                        _sees(caller))
     except (UnknownTask, PredictionRefused) as exc:
         raise HTTPException(422, str(exc)) from None
+    _involve(request, [p.task for p in results])
     for p in results:
         metrics.predictions.labels(p.task).inc()
     return PredictResponse(predictions=[PredictionOut(task=p.task, label=p.label,
@@ -90,14 +108,15 @@ tasks = APIRouter(prefix="/v1", tags=["tasks"])
 
 
 @tasks.get("/tasks", response_model=TasksResponse, responses=_errors(*AUTH))
-async def list_tasks(_: ReaderDep, service: ServiceDep) -> TasksResponse:
-    """Tasks served, with labels, footprint, when learned and test accuracy if known."""
+async def list_tasks(caller: ReaderDep, service: ServiceDep) -> TasksResponse:
+    """Tasks served (those the caller may see), with labels, footprint, when learned and test
+    accuracy if known."""
     return TasksResponse(tasks=[
         TaskOut(name=r.name, labels=list(r.labels), learned_at=r.learned_at,
                 train_examples=r.train_examples, adapter_parameters=r.adapter_parameters,
                 head_parameters=r.head_parameters, bytes_added=r.bytes_added,
                 test_accuracy=r.stats.get("test_accuracy"))
-        for r in service.records()
+        for r in service.records(_sees(caller))
     ])
 
 
@@ -113,7 +132,12 @@ def _check_limits(task: Task, settings: Settings) -> None:
                                   "(CTT_MAX_TEXT_CHARS)")
 
 
-def _submit(task: Task, epochs: int | None, settings: Settings, jobs, response: Response) -> JobOut:
+def _submit(task: Task, epochs: int | None, settings: Settings, jobs, response: Response,
+            caller: Caller, request: Request) -> JobOut:
+    _involve(request, [task.name])
+    if not caller.sees(task.name):
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            f"this token may not learn task {task.name!r}: it is outside the token's tasks")
     try:
         _check_limits(task, settings)
         job = jobs.submit(task, epochs)
@@ -123,6 +147,7 @@ def _submit(task: Task, epochs: int | None, settings: Settings, jobs, response: 
         headers = {"Retry-After": "60"} if exc.status == 429 else None
         raise HTTPException(exc.status, str(exc), headers=headers) from None
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    request.state.job = job.id
     return _job_out(job)
 
 
@@ -130,14 +155,15 @@ LEARN_ERRORS = _errors(*AUTH, 400, 403, 409, 413, 422)
 FILE_ERRORS = _errors(*AUTH, 400, 403, 409, 413, 415, 422)
 
 
-# Learning and deleting: served only with CTT_ENABLE_WRITES=true (the default), admin key only.
+# Learning and deleting: served only with CTT_ENABLE_WRITES=true (the default); the admin key,
+# or a token with the scope `learn` / `delete` for tasks among its own.
 task_writes = APIRouter(prefix="/v1", tags=["tasks"])
 
 
 @task_writes.post("/tasks", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED,
             responses=LEARN_ERRORS)
-async def learn_task(body: TaskUpload, _: AdminDep, settings: SettingsDep, jobs: JobsDep,
-                     response: Response) -> JobOut:
+async def learn_task(body: TaskUpload, caller: LearnerDep, settings: SettingsDep, jobs: JobsDep,
+                     response: Response, request: Request) -> JobOut:
     """Learn a new task from JSON examples, in the background; returns the job (see /v1/jobs/{id}).
 
     Checked like a stream file, with the same messages; locations read `train[i]` / `test[i]`.
@@ -151,7 +177,7 @@ async def learn_task(body: TaskUpload, _: AdminDep, settings: SettingsDep, jobs:
         (task,) = tasks_from_rows(rows, "upload", require_test=False)
     except StreamError as exc:
         raise HTTPException(422, str(exc)) from None
-    return _submit(task, body.epochs, settings, jobs, response)
+    return _submit(task, body.epochs, settings, jobs, response, caller, request)
 
 
 def _column(what: str):
@@ -163,7 +189,8 @@ def _column(what: str):
 async def learn_task_file(file: Annotated[UploadFile, File(description="A stream file holding one "
                                                            "task: JSONL (plain or gzip), CSV, TSV "
                                                            "or Parquet.")],
-                          _: AdminDep, settings: SettingsDep, jobs: JobsDep, response: Response,
+                          caller: LearnerDep, settings: SettingsDep, jobs: JobsDep,
+                          response: Response, request: Request,
                           epochs: Annotated[int | None, Form(ge=1, le=100)] = None,
                           file_format: Annotated[str | None, Form(
                               alias="format", description="jsonl, csv, tsv or parquet; default: "
@@ -198,15 +225,16 @@ async def learn_task_file(file: Annotated[UploadFile, File(description="A stream
         raise HTTPException(422,
                             f"{source} holds {len(found)} tasks {[t.name for t in found]}; "
                             "upload one task per request")
-    return _submit(found[0], epochs, settings, jobs, response)
+    return _submit(found[0], epochs, settings, jobs, response, caller, request)
 
 
 @task_writes.delete("/tasks/{name}", status_code=status.HTTP_204_NO_CONTENT,
               responses=_errors(*AUTH, 403, 404))
-async def delete_task(name: str, _: AdminDep, service: ServiceDep) -> Response:
+async def delete_task(name: str, caller: DeleterDep, service: ServiceDep, request: Request) -> Response:
     """Remove a task exactly (its vectors and head); it stops answering, other tasks are unchanged."""
+    _involve(request, [name])
     try:
-        await run_in_threadpool(service.delete_task, name)
+        await run_in_threadpool(service.delete_task, name, _sees(caller))
     except UnknownTask as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -221,17 +249,19 @@ def _job_out(job: Job) -> JobOut:
 
 
 @jobs_router.get("/jobs", response_model=JobsResponse, responses=_errors(*AUTH))
-async def list_jobs(_: ReaderDep, jobs: JobsDep) -> JobsResponse:
-    """Learning jobs since the server started (the latest 1000 finished ones), oldest first."""
-    return JobsResponse(jobs=[_job_out(j) for j in jobs.list()])
+async def list_jobs(caller: ReaderDep, jobs: JobsDep) -> JobsResponse:
+    """Learning jobs since the server started (the latest 1000 finished ones), oldest first;
+    those of the caller's tasks."""
+    return JobsResponse(jobs=[_job_out(j) for j in jobs.list() if caller.sees(j.task)])
 
 
 @jobs_router.get("/jobs/{job_id}", response_model=JobOut, responses=_errors(*AUTH, 404))
-async def get_job(job_id: str, _: ReaderDep, jobs: JobsDep) -> JobOut:
+async def get_job(job_id: str, caller: ReaderDep, jobs: JobsDep, request: Request) -> JobOut:
     """A learning job's state and progress."""
     job = jobs.get(job_id)
-    if job is None:
+    if job is None or not caller.sees(job.task):  # another tenant's job does not exist
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown job {job_id!r}")
+    _involve(request, [job.task], job.id)
     return _job_out(job)
 
 

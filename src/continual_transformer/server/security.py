@@ -1,4 +1,5 @@
-"""Bearer keys checked in constant time, and a token-bucket rate limit per caller."""
+"""Who is calling (static bearer keys checked in constant time, or a verified JWT: `tokens.py`),
+what they may do, and a token-bucket rate limit per caller."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["admin", "reader", "public"]
+from .tokens import SCOPES, TaskScope
+
+Role = Literal["admin", "reader", "public", "token"]
+# What the static keys may do: the admin key everything, reader keys read and predict.
+ROLE_SCOPES = {"admin": frozenset(SCOPES), "reader": frozenset({"read", "predict"}),
+               "public": frozenset({"predict"})}
 
 
 def _digest(key: str) -> bytes:
@@ -20,10 +26,26 @@ def _digest(key: str) -> bytes:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a request: `id` keys the rate limit and never contains the key itself."""
+    """Who sent a request: `id` keys the rate limit and is what logs show (never the key or
+    token itself); `scopes` what they may do; `tasks` the tasks they may see (None: all)."""
 
     id: str
     role: Role
+    scopes: frozenset[str] = frozenset()
+    tasks: TaskScope | None = None
+
+    def __post_init__(self) -> None:
+        if not self.scopes and self.role in ROLE_SCOPES:
+            object.__setattr__(self, "scopes", ROLE_SCOPES[self.role])
+
+    def may(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    def sees(self, task: str) -> bool:
+        return self.tasks is None or self.tasks.allows(task)
+
+    def visible(self, tasks) -> list[str]:
+        return [t for t in tasks if self.sees(t)]
 
 
 class KeyRing:

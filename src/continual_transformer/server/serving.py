@@ -27,9 +27,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..model.batching import length_batches
+from .logs import event
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +57,7 @@ class _Pending:
     tasks: list[str | None]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    among: frozenset[str] | None = None  # the tasks routed rows may go to (None: any)
     results: list = field(default_factory=list)
 
 
@@ -103,27 +105,35 @@ class ModelService:
         return self._thread.is_alive()
 
     # -- reading -------------------------------------------------------------------------------
-    def task_names(self) -> tuple[str, ...]:
-        return self._served
-
-    def records(self) -> list["TaskRecord"]:
+    def task_names(self, sees: Callable[[str], bool] | None = None) -> tuple[str, ...]:
+        """The tasks served; with `sees`, only those a caller may see (a tenant's tasks)."""
         served = self._served
-        return [self.learner.tasks[name] for name in served]
+        return served if sees is None else tuple(t for t in served if sees(t))
 
-    def check_tasks(self, tasks: list[str | None]) -> None:
-        served = self._served
-        if not served and any(name is None for name in tasks):
+    def records(self, sees: Callable[[str], bool] | None = None) -> list["TaskRecord"]:
+        tasks = self.learner.tasks
+        return [tasks[name] for name in self.task_names(sees)]
+
+    def check_tasks(self, tasks: list[str | None], sees: Callable[[str], bool] | None = None) -> tuple[str, ...]:
+        """The tasks the caller sees, after checking that every named one is among them; a
+        task the caller may not see is answered exactly as one that does not exist."""
+        known = self.task_names(sees)
+        if not known and any(name is None for name in tasks):
             raise PredictionRefused("no task given and no task learned yet")
         for name in dict.fromkeys(tasks):
-            if name is not None and name not in served:
-                raise UnknownTask(f"unknown task {name!r}; known: {list(served)}")
+            if name is not None and name not in known:
+                raise UnknownTask(f"unknown task {name!r}; known: {list(known)}")
+        return known
 
     # -- predicting ----------------------------------------------------------------------------
-    async def predict(self, texts: list[str], tasks: list[str | None]) -> list["Prediction"]:
-        """Predictions for `texts` (task None: the model routes, or refuses), batched with others."""
-        self.check_tasks(tasks)
+    async def predict(self, texts: list[str], tasks: list[str | None],
+                      sees: Callable[[str], bool] | None = None) -> list["Prediction"]:
+        """Predictions for `texts` (task None: the model routes, or refuses), batched with others.
+        With `sees`, named tasks must be visible to it and routed rows go only to such tasks."""
+        known = self.check_tasks(tasks, sees)
         loop = asyncio.get_running_loop()
-        pending = _Pending(list(texts), list(tasks), loop, loop.create_future())
+        pending = _Pending(list(texts), list(tasks), loop, loop.create_future(),
+                           None if sees is None else frozenset(known))
         self._queue.put(pending)
         return await pending.future
 
@@ -163,8 +173,12 @@ class ModelService:
             for pending in batch:
                 # A task deleted after the request was checked no longer answers.
                 missing = [t for t in pending.tasks if t is not None and t not in known]
+                listed = [t for t in self._served if pending.among is None or t in pending.among]
                 if missing:
-                    error = UnknownTask(f"unknown task {missing[0]!r}; known: {list(self._served)}")
+                    error = UnknownTask(f"unknown task {missing[0]!r}; known: {listed}")
+                    pending.loop.call_soon_threadsafe(_settle, pending.future, None, error)
+                elif not listed and None in pending.tasks:
+                    error = PredictionRefused("no task given and no task learned yet")
                     pending.loop.call_soon_threadsafe(_settle, pending.future, None, error)
                 else:
                     pending.results = [None] * len(pending.texts)
@@ -193,7 +207,10 @@ class ModelService:
                                         max_rows=self._max_rows_per_pass):
                 self.metrics.batch_rows.observe(len(group))
                 group_tasks = [owners[j][0].tasks[owners[j][1]] for j in group]
-                answers = self.learner.predict_ids([ids[j] for j in group], task=group_tasks)
+                among = [owners[j][0].among for j in group]
+                answers = self.learner.predict_ids(
+                    [ids[j] for j in group], task=group_tasks,
+                    among=None if all(a is None for a in among) else among)
                 for j, answer in zip(group, answers):
                     predictions[j] = answer
         except (ValueError, KeyError) as exc:
@@ -228,16 +245,19 @@ class ModelService:
                 self.learner.import_task(record, tensors, shared_increment)
             try:
                 self.learner.save(self.model_dir)
-            except BaseException:
+            except BaseException as exc:
                 with self._model_lock:
                     self.learner.delete(record.name)
+                event("model.failed", f"adding task {record.name!r} failed", 40,
+                      tasks=[record.name], error=f"{type(exc).__name__}: {exc}")
                 raise
             self._publish()
+            event("model.learned", f"task {record.name!r} added", tasks=[record.name])
 
-    def delete_task(self, name: str) -> None:
+    def delete_task(self, name: str, sees: Callable[[str], bool] | None = None) -> None:
         """Stop answering for `name` at once, remove its state and save; undone if saving fails."""
         with self._write_lock:
-            self.check_tasks([name])
+            self.check_tasks([name], sees)
             order = list(self.learner.tasks)
             record, tensors = self.learner.task_state(name)
             self._served = tuple(t for t in self._served if t != name)
@@ -251,9 +271,11 @@ class ModelService:
                     restored = self.learner.tasks
                     self.learner.tasks = {t: restored[t] for t in order}
                 self._publish()
+                event("model.failed", f"deleting task {name!r} failed", 40, tasks=[name])
                 raise
             self._publish()
             self.metrics.predictions.remove(name)
+            event("model.deleted", f"task {name!r} deleted", tasks=[name])
 
     def _publish(self) -> None:
         self._served = tuple(self.learner.tasks)
