@@ -198,7 +198,6 @@ def write(directory: Path, saved: SavedModel) -> Path:
         "files": files,
     }
     commit(directory, manifest)
-    _remove_files(directory, TEMP_FILE.match)
     return directory
 
 
@@ -206,7 +205,14 @@ def write(directory: Path, saved: SavedModel) -> Path:
 def commit(directory: Path, manifest: dict, change: str | None = None) -> int:
     """Make `manifest` (whose files are in place) the current version of `directory`; return
     its number: the current one's if the content is the same, else the next. `change` says what
-    changed (default: the tasks learned, deleted or changed since the current version)."""
+    changed (default: the tasks learned, deleted or changed since the current version).
+    Temporary files a killed writer left are removed."""
+    number = _commit(directory, manifest, change)
+    _remove_files(directory, TEMP_FILE.match)
+    return number
+
+
+def _commit(directory: Path, manifest: dict, change: str | None) -> int:
     previous = read_manifest(directory) if (directory / MANIFEST).exists() else None
     if previous is not None and content(previous) == content(manifest):
         return previous.get("version", 0)
