@@ -52,6 +52,7 @@ from ..types import TaskRecord
 from . import store
 from .store import (
     CheckpointError,
+    UnknownVersion,
     content_name,
     parse_tensors,
     put,
@@ -75,10 +76,6 @@ TEMP_FILE = re.compile(r"^((tasks|versions)/)?\.[^/]+\.[a-z0-9_]+\.tmp$")  # see
 CONTENT_FIELDS = ("format_version", "backbone", "method", "router", "shared_file",
                   "shared_json_file", "tasks", "files")
 VERSION_FIELDS = ("version", "saved_at", "change")  # what `commit` writes into each version
-
-
-class UnknownVersion(CheckpointError):
-    """A version number the directory does not hold (the message lists the ones it does)."""
 
 
 @dataclass

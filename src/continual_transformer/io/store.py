@@ -36,6 +36,10 @@ class CheckpointError(RuntimeError):
     """A stored model or run state that cannot be used, naming the file and the problem."""
 
 
+class UnknownVersion(CheckpointError):
+    """A version number a model directory does not hold (the message lists the ones it does)."""
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from fastapi.concurrency import run_in_threadpool
 
-from ..io.checkpoint import CheckpointError, UnknownVersion
-from ..io.versions import list_versions
+from ..io.store import CheckpointError, UnknownVersion
 from .deps import AdminDep, ServiceDep
 from .schemas import ErrorOut, RollbackOut, VersionOut, VersionsResponse
 
@@ -30,6 +29,8 @@ def _errors(*codes: int) -> dict:
 @versions_read.get("/versions", response_model=VersionsResponse, responses=_errors(401, 403, 429))
 async def get_versions(_: AdminDep, service: ServiceDep) -> VersionsResponse:
     """Every kept version of the served model directory, oldest first: when, tasks, what changed."""
+    from ..io.versions import list_versions  # not at import: it brings torch
+
     found = await run_in_threadpool(list_versions, service.model_dir)
     return VersionsResponse(versions=[VersionOut(version=v.number, saved_at=v.saved_at, change=v.change,
                                                  tasks=list(v.tasks), current=v.current) for v in found])
