@@ -195,7 +195,8 @@ def saver(directory: Path, references: Path) -> None:
 def versioner(operation: str, directory: Path, log_path: Path, kill: str | None) -> None:
     """Roll `directory` back in a loop (to version 1, 2, 3, 1, ...), or roll back to the
     previous version and prune to the newest two in a loop, until killed; with `kill`
-    ('<prune>:<deletion>'), die just after that deletion (of a manifest or a file) of that prune."""
+    ('<prune>:<deletion>'), die just after that deletion (of a manifest or a file) of that prune,
+    or the first deletion after it if that prune deletes fewer."""
     from continual_transformer.io import store, versions
 
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -207,7 +208,7 @@ def versioner(operation: str, directory: Path, log_path: Path, kill: str | None)
         for path in paths:  # one at a time: each deletion is a moment to die after
             remove([path])
             deletions += 1
-            if (prunes, deletions) == (at_prune, at_deletion):
+            if at_prune >= 0 and (prunes, deletions) >= (at_prune, at_deletion):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     store.remove_files = remove_files
@@ -464,7 +465,7 @@ def versions_trial(bench: "Bench", operation: str) -> dict:
     directory = bench.work / f"{operation}{bench.trial}"
     shutil.copytree(bench.history(), directory)
     log = bench.work / f"{operation}{bench.trial}.log"
-    # a prune here deletes 1-2 manifests, then 0-2 files; a deletion past its last: the next prune's
+    # a prune here deletes 1-2 manifests, then 0-2 files; past its last: the next prune's first
     kill = f"{bench.rng.randint(0, 5)}:{bench.rng.randint(1, 3)}" if operation == "prune" else None
     process = subprocess.Popen([sys.executable, __file__, "versioner", operation, str(directory), str(log),
                                 kill or ""], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
