@@ -1,7 +1,7 @@
 """Kill `ctt run` with SIGKILL at random and at chosen moments; check that it always resumes.
 
-    python benchmarks/kill_test.py                     # 38 trials, ~10 minutes on 2 cores
-    python benchmarks/kill_test.py --quick             # 5 trials (the slow test in CI)
+    python benchmarks/kill_test.py                     # 50 trials (38 took ~10 minutes on 2 cores)
+    python benchmarks/kill_test.py --quick             # 7 trials (the slow test in CI)
     python benchmarks/kill_test.py --json results.json
 
 Every trial runs `ctt run` on a small stream (three tasks, a tiny random BERT, so a run takes
@@ -22,6 +22,10 @@ Kinds of trial:
   stale files not yet removed).
 - saver: a process that saves three different models into one directory in a loop, killed at
   a random moment; the directory must load and equal one of the three.
+- rollback / prune: a directory whose versions 1-3 are those three models; a process rolls it
+  back in a loop (to version 1, 2, 3, 1, ...), or rolls back to the previous version and prunes
+  to the newest two in a loop, killed at a random moment; every kept version must load and
+  equal one of the three, and the current one too.
 
 The child is this file run with `child`: it wraps a few library functions to log the phase
 (and, for targeted trials, to SIGKILL itself at the chosen point) and then runs the real CLI.
@@ -160,8 +164,8 @@ def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
         event("exit")
 
 
-def saver(directory: Path, references: Path) -> None:
-    """Save three different models into `directory` in a loop, until killed."""
+def three_states(references: Path) -> list:
+    """Three different models (saved as `references/state<i>`)."""
     from continual_transformer import ContinualLearner, TrainConfig, load_stream
     from continual_transformer.config import BackboneConfig
 
@@ -174,12 +178,54 @@ def saver(directory: Path, references: Path) -> None:
             learner.learn(task)
         learner.save(references / f"state{len(states)}")
         states.append(learner)
+    return states
+
+
+def saver(directory: Path, references: Path) -> None:
+    """Save three different models into `directory` in a loop, until killed."""
+    states = three_states(references)
     log = os.open(references / "saver.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.write(log, b"start\n")
     for i in range(10**9):
         os.write(log, f"save {i % 3}\n".encode())
         states[i % 3].save(directory)
         os.write(log, b"saved\n")
+
+
+def versioner(operation: str, directory: Path, log_path: Path, kill: str | None) -> None:
+    """Roll `directory` back in a loop (to version 1, 2, 3, 1, ...), or roll back to the
+    previous version and prune to the newest two in a loop, until killed; with `kill`
+    ('<prune>:<deletion>'), die just after that deletion (of a manifest or a file) of that prune,
+    or the first deletion after it if that prune deletes fewer."""
+    from continual_transformer.io import store, versions
+
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    at_prune, at_deletion = map(int, kill.split(":")) if kill else (-1, -1)
+    prunes, deletions, remove = -1, 0, store.remove_files
+
+    def remove_files(paths):
+        nonlocal deletions
+        for path in paths:  # one at a time: each deletion is a moment to die after
+            remove([path])
+            deletions += 1
+            if at_prune >= 0 and (prunes, deletions) >= (at_prune, at_deletion):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    store.remove_files = remove_files
+    os.write(log, b"start\n")
+    for i in range(10**9):
+        if operation == "rollback":
+            os.write(log, f"rollback {i}\n".encode())
+            versions.rollback(directory, i % 3 + 1)
+            os.write(log, b"done\n")
+        else:
+            kept = [v.number for v in versions.list_versions(directory)]
+            os.write(log, f"rollback {i}\n".encode())
+            versions.rollback(directory, kept[-2])
+            os.write(log, f"prune {i}\n".encode())
+            prunes, deletions = i, 0
+            versions.prune(directory, keep=2)
+            os.write(log, b"done\n")
 
 
 # -- the parent ---------------------------------------------------------------------------------
@@ -346,6 +392,16 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         return {"kind": kind, "kill": kill, "phases": phases, "ok": ok, "problem": problem}
 
+    def history(self) -> Path:
+        """A model directory whose versions 1, 2, 3 are the three states (built once)."""
+        directory = self.work / "history"
+        if not directory.exists():
+            states = three_states(self.work)
+            for learner in states:
+                learner.save(directory)
+            self.state_tensors = [model_tensors(self.work / f"state{i}") for i in range(3)]
+        return directory
+
     def saver_trial(self) -> dict:
         self.trial += 1
         directory = self.work / f"saver{self.trial}"
@@ -375,6 +431,73 @@ class Bench:
                 "ok": problem is None, "problem": problem}
 
 
+def version_tensors(directory: Path, number: int) -> dict:
+    from continual_transformer import ContinualLearner
+    from continual_transformer.io import checkpoint
+
+    learner = ContinualLearner.from_state(checkpoint.read(directory, number), device="cpu")
+    return {name: learner.method.task_tensors(learner.model, name) for name in learner.tasks}
+
+
+def check_versions(directory: Path, states: list[dict]) -> str | None:
+    """Every kept version and the current model load and equal one of `states`; no foreign file."""
+    from continual_transformer.io import checkpoint, versions
+
+    foreign = checkpoint.foreign_entries(directory)
+    if foreign:
+        return f"foreign entries {foreign}"
+    for version in versions.list_versions(directory):
+        tensors = version_tensors(directory, version.number)
+        if not any(same_tensors(tensors, state) for state in states):
+            return f"version {version.number} loads, but equals none of the three saved states"
+    if not any(same_tensors(model_tensors(directory), state) for state in states):
+        return "the current model loads, but equals none of the three saved states"
+    return None
+
+
+def versions_trial(bench: "Bench", operation: str) -> dict:
+    """A directory whose versions 1-3 are the three states, rolled back (and pruned) in a loop
+    by a child killed at a random moment (rollback), or just after a drawn deletion of a drawn
+    prune (prune: the rollbacks between prunes take most of the time)."""
+    from continual_transformer.io import versions
+
+    bench.trial += 1
+    directory = bench.work / f"{operation}{bench.trial}"
+    shutil.copytree(bench.history(), directory)
+    log = bench.work / f"{operation}{bench.trial}.log"
+    # a prune here deletes 1-2 manifests, then 0-2 files; past its last: the next prune's first
+    kill = f"{bench.rng.randint(0, 5)}:{bench.rng.randint(1, 3)}" if operation == "prune" else None
+    process = subprocess.Popen([sys.executable, __file__, "versioner", operation, str(directory), str(log),
+                                kill or ""], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (log.exists() and "start" in log.read_text()):
+        if process.poll() is not None:
+            raise SystemExit(f"versioner failed:\n{process.stderr.read().decode()}")
+        time.sleep(0.01)
+    if kill is None:
+        time.sleep(bench.rng.uniform(0.05, 1.5))
+        process.send_signal(signal.SIGKILL)
+    try:
+        process.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    lines = log.read_text().splitlines()
+    last = lines[-1].split()[0]
+    phase = "between" if last in ("done", "start") else f"during-{last}"
+    problem, kept = None, None
+    try:
+        problem = check_versions(directory, bench.state_tensors)
+        kept = len(versions.list_versions(directory))
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    operations = sum(line == "done" for line in lines)
+    shutil.rmtree(directory, ignore_errors=True)
+    if process.returncode != -signal.SIGKILL:
+        problem = problem or f"versioner ended by itself ({process.returncode}): {process.stderr.read().decode()[-400:]}"
+    return {"kind": operation, "kill": kill, "phases": [phase], "operations_before_kill": operations,
+            "versions_kept": kept, "ok": problem is None, "problem": problem}
+
+
 def plan(bench: Bench, random_trials: int, per_phase: int, phases: tuple[str, ...],
          rng: random.Random) -> list[tuple]:
     trials = [("random", None, rng.choice((1, 2))) for _ in range(random_trials)]
@@ -393,13 +516,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random", type=int, default=12, help="random-moment trials")
     parser.add_argument("--per-phase", type=int, default=4, help="targeted trials per phase")
     parser.add_argument("--saver", type=int, default=6, help="kill-a-saving-process trials")
+    parser.add_argument("--rollback", type=int, default=6, help="kill-a-rolling-back-process trials")
+    parser.add_argument("--prune", type=int, default=6, help="kill-a-pruning-process trials")
     parser.add_argument("--phases", default=",".join(PHASES), help="phases for targeted trials")
-    parser.add_argument("--quick", action="store_true", help="5 trials, for CI")
+    parser.add_argument("--quick", action="store_true", help="7 trials, for CI")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.random, args.per_phase, args.saver = 1, 1, 1
+        args.random, args.per_phase, args.saver, args.rollback, args.prune = 1, 1, 1, 1, 1
         args.phases = "train,save-model,save-state"
     phases = tuple(args.phases.split(","))
     unknown = sorted(set(phases) - set(PHASES))
@@ -425,9 +550,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{len(results):3d} saver{'':19s} {'':22s} killed {result['phases'][0]:14s} after "
                   f"{result['saves_before_kill']} saves: {'ok' if result['ok'] else 'FAIL: ' + str(result['problem'])}",
                   flush=True)
+        for operation in ["rollback"] * args.rollback + ["prune"] * args.prune:
+            result = versions_trial(bench, operation)
+            results.append(result)
+            print(f"{len(results):3d} {operation:24s} {str(result['kill'] or ''):22s} killed {result['phases'][0]:16s} after "
+                  f"{result['operations_before_kill']} {operation}s, {result['versions_kept']} versions "
+                  f"kept: {'ok' if result['ok'] else 'FAIL: ' + str(result['problem'])}", flush=True)
     by_phase: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for result in results:
-        key = result["kind"] if result["kind"] != "random" else f"random (killed in {result['phases'][0]})"
+        key = (f"{result['kind']} (killed in {result['phases'][0]})"
+               if result["kind"] in ("random", "rollback", "prune") else result["kind"])
         by_phase[key][0] += 1
         by_phase[key][1] += result["ok"]
     print("\ntrials per phase (matched / trials):")
@@ -453,6 +585,8 @@ if __name__ == "__main__":
         child(options.log, options.out, options.kill, [a for a in options.rest if a != "--"])
     elif len(sys.argv) > 1 and sys.argv[1] == "saver":
         saver(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "versioner":
+        versioner(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] or None)
     else:
         summary = main()
         sys.exit(0 if summary["matched"] == summary["trials"] else 1)

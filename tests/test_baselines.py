@@ -10,6 +10,7 @@ import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
 from continual_transformer.io.checkpoint import CheckpointError
+from continual_transformer.io.versions import prune
 from continual_transformer.config import BackboneConfig
 from continual_transformer.experiment.run import run_joint, run_stream
 from continual_transformer.methods import make_method
@@ -142,7 +143,9 @@ def test_replay_state_file_is_listed_and_verified(tiny_config, tasks, tmp_path):
     state = json.loads((tmp_path / "model" / name).read_text())
     assert len(state["buffer"]["items"]) == len(tasks[0].train)
     learner.learn(tasks[1])
-    learner.save(tmp_path / "model")  # the superseded state file goes
+    learner.save(tmp_path / "model")  # the superseded state file stays for version 1 ...
+    assert (tmp_path / "model" / name).exists()
+    prune(tmp_path / "model", keep=1)  # ... until that version is pruned
     assert not (tmp_path / "model" / name).exists()
     name = json.loads((tmp_path / "model" / "manifest.json").read_text())["shared_json_file"]
     path = tmp_path / "model" / name

@@ -38,12 +38,14 @@ def test_directory_holds_only_json_and_safetensors(trained, tmp_path):
     learner.save(tmp_path / "m")
     files = sorted(p.relative_to(tmp_path / "m").as_posix() for p in (tmp_path / "m").rglob("*")
                    if p.is_file())
-    assert files[0] == "manifest.json"
+    assert files[0] == "manifest.json" and files[-1] == "versions/000001.json"
     assert files[1].startswith("shared-") and files[1].endswith(".safetensors")
-    assert all(f.startswith("tasks/") and f.endswith(".safetensors") for f in files[2:])
-    assert len(files) == 4
+    assert all(f.startswith("tasks/") and f.endswith(".safetensors") for f in files[2:-1])
+    assert len(files) == 5
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert set(manifest["files"]) == set(files[1:])
+    assert set(manifest["files"]) == set(files[1:-1])
+    assert (tmp_path / "m" / "versions" / "000001.json").read_text() == json.dumps(manifest, indent=2)
+    files = files[:-1]
     # a reference to the backbone, never a copy of its weights: only router statistics are shared
     with safe_open(tmp_path / "m" / files[1], "pt") as shared:
         assert list(shared.keys()) == ["router.gram_upper"]
@@ -66,11 +68,16 @@ def test_saving_a_new_task_keeps_old_task_files(trained, tmp_path, toy_stream):
     assert len(second) == 2
 
 
-def test_deleted_task_files_are_removed_on_save(trained, tmp_path):
+def test_deleted_task_files_stay_for_the_old_version_until_pruned(trained, tmp_path):
+    from continual_transformer.io.versions import prune
+
     learner, _ = trained
     learner.save(tmp_path / "m")
     learner.delete("kinds")
     learner.save(tmp_path / "m")
+    assert list(ContinualLearner.load(tmp_path / "m", device="cpu").tasks) == ["topics"]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "m" / "tasks").iterdir()) == ["kinds", "topics"]
+    prune(tmp_path / "m", keep=1)
     assert [p.name.split("-")[0] for p in (tmp_path / "m" / "tasks").iterdir()] == ["topics"]
     assert list(ContinualLearner.load(tmp_path / "m", device="cpu").tasks) == ["topics"]
 
@@ -195,9 +202,16 @@ def test_leftovers_of_an_interrupted_save_load_and_are_cleaned_up(trained, tmp_p
     assert list(loaded.tasks) == list(kept.tasks)
     texts = [e.text for e in tasks[0].test]
     assert torch.equal(torch.stack(loaded.logits(texts, "kinds")), torch.stack(kept.logits(texts, "kinds")))
-    learner.save(directory)
+    from continual_transformer.io.versions import prune
+
+    learner.save(directory)  # the same content: no new version; temporary files go
     names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
-    assert names == ["manifest.json"] + sorted(json.loads((directory / "manifest.json").read_text())["files"])
+    listed = sorted(json.loads((directory / "manifest.json").read_text())["files"])
+    assert names == sorted(["manifest.json", "tasks/kinds-0123456789ab.safetensors",
+                            "versions/000001.json", *listed])
+    prune(directory, keep=1)  # and a prune the files no version lists
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    assert names == sorted(["manifest.json", "versions/000001.json", *listed])
 
 
 def test_a_listed_file_that_is_not_safetensors_is_refused(saved):

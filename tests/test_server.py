@@ -193,12 +193,14 @@ ROUTES = [
     ("DELETE", "/v1/tasks/{name}", None, 403, 404),
     ("GET", "/v1/jobs", None, 200, 200),
     ("GET", "/v1/jobs/{job_id}", None, 404, 404),
+    ("GET", "/v1/versions", None, 403, 200),
+    ("POST", "/v1/versions/{version}/rollback", None, 403, 404),
 ]
 PUBLIC = {"/healthz", "/readyz"}
 
 
 def _call(served: Served, method: str, path: str, body, headers: dict) -> httpx.Response:
-    url = path.replace("{name}", "nosuchtask").replace("{job_id}", "nosuchjob")
+    url = path.replace("{name}", "nosuchtask").replace("{job_id}", "nosuchjob").replace("{version}", "99")
     if body == "FILE":
         return served.client.post(url, files={"file": ("t.jsonl", b'{"task": "x"}\n')}, headers=headers)
     return served.client.request(method, url, json=body, headers=headers)
@@ -648,7 +650,8 @@ def test_ctt_serve_starts_uvicorn_and_stops_cleanly(model_dir, tmp_path):
             assert process.poll() is None, process.stdout.read().decode()
             assert time.monotonic() < deadline, "ctt serve did not become ready"
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").json() == {"status": "ready", "tasks": 2}:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").json() == {"status": "ready", "tasks": 2,
+                                                                        "version": 1}:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)

@@ -526,6 +526,64 @@ def tasks(model: Path = typer.Argument(..., help="Model directory.")):
     console.print(table)
 
 
+@app.command()
+def versions(model: Path = typer.Argument(..., help="Model directory.")):
+    """List a model's versions, oldest first: when, its tasks, what changed (* = current)."""
+    from .io.versions import list_versions
+
+    try:
+        found = list_versions(model)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    table = Table(title=f"{model}: {len(found)} version{'s' * (len(found) != 1)}")
+    for column in ("version", "saved at", "tasks", "change"):
+        table.add_column(column)
+    for v in found:
+        table.add_row(f"{v.number}{' *' if v.current else ''}", v.saved_at or "-",
+                      ", ".join(v.tasks) or "-", v.change or "(written before versions)")
+    console.print(table)
+
+
+@app.command()
+def rollback(model: Path = typer.Argument(..., help="Model directory."),
+             version: int = typer.Argument(..., help="The version to restore (see `ctt versions`).")):
+    """Make an earlier version's tasks current again, as a new version (the history only grows).
+
+    Not while a server writes to MODEL: roll a served model back with its admin endpoint."""
+    from .io.versions import current_version, list_versions
+    from .io.versions import rollback as roll_back
+
+    try:
+        before = current_version(model)
+        number = roll_back(model, version)
+        tasks = list_versions(model)[-1].tasks
+    except _user_errors() as exc:
+        _fail(str(exc))
+    if number == before:
+        console.print(f"{model}: version {before} already holds version {version}'s content; "
+                      "nothing written", highlight=False)
+    else:
+        console.print(f"{model}: version {number} = version {version} (tasks: "
+                      f"{', '.join(tasks) or 'none'})", highlight=False)
+
+
+@app.command()
+def prune(model: Path = typer.Argument(..., help="Model directory."),
+          keep: int = typer.Option(..., "--keep", help="Versions to keep, the newest (>= 1).")):
+    """Remove all but the newest KEEP versions, then the files no kept version lists.
+
+    Not while a server writes to MODEL."""
+    from .io.versions import prune as prune_versions
+
+    try:
+        pruned = prune_versions(model, keep)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"{model}: kept versions {list(pruned.kept)}; removed versions "
+                  f"{list(pruned.removed)} and {len(pruned.files_removed)} files "
+                  f"({pruned.bytes_freed:,} bytes)", highlight=False)
+
+
 def _search_choice(search: dict | None) -> str:
     """A task's searched configuration in one cell of `ctt tasks`."""
     if not search:

@@ -1,24 +1,34 @@
 """A model is a directory: a JSON manifest plus safetensors files, written atomically.
 
     model/
-      manifest.json                      written last; lists every file with size and SHA-256
+      manifest.json                      the current version; lists every file with size and SHA-256
+      versions/<NNNNNN>.json             every kept version's manifest (the current one included)
       tasks/<task>-<hash12>.safetensors  one per task: its scale vectors and head
       shared-<hash12>.safetensors        state shared by all tasks (only for methods that share)
       shared-<hash12>.json               shared state that is not tensors (replay's stored texts)
 
 Saving. Every file is written to a temporary file in its own directory, flushed, fsynced and
 renamed into place (then the directory is fsynced). File names carry a prefix of their content
-hash, so a save never rewrites a file that an older manifest points to; the manifest is written
-last, and its rename is the one moment the directory switches from the complete old state to
-the complete new state. Only then are files the new manifest does not list deleted.
+hash, so a save never rewrites a file that an older manifest points to. The new manifest is
+written last, twice: first as the next version's file, then as `manifest.json`, whose rename is
+the one moment the directory switches from the complete old state to the complete new state.
+
+Versions. Every save that changes the content (tasks, files, method, router) is a new version,
+numbered one above the current one; a save of identical content is none. Numbers are never
+reused: a rollback (`versions.rollback`) writes the next number with an old version's content.
+A manifest written before versions has no `version` field and is version 0; the first save
+after it keeps it as `versions/000000.json`. A version file above the current number is one
+that a killed save wrote but never switched in: it is no version, and the next save replaces
+it. Files are shared between versions and a save deletes none but temporary files; only
+`versions.prune` removes old versions' manifests and then the files no kept version lists.
 
 What loading accepts. The manifest is the whole truth: every file it lists must be present with
 the listed size and SHA-256, and must be named like a file this module writes. A process killed
 during a save can leave files the manifest does not list: files written for a manifest that was
-never switched in, files an interrupted clean-up did not delete yet, and temporary files
-(`.<name>.<random>.tmp`). Those carry names this module writes, are never read, and are removed
-by the next save. Any other file or folder in the directory is foreign (nothing here wrote it,
-so something else is changing the model) and loading refuses it, naming the file; so does saving.
+never switched in, and temporary files (`.<name>.<random>.tmp`). Those carry names this module
+writes and are never read; the next save removes the temporary ones, a prune the others. Any
+other file or folder in the directory is foreign (nothing here wrote it, so something else is
+changing the model) and loading refuses it, naming the file; so does saving.
 
 Nothing is pickled: only the manifest (JSON) and safetensors files are read, and the backbone is
 stored as a reference (package, path or hub id) plus the hash of its weights, which must match
@@ -31,6 +41,7 @@ import json
 import platform
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -41,6 +52,7 @@ from ..types import TaskRecord
 from . import store
 from .store import (
     CheckpointError,
+    UnknownVersion,
     content_name,
     parse_tensors,
     put,
@@ -48,7 +60,8 @@ from .store import (
     read_verified,
     tensor_file,
 )
-from .manifest import SHARED_FILE, SHARED_JSON_FILE, TASK_FILE, TASKS_DIR, validate_manifest
+from .manifest import (SHARED_FILE, SHARED_JSON_FILE, TASK_FILE, TASKS_DIR, VERSION_FILE,
+                       VERSIONS_DIR, validate_manifest, version_file)
 
 FORMAT = "continual-tiny-transformer/checkpoint"
 # Version 2 records `adapt_layers` with every gradient method; a version-1 checkpoint (written
@@ -58,7 +71,11 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 # Names this module writes (relative to the checkpoint directory).
-TEMP_FILE = re.compile(r"^(tasks/)?\.[^/]+\.[a-z0-9_]+\.tmp$")  # see `store.atomic_write`
+TEMP_FILE = re.compile(r"^((tasks|versions)/)?\.[^/]+\.[a-z0-9_]+\.tmp$")  # see `store.atomic_write`
+# What a version is: these fields of its manifest (the others say who wrote it, when and why).
+CONTENT_FIELDS = ("format_version", "backbone", "method", "router", "shared_file",
+                  "shared_json_file", "tasks", "files")
+VERSION_FIELDS = ("version", "saved_at", "change")  # what `commit` writes into each version
 
 
 @dataclass
@@ -112,7 +129,7 @@ class SavedModel:
 
 def _is_own_name(name: str) -> bool:
     return bool(name == MANIFEST or TASK_FILE.match(name) or SHARED_FILE.match(name)
-                or SHARED_JSON_FILE.match(name)
+                or SHARED_JSON_FILE.match(name) or VERSION_FILE.match(name)
                 or TEMP_FILE.match(name))
 
 
@@ -120,9 +137,9 @@ def foreign_entries(directory: Path) -> list[str]:
     """Entries of a checkpoint directory that this module never writes (relative names)."""
     foreign = []
     for entry in sorted(directory.iterdir()):
-        if entry.name == TASKS_DIR and entry.is_dir() and not entry.is_symlink():
+        if entry.name in (TASKS_DIR, VERSIONS_DIR) and entry.is_dir() and not entry.is_symlink():
             for inner in sorted(entry.iterdir()):
-                name = f"{TASKS_DIR}/{inner.name}"
+                name = f"{entry.name}/{inner.name}"
                 if not (inner.is_file() and not inner.is_symlink() and _is_own_name(name)):
                     foreign.append(name + ("/" if inner.is_dir() else ""))
         elif not (entry.is_file() and not entry.is_symlink() and _is_own_name(entry.name)):
@@ -135,13 +152,15 @@ def _refuse_foreign(directory: Path) -> None:
     if foreign:
         raise CheckpointError(
             f"{directory / foreign[0]}: foreign file in a checkpoint directory (a checkpoint holds "
-            f"only {MANIFEST}, {TASKS_DIR}/*.safetensors, shared-*.safetensors and shared-*.json); "
+            f"only {MANIFEST}, {VERSIONS_DIR}/*.json, {TASKS_DIR}/*.safetensors, "
+            f"shared-*.safetensors and shared-*.json); "
             f"{len(foreign)} such entr{'y' if len(foreign) == 1 else 'ies'}: {foreign[:5]}"
         )
 
 
 def write(directory: Path, saved: SavedModel) -> Path:
-    """Store `saved` in `directory` (created if needed), replacing what is there atomically."""
+    """Store `saved` in `directory` (created if needed), replacing what is there atomically;
+    a new version unless the content is the current one's (see `commit`)."""
     if directory.exists():
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: exists and is not a directory")
@@ -175,32 +194,117 @@ def write(directory: Path, saved: SavedModel) -> Path:
         "tasks": tasks,
         "files": files,
     }
-    store.atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
-    _remove_unlisted(directory, files)
+    commit(directory, manifest)
     return directory
 
 
-def _remove_unlisted(directory: Path, files: dict[str, dict]) -> None:
-    """Delete our files the new manifest no longer lists (deleted or re-learned tasks, files of
-    an interrupted save, temporary files). Assumes one writer per directory."""
-    candidates = [p for p in directory.iterdir() if p.is_file()]
-    if (directory / TASKS_DIR).is_dir():
-        candidates += [p for p in (directory / TASKS_DIR).iterdir() if p.is_file()]
-    for path in candidates:
-        name = path.relative_to(directory).as_posix()
-        if name != MANIFEST and name not in files and _is_own_name(name):
-            path.unlink(missing_ok=True)
+# -- versions -------------------------------------------------------------------------------------
+def commit(directory: Path, manifest: dict, change: str | None = None) -> int:
+    """Make `manifest` (whose files are in place) the current version of `directory`; return
+    its number: the current one's if the content is the same, else the next. `change` says what
+    changed (default: the tasks learned, deleted or changed since the current version).
+    Temporary files a killed writer left are removed."""
+    number = _commit(directory, manifest, change)
+    _remove_files(directory, TEMP_FILE.match)
+    return number
+
+
+def _commit(directory: Path, manifest: dict, change: str | None) -> int:
+    previous = read_manifest(directory) if (directory / MANIFEST).exists() else None
+    if previous is not None and content(previous) == content(manifest):
+        return previous.get("version", 0)
+    current = previous.get("version", 0) if previous is not None else 0
+    for number in version_numbers(directory):  # above the current: a killed save's, never used
+        if number == current + 1:
+            store.remove_files([directory / version_file(number)])
+        elif number > current:
+            raise CheckpointError(f"{directory / version_file(number)}: newer than the current version "
+                                  f"{current} of {directory / MANIFEST}; the directory was changed "
+                                  "by something other than this library")
+    if previous is not None and "version" not in previous:  # written before versions: keep it
+        store.atomic_write(directory / version_file(0), (directory / MANIFEST).read_bytes())
+    number = current + 1
+    manifest = {**manifest, "version": number,
+                "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "change": change or describe_change(previous, manifest)}
+    data = json.dumps(manifest, indent=2).encode()
+    store.atomic_write(directory / version_file(number), data)
+    store.atomic_write(directory / MANIFEST, data)  # the commit point
+    return number
+
+
+def content(manifest: dict) -> dict:
+    """What makes a version: the fields that say what the model is, not who wrote it when."""
+    return {name: manifest.get(name) for name in CONTENT_FIELDS}
+
+
+def describe_change(previous: dict | None, manifest: dict) -> str:
+    """'learned X, Y; deleted Z; changed W', from the tasks of two manifests."""
+    old = {t["name"]: t["file"] for t in previous["tasks"]} if previous is not None else {}
+    new = {t["name"]: t["file"] for t in manifest["tasks"]}
+    parts = [f"{verb} {', '.join(names)}" for verb, names in (
+        ("learned", [n for n in new if n not in old]),
+        ("deleted", [n for n in old if n not in new]),
+        ("changed", [n for n in new if n in old and old[n] != new[n]])) if names]
+    if not parts:
+        parts = ["created" if previous is None else "changed shared state"]
+    return "; ".join(parts)
+
+
+def version_numbers(directory: Path) -> list[int]:
+    """The numbers of the version files in `directory`, ascending (a killed save's included)."""
+    folder = directory / VERSIONS_DIR
+    if not folder.is_dir():
+        return []
+    names = (VERSION_FILE.match(f"{VERSIONS_DIR}/{p.name}") for p in folder.iterdir())
+    return sorted(int(match.group(1)) for match in names if match)
+
+
+def _own_files(directory: Path) -> list[tuple[str, Path]]:
+    paths = [p for folder in (directory, directory / TASKS_DIR, directory / VERSIONS_DIR)
+             if folder.is_dir() for p in folder.iterdir() if p.is_file()]
+    return [(p.relative_to(directory).as_posix(), p) for p in paths]
+
+
+def _remove_files(directory: Path, remove) -> dict[str, int]:
+    """Delete our data and temporary files (never a manifest or version file) whose relative
+    name `remove(name)` is true; return their names and sizes."""
+    doomed = {name: path for name, path in _own_files(directory)
+              if name != MANIFEST and not VERSION_FILE.match(name) and _is_own_name(name)
+              and remove(name)}
+    sizes = {name: path.stat().st_size for name, path in doomed.items()}
+    store.remove_files(list(doomed.values()))
+    return sizes
+
+
+def remove_unreferenced(directory: Path, referenced: set[str]) -> dict[str, int]:
+    """Delete temporary files and our data files not in `referenced` (the files every kept
+    version lists); return their names and sizes. Assumes one writer per directory."""
+    return _remove_files(directory, lambda name: bool(TEMP_FILE.match(name)) or name not in referenced)
 
 
 # -- reading --------------------------------------------------------------------------------------
-def read_manifest(directory: Path) -> dict:
-    """The validated manifest of a checkpoint directory (the tensor files are not read)."""
+def read_manifest(directory: Path, version: int | None = None) -> dict:
+    """The validated manifest of a checkpoint directory (the tensor files are not read): the
+    current one, or that of a kept `version`."""
     path = directory / MANIFEST
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {directory} is not a checkpoint directory")
-    return validate_manifest(read_format_json(path, FORMAT, READABLE_VERSIONS, "manifest"), path)
+    manifest = validate_manifest(read_format_json(path, FORMAT, READABLE_VERSIONS, "manifest"), path)
+    current = manifest.get("version", 0)
+    if version is None or version == current and "version" not in manifest:
+        return manifest
+    known = [n for n in version_numbers(directory) if n <= current]
+    if version not in known:
+        raise UnknownVersion(f"unknown version {version!r} of {directory}; known: {known or [current]}")
+    path = directory / version_file(version)
+    manifest = validate_manifest(read_format_json(path, FORMAT, READABLE_VERSIONS, "manifest"), path)
+    if manifest.get("version", 0) != version:
+        raise CheckpointError(f"{path}: field 'version' is {manifest.get('version', 0)!r}, but the "
+                              f"file is that of version {version}")
+    return manifest
 
 
 def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.Tensor]:
@@ -211,10 +315,11 @@ def read_tensors(directory: Path, name: str, manifest: dict) -> dict[str, torch.
     return parse_tensors(directory / name, read_verified(directory / name, entry))
 
 
-def read(directory: Path) -> SavedModel:
-    """The model stored in `directory`: every listed file verified and parsed, nothing else
-    read; `CheckpointError` names the first file or field that is wrong."""
-    manifest = read_manifest(directory)
+def read(directory: Path, version: int | None = None) -> SavedModel:
+    """The model stored in `directory` (its current version, or a kept `version`): every listed
+    file verified and parsed, nothing else read; `CheckpointError` names the first file or field
+    that is wrong."""
+    manifest = read_manifest(directory, version)
     _refuse_foreign(directory)
     shared = manifest["shared_file"]
     shared_tensors = read_tensors(directory, shared, manifest) if shared else {}

@@ -33,6 +33,16 @@ SHARED_FILE = re.compile(r"^shared-([0-9a-f]{12})\.safetensors$")
 SHARED_JSON_FILE = re.compile(r"^shared-([0-9a-f]{12})\.json$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
+# The kept manifests of earlier versions: `versions/<number, 6 digits or more>.json` (see
+# `checkpoint.commit`).
+VERSIONS_DIR = "versions"
+VERSION_FILE = re.compile(r"^versions/([0-9]{6,})\.json$")
+
+
+def version_file(number: int) -> str:
+    """The name of version `number`'s manifest, relative to the checkpoint directory."""
+    return f"{VERSIONS_DIR}/{number:06d}.json"
+
 
 class _Problem(ValueError):
     """A check's finding. `at` extends the checked value's location to the field it is about;
@@ -199,6 +209,14 @@ class Manifest(_Strict):
     absent from manifests written before it existed."""
     tasks: list[TaskEntry]
     """In the order the tasks were learned."""
+    version: Count | None = None
+    """This manifest's version number (`versions/<number>.json` holds the same bytes); absent
+    from manifests written before versions, which are version 0."""
+    saved_at: str | None = None
+    """When this version was written (ISO 8601, UTC); absent before versions."""
+    change: str | None = None
+    """What this version changed: 'learned X', 'deleted Y', 'rollback to N', ...; absent
+    before versions."""
 
     @field_validator("files")
     @classmethod

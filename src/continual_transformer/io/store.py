@@ -9,6 +9,7 @@ Checkpoints, run states, reports and plots are written here and nowhere else:
   same name does not already hold exactly those bytes, so a save never rewrites a file that an
   older manifest still points to. It returns the manifest entry (size, SHA-256).
 - `read_verified`: a listed file's bytes after checking them against that entry.
+- `remove_files`: deletions that are on disk before the function returns.
 
 Temporary files are named `.<name>.<random>.tmp` (`TEMP_FILE`): a killed writer can leave one,
 and the next writer of that directory removes it.
@@ -33,6 +34,10 @@ TEMP_FILE = re.compile(r"^\.[^/]+\.[a-z0-9_]+\.tmp$")  # see `atomic_write`
 
 class CheckpointError(RuntimeError):
     """A stored model or run state that cannot be used, naming the file and the problem."""
+
+
+class UnknownVersion(CheckpointError):
+    """A version number a model directory does not hold (the message lists the ones it does)."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -82,6 +87,17 @@ def atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_files(paths: list[Path]) -> None:
+    """Delete `paths` (those already gone are fine), then fsync their directories: these
+    deletions reach the disk before any later one (after a power cut, a version's manifest
+    cannot come back while the files it lists stay deleted)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    for directory in {path.parent for path in paths}:
+        if directory.is_dir():
+            _fsync_dir(directory)
 
 
 def content_name(prefix: str, data: bytes, suffix: str) -> str:

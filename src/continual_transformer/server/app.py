@@ -20,6 +20,7 @@ from .prometheus import Metrics, MetricsMiddleware
 from .routes import READ_ROUTERS, task_writes
 from .security import KeyRing, RateLimiter
 from .settings import Settings, get_settings
+from .version_routes import version_writes, versions_read
 
 log = logging.getLogger("continual_transformer.server")
 
@@ -121,10 +122,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.tokens = settings.token_verifier()  # None without CTT_JWT_* keys
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
-    for router in READ_ROUTERS:
+    for router in (*READ_ROUTERS, versions_read):
         app.include_router(router)
     if settings.enable_writes:
         app.include_router(task_writes)
+        app.include_router(version_writes)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,

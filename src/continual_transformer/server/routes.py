@@ -59,10 +59,11 @@ async def healthz() -> Health:
 
 @ops.get("/readyz", response_model=Ready, responses=_errors(503))
 async def readyz(service: ServiceDep) -> Ready:
-    """The model is loaded and its inference worker is serving."""
+    """The model is loaded and its inference worker is serving; which version of it."""
     if not service.ready:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the inference worker is not running")
-    return Ready(status="ready", tasks=len(service.task_names()))
+    version, names = service.served_version()
+    return Ready(status="ready", tasks=len(names), version=version)
 
 
 @ops.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}},

@@ -102,6 +102,28 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: str
     tasks: int
+    version: int | None = Field(description="The model directory's version served (`ctt versions`); "
+                                "0: written before versions; null: not saved yet.")
+
+
+# -- versions ----------------------------------------------------------------------------------
+class VersionOut(BaseModel):
+    version: int
+    saved_at: str | None = Field(description="ISO 8601; null: written before versions.")
+    change: str | None = Field(description="'learned X', 'deleted Y', 'rollback to N'; null before versions.")
+    tasks: list[str]
+    current: bool
+
+
+class VersionsResponse(BaseModel):
+    versions: list[VersionOut] = Field(description="Every kept version, oldest first.")
+
+
+class RollbackOut(BaseModel):
+    version: int = Field(description="The version now served: a new one holding the old one's content "
+                         "(or the current one, if it already held it).")
+    restored: int = Field(description="The version rolled back to.")
+    tasks: list[str]
 
 
 class ErrorOut(BaseModel):

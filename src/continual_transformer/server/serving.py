@@ -17,6 +17,10 @@ changes float rounding at the 1e-7 level, never the parameters).
 A task appears to clients atomically, and only once it is on disk: it is added to the model
 but not yet served, the checkpoint is saved (the manifest's rename is the commit point), then
 the set of served task names is swapped in one assignment. A failed save takes it out again.
+
+A rollback (`rollback`) builds the old version's learner completely, beside the live one, commits
+the rollback on disk, then swaps the learner, its task names and the version number at once,
+between two forward passes: every request is answered by exactly one version.
 """
 
 from __future__ import annotations
@@ -86,7 +90,9 @@ class ModelService:
         self.metrics = metrics
         self._model_lock = threading.Lock()  # held by each forward pass and each model change
         self._write_lock = threading.Lock()  # one change (with its save) at a time
+        self._view_lock = threading.Lock()  # the learner, its task names and version change together
         self._served: tuple[str, ...] = tuple(learner.tasks)  # replaced whole, never mutated
+        self.version: int | None = None  # of the model directory's manifest; None: not saved yet
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve_forever, name="ctt-inference", daemon=True)
         self._publish()
@@ -111,8 +117,14 @@ class ModelService:
         return served if sees is None else tuple(t for t in served if sees(t))
 
     def records(self, sees: Callable[[str], bool] | None = None) -> list["TaskRecord"]:
-        tasks = self.learner.tasks
-        return [tasks[name] for name in self.task_names(sees)]
+        with self._view_lock:  # names and learner of one version, even during a rollback
+            learner, served = self.learner, self._served
+        return [learner.tasks[name] for name in served if sees is None or sees(name)]
+
+    def served_version(self) -> tuple[int | None, tuple[str, ...]]:
+        """The version served and its task names, read together."""
+        with self._view_lock:
+            return self.version, self._served
 
     def check_tasks(self, tasks: list[str | None], sees: Callable[[str], bool] | None = None) -> tuple[str, ...]:
         """The tasks the caller sees, after checking that every named one is among them; a
@@ -277,8 +289,30 @@ class ModelService:
             self.metrics.predictions.remove(name)
             event("model.deleted", f"task {name!r} deleted", tasks=[name])
 
+    def rollback(self, version: int) -> int:
+        """Serve `version` of the model directory again, as its new current version (returned)."""
+        from ..io import checkpoint, versions
+        from ..learner import ContinualLearner
+
+        with self._write_lock:
+            # Built completely before anything changes; a failure leaves the served model as it was.
+            learner = ContinualLearner.from_state(checkpoint.read(self.model_dir, version),
+                                                  str(self.learner.device))
+            number = versions.rollback(self.model_dir, version)
+            with self._model_lock, self._view_lock:  # between two forward passes
+                old, self.learner = self.learner, learner
+                self._served, self.version = tuple(learner.tasks), number
+            self._publish()
+            for name in set(old.tasks) - set(learner.tasks):
+                self.metrics.predictions.remove(name)
+            return number
+
     def _publish(self) -> None:
-        self._served = tuple(self.learner.tasks)
+        from ..io.versions import current_version
+
+        version = current_version(self.model_dir) if (self.model_dir / "manifest.json").is_file() else None
+        with self._view_lock:
+            self._served, self.version = tuple(self.learner.tasks), version
         self.metrics.tasks_loaded.set(len(self._served))
         for name in self._served:  # every served task has a series, from 0
             self.metrics.predictions.labels(name)
