@@ -39,7 +39,7 @@ def test_router_reads_the_trunk_output_of_the_prediction_pass(ia3, tasks):
     batch = backbone.collate(backbone.tokenize(texts))
     seen = []
     route = ia3.route
-    ia3.route = lambda features: seen.append(features) or route(features)
+    ia3.route = lambda features, among=None: seen.append(features) or route(features, among)
     try:
         with torch.inference_mode():
             ia3.row_logits(batch, [None] * len(texts))
