@@ -45,7 +45,7 @@ def _errors(*codes: int) -> dict:
     return {code: {"model": ErrorOut, "description": why[code]} for code in codes}
 
 
-AUTH = (401, 429)
+AUTH = (401, 403, 429)  # 403: the key or token lacks the scope
 
 # -- operations --------------------------------------------------------------------------------
 ops = APIRouter(tags=["operations"])
