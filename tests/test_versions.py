@@ -297,3 +297,18 @@ def test_a_kill_at_any_step_of_a_rollback_or_prune_leaves_every_version_loadable
             assert _files(directory) == sorted(kept | listed)
         else:  # no temporary file; the unlisted files of versions 1-3 stay theirs
             assert not [name for name in _files(directory) if name.endswith(".tmp")]
+
+
+def test_saving_with_keep_versions_prunes_as_it_goes(history, tmp_path):
+    _, tasks, logits = history
+    learner = ContinualLearner.load(history[0])
+    target = tmp_path / "kept"
+    learner.save(target, keep_versions=1)
+    learner.delete("topics")
+    learner.learn(tasks[0])  # back to {kinds}, learned again: new files
+    learner.save(target, keep_versions=1)
+    assert [v.number for v in list_versions(target)] == [2]
+    listed = set(json.loads((target / "manifest.json").read_text())["files"])
+    on_disk = {p for p in _files(target) if not p.startswith("versions/") and p != "manifest.json"}
+    assert on_disk == listed  # the first version's files went with it
+    assert set(ContinualLearner.load(target).tasks) == {"kinds"}

@@ -134,6 +134,7 @@ def run(
     max_length: Optional[int] = typer.Option(None, help="Maximum tokens per text [default: 128]."),
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
     save_every: int = typer.Option(DEFAULT_SAVE_EVERY, help="Save the training state every K steps within a task (0: only after each task)."),
+    keep_versions: Optional[int] = typer.Option(None, min=1, help="Keep only the newest N versions of the model directory (each task saved is one; about 17 MB each with the router); default: all (`ctt prune` later)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out; options not given take its saved values."),
     track: Optional[str] = typer.Option(None, "--track", help="Track the run in 'mlflow' or 'tensorboard' (optional extras)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI [default: ./mlruns, SQLite + files] or TensorBoard log folder [default: OUT/tensorboard]."),
@@ -232,7 +233,8 @@ def run(
                 report = run_joint(tasks, learner, out, events, run_config)
             else:
                 report = run_stream(tasks, learner, out, events, run_config,
-                                    save_every=save_every, resume=resume)
+                                    save_every=save_every, resume=resume,
+                                    keep_versions=keep_versions)
     except TrainingError as exc:
         kept = list(learner.tasks)
         _fail(f"{exc}. The model in {out / 'model'} keeps the {len(kept)} task(s) learned "

@@ -504,9 +504,16 @@ class ContinualLearner:
             except (KeyError, ValueError) as exc:
                 raise CheckpointError(f"{saved.where(task.file)}: {exc}") from None
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the model to `directory` (see `io/checkpoint.py`); old tasks' files stay."""
-        return checkpoint.write(Path(directory), self.state())
+    def save(self, directory: str | Path, keep_versions: int | None = None) -> Path:
+        """Write the model to `directory` (see `io/checkpoint.py`) as a new version; old
+        versions' files stay, or, with `keep_versions`, only the newest that many versions
+        (`io/versions.prune`)."""
+        written = checkpoint.write(Path(directory), self.state())
+        if keep_versions is not None:
+            from .io.versions import prune
+
+            prune(Path(directory), keep_versions)
+        return written
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> "ContinualLearner":

@@ -54,6 +54,7 @@ def run_stream(
     run_config: dict | None = None,
     save_every: int = DEFAULT_SAVE_EVERY,
     resume: bool = False,
+    keep_versions: int | None = None,
 ) -> dict:
     """Learn `tasks` in order on `learner`, evaluating after each; return (and write) the report.
 
@@ -119,7 +120,7 @@ def run_stream(
             events.evaluated(tasks[j], row[j])
         eval_seconds = time.perf_counter() - eval_start
         if out is not None:
-            learner.save(out / "model")
+            learner.save(out / "model", keep_versions)
             state.model_manifest_sha256 = manifest_sha256(out)
         entry = {
             "task": task.name,

@@ -41,7 +41,8 @@ async def lifespan(app: FastAPI):
     learner = await run_in_threadpool(ContinualLearner.load, settings.model_dir, settings.device)
     service = ModelService(learner, settings.model_dir, batch_max_items=settings.batch_max_items,
                            batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
-                           batch_max_tokens=settings.batch_max_tokens, metrics=app.state.metrics)
+                           batch_max_tokens=settings.batch_max_tokens, metrics=app.state.metrics,
+                           keep_versions=settings.keep_versions)
     jobs = JobRunner(service, app.state.metrics, max_pending=settings.max_pending_jobs,
                      threads=settings.learn_threads, nice=settings.learn_nice, device=settings.device)
     service.start()

@@ -78,12 +78,14 @@ class ModelService:
     """Serves a `ContinualLearner` loaded from `model_dir` and keeps that directory in step."""
 
     def __init__(self, learner: "ContinualLearner", model_dir: Path, *, batch_max_items: int,
-                 batch_max_wait_s: float, metrics: "Metrics", batch_max_tokens: int = 1024):
+                 batch_max_wait_s: float, metrics: "Metrics", batch_max_tokens: int = 1024,
+                 keep_versions: int | None = None):
         self.learner = learner
         self.model_dir = Path(model_dir)
         self.batch_max_items = batch_max_items
         self.batch_max_wait_s = batch_max_wait_s
         self.batch_max_tokens = batch_max_tokens
+        self.keep_versions = keep_versions  # None: every version stays until `ctt prune`
         from ..model.batching import BATCH_ROWS  # more rows than this, and predict() cuts them again
 
         self._max_rows_per_pass = BATCH_ROWS
@@ -256,7 +258,7 @@ class ModelService:
             with self._model_lock:  # new entries, plus one addition to the router's statistics
                 self.learner.import_task(record, tensors, shared_increment)
             try:
-                self.learner.save(self.model_dir)
+                self.learner.save(self.model_dir, self.keep_versions)
             except BaseException as exc:
                 with self._model_lock:
                     self.learner.delete(record.name)
@@ -276,7 +278,7 @@ class ModelService:
             with self._model_lock:
                 self.learner.delete(name)
             try:
-                self.learner.save(self.model_dir)
+                self.learner.save(self.model_dir, self.keep_versions)
             except BaseException:
                 with self._model_lock:
                     self.learner.import_task(record, tensors)
@@ -299,12 +301,16 @@ class ModelService:
             learner = ContinualLearner.from_state(checkpoint.read(self.model_dir, version),
                                                   str(self.learner.device))
             number = versions.rollback(self.model_dir, version)
+            if self.keep_versions is not None:
+                versions.prune(self.model_dir, self.keep_versions)
             with self._model_lock, self._view_lock:  # between two forward passes
                 old, self.learner = self.learner, learner
                 self._served, self.version = tuple(learner.tasks), number
             self._publish()
             for name in set(old.tasks) - set(learner.tasks):
                 self.metrics.predictions.remove(name)
+            event("model.rolled_back", f"rolled back to version {version} as version {number}",
+                  tasks=list(learner.tasks), version=number)
             return number
 
     def _publish(self) -> None:

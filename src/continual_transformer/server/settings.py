@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     batch_max_tokens: int = Field(1024, ge=1, description="Padded tokens (rows x longest) per forward pass; rows are grouped by length.")
     inference_threads: int | None = Field(None, ge=1, description="CPU threads of the forward passes (default: PyTorch's, one per core).")
     learn_threads: int = Field(1, ge=1, description="CPU threads of a learning job (its own process).")
+    keep_versions: int | None = Field(None, ge=1, description="Keep only the newest N versions of the model directory after each change (older manifests and files no kept version lists are removed); default: all, until `ctt prune`.")
     access_log: bool = Field(True, description="Log one line per request (see log_format).")
     log_format: Literal["text", "json"] = Field("text", description="Request and job logs: 'text' lines for a terminal, or one JSON object per line.")
     learn_nice: int = Field(10, ge=0, le=19, description="Niceness of the learning process, so serving keeps the CPU.")
