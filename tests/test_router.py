@@ -145,3 +145,30 @@ def test_analytic_task_order_gives_the_same_model(tiny_config, tasks):
 def test_analytic_rejects_training_options(tiny_config):
     with pytest.raises(ValueError, match="method 'analytic' is not trained by gradient"):
         ContinualLearner(tiny_config, method="analytic", train=TrainConfig(), device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["ia3", "analytic"])
+def test_routing_among_some_tasks_is_the_same_classifier_restricted(kind, ia3, tiny_config, tasks):
+    """A caller that may see only some tasks (a tenant) gets rows routed among those only; a row
+    whose best task is allowed keeps that answer, and a named task is never changed."""
+    learner = ia3
+    if kind == "analytic":
+        learner = ContinualLearner(tiny_config, method=analytic(), device="cpu")
+        for task in tasks:
+            learner.learn(task)
+    texts = [e.text for t in tasks for e in t.test]
+    free = learner.predict(texts)
+    first, second = tasks[0].name, tasks[1].name
+    only_first = learner.predict(texts, among=[first])
+    assert {p.task for p in only_first} == {first}
+    for p, q in zip(free, only_first):
+        if p.task == first:
+            assert q.label == p.label
+            assert q.probabilities == pytest.approx(p.probabilities, abs=1e-6)
+    per_row = learner.predict(texts, among=[{first}, None] * (len(texts) // 2) + [None] * (len(texts) % 2))
+    assert all(p.task == first for p in per_row[::2])
+    assert [p.task for p in per_row[1::2]] == [p.task for p in free[1::2]]
+    named = learner.predict(texts, task=second, among=[first])
+    assert {p.task for p in named} == {second}
+    with pytest.raises(ValueError, match="no learned task to route to"):
+        learner.predict(texts, among=["nothing"])
