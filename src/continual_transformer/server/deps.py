@@ -109,6 +109,9 @@ def requires(scope: str):
     return dependency
 
 
+require_read = requires("read")
+
+
 async def require_predictor(request: Request, credentials: Credentials, settings: SettingsDep) -> Caller:
     caller = _caller(request, credentials)
     if caller is None:
@@ -126,14 +129,14 @@ async def require_predictor(request: Request, credentials: Credentials, settings
 async def require_metrics_reader(request: Request, credentials: Credentials, settings: SettingsDep) -> Caller | None:
     if settings.public_metrics and _caller(request, credentials) is None:
         return None
-    caller = await requires("read")(request, credentials)
+    caller = await require_read(request, credentials)
     if caller.tasks is not None:  # the series are labelled with every task's name
         raise HTTPException(status.HTTP_403_FORBIDDEN,
                             "/metrics names every task: it needs a token for all tasks")
     return caller
 
 
-ReaderDep = Annotated[Caller, Depends(requires("read"))]
+ReaderDep = Annotated[Caller, Depends(require_read)]
 LearnerDep = Annotated[Caller, Depends(requires("learn"))]
 DeleterDep = Annotated[Caller, Depends(requires("delete"))]
 AdminDep = Annotated[Caller, Depends(requires("admin"))]

@@ -44,9 +44,6 @@ class Caller:
     def sees(self, task: str) -> bool:
         return self.tasks is None or self.tasks.allows(task)
 
-    def visible(self, tasks) -> list[str]:
-        return [t for t in tasks if self.sees(t)]
-
 
 class KeyRing:
     """The admin key and the reader keys; `caller(key)` is None for an unknown key."""
