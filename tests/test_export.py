@@ -42,6 +42,7 @@ def learner(tiny_config, tasks):
     method = make_method("ia3", {"train": TrainConfig(epochs=2, batch_size=8).to_dict(),
                                  "adapt_layers": 1})
     learner = ContinualLearner(tiny_config, method=method, device="cpu")
+    learner.precision = "fp32"  # exports compute in float32
     generator = torch.Generator().manual_seed(0)
     for task in tasks:
         learner.learn(task)
@@ -117,6 +118,7 @@ def shared(tiny_config, tasks):
     """A method whose tasks share one scale entry (and have a head each)."""
     learner = ContinualLearner(tiny_config, method="finetune",
                                train=TrainConfig(epochs=1, batch_size=8), device="cpu")
+    learner.precision = "fp32"  # exports compute in float32
     for task in tasks[:2]:
         learner.learn(task)
     return learner
@@ -235,6 +237,7 @@ def test_peft_round_trip_on_the_real_minilm(tmp_path):
 
     task = load_stream(default_stream_path())[0].subsample_train(32, seed=0)
     learner = ContinualLearner(train=TrainConfig(epochs=1), device="cpu")
+    learner.precision = "fp32"  # exports compute in float32
     learner.learn(task)
     out = export_peft(learner.model, learner.method, task.name, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -255,6 +258,7 @@ def test_cls_pooling_is_exported_as_it_predicts(tiny_backbone_dir, tasks, tmp_pa
     method = make_method("ia3", {"train": TrainConfig(epochs=1, batch_size=8).to_dict(),
                                  "adapt_layers": 1})
     learner = ContinualLearner(config, method=method, device="cpu")
+    learner.precision = "fp32"  # exports compute in float32
     learner.learn(tasks[0])
     learner.model.adapter.load_state_of("kinds", {
         name: 0.5 + torch.rand(vector.shape, generator=torch.Generator().manual_seed(1))

@@ -38,13 +38,13 @@ def test_router_reads_the_trunk_output_of_the_prediction_pass(ia3, tasks):
     texts = [e.text for e in tasks[0].test]
     batch = backbone.collate(backbone.tokenize(texts))
     seen = []
-    route = ia3.route
-    ia3.route = lambda features, among=None: seen.append(features) or route(features, among)
+    choose = ia3.router.choose
+    ia3.router.choose = lambda features, among=None: seen.append(features) or choose(features, among)
     try:
         with torch.inference_mode():
             ia3.row_logits(batch, [None] * len(texts))
     finally:
-        del ia3.route
+        del ia3.router.choose
     assert len(seen) == 1  # once per pass, from inside it
     with torch.inference_mode():
         embedded = backbone.encoder.embeddings(input_ids=batch["input_ids"])

@@ -20,15 +20,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
 from continual_transformer.io.checkpoint import read_manifest
 from continual_transformer.server.app import create_app
 from continual_transformer.server.settings import Settings
+from continual_transformer.training.precision import resolved
 from conftest import WORDS
 
 ADMIN = "admin-key-0123456789abcdef"
+# What the server predicts in by default (CTT_PRECISION=auto), as /readyz reports it.
+PRECISION = resolved("auto", torch.device("cpu"))
 READER = "reader-key-0123456789abcdef"
 OTHER_READER = "reader-two-0123456789abcdef"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
@@ -650,8 +654,8 @@ def test_ctt_serve_starts_uvicorn_and_stops_cleanly(model_dir, tmp_path):
             assert process.poll() is None, process.stdout.read().decode()
             assert time.monotonic() < deadline, "ctt serve did not become ready"
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").json() == {"status": "ready", "tasks": 2,
-                                                                        "version": 1}:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").json() == {
+                        "status": "ready", "tasks": 2, "version": 1, "precision": PRECISION}:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)

@@ -96,6 +96,7 @@ _TASK_COLUMN = typer.Option(None, help="Column of the task names [default: task;
 _SPLIT_COLUMN = typer.Option(None, help="Column of the splits, train or test [default: split].")
 _TASK_NAME = typer.Option(None, help="The task of every row, for a file without a task column [default: the file's name].")
 _TEST_FRACTION = typer.Option(None, help="Draw this fraction of each task's rows as its test split, stratified by label and reproducible by --seed (for a file without a split column).")
+PRECISION_HELP = "What predictions compute in: auto (bfloat16 where the hardware has it), fp32 or bf16."
 _STREAM_HELP = "Stream file: JSONL (.jsonl, .jsonl.gz), CSV, TSV, Parquet or a datasets folder; default: the bundled stream."
 
 
@@ -123,7 +124,7 @@ def run(
     lr: Optional[float] = typer.Option(None, help="Learning rate of the scale vectors."),
     head_lr: Optional[float] = typer.Option(None, help="Learning rate of the heads."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
-    precision: Optional[str] = typer.Option(None, help="Training precision: auto (bf16 where the hardware has it), fp32 or bf16."),
+    precision: Optional[str] = typer.Option(None, help="Precision of training and evaluation: auto (bf16 where the hardware has it), fp32 or bf16; the report also gives each task's accuracy in fp32."),
     adapt_layers: Optional[str] = typer.Option(None, help="Top layers that carry each task's scales (a number or 'all'); the layers below are a shared trunk run once per text [default: 3]."),
     lexical: Optional[bool] = typer.Option(None, "--lexical/--no-lexical", help="ia3: learn a lexical branch per task, weighed on a validation split held out from training [default: on]."),
     search: Optional[int] = typer.Option(None, help="ia3: per task, an Optuna study of N trials over rates, epochs and adapted layers, scored on the validation split (extra: search) [default: off]."),
@@ -301,6 +302,14 @@ def _print_summary(report: dict, out: Path) -> None:
     for name, row in zip(names, report["routing"]["confusion"]):
         confusion.add_row(name, *[str(v) for v in row])
     console.print(confusion)
+    compared = report.get("precision")
+    if compared and compared["prediction"] != "fp32":
+        used = compared["prediction"]
+        worst = max(compared["per_task"].items(), key=lambda kv: abs(kv[1][used] - kv[1]["fp32"]))
+        console.print(
+            f"predicted in {used}: accuracy within {100 * compared['largest_difference']:.2f} points "
+            f"of fp32 on every task (largest on {worst[0]}: {100 * worst[1][used]:.2f} vs "
+            f"{100 * worst[1]['fp32']:.2f}); --precision fp32 predicts in fp32")
     fwt, bwt = _percent(m["fwt"], "{:+.2f}"), _percent(m["bwt"], "{:+.2f}")
     forgetting = _percent(m["forgetting"])
     console.print(
@@ -454,6 +463,7 @@ def predict(
     task_column: Optional[str] = typer.Option(None, help="Column naming each row's task, with --input."),
     input_format: Optional[str] = typer.Option(None, "--format", help="Format of --input: text, jsonl, csv, tsv or parquet [default: from the name]."),
     skip_bad_rows: bool = typer.Option(False, help="With --input: leave out rows without a text or with an unknown task, and count them."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
 ):
     """Predict labels for texts, or for every row of a file (--input), with a saved model."""
     from .learner import ContinualLearner
@@ -461,7 +471,7 @@ def predict(
     if (input_file is None) == (not texts):
         _fail("give texts to classify, or --input FILE (not both)")
     try:
-        learner = ContinualLearner.load(model, device=device)
+        learner = ContinualLearner.load(model, device=device, precision=precision)
         if input_file is not None:
             _score(learner, input_file, output, task, text_column, task_column, input_format,
                    skip_bad_rows)
@@ -472,13 +482,15 @@ def predict(
     if as_json:
         for text, p in zip(texts, predictions):
             print(json.dumps({"text": text, "task": p.task, "label": p.label,
-                              "probabilities": p.probabilities}))
+                              "probabilities": p.probabilities,
+                              "task_probability": p.task_probability}))
         return
     table = Table()
-    for column in ("text", "task", "label", "p"):
+    for column in ("text", "task", "task p", "label", "p"):
         table.add_column(column)
     for text, p in zip(texts, predictions):
-        table.add_row(text[:60], p.task, p.label, f"{p.probabilities[p.label]:.3f}")
+        routed = "given" if p.task_probability is None else f"{p.task_probability:.3f}"
+        table.add_row(text[:60], p.task, routed, p.label, f"{p.probabilities[p.label]:.3f}")
     console.print(table)
 
 
@@ -605,6 +617,7 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on."),
     device: Optional[str] = typer.Option(None, help="'auto', 'cpu' or 'cuda[:N]' (default: CTT_DEVICE or auto)."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (one line each; CTT_LOG_FORMAT=json for JSON lines)."),
+    precision: Optional[str] = typer.Option(None, help="What predictions compute in: auto (bfloat16 where the hardware has it), fp32 or bf16 (default: CTT_PRECISION or auto)."),
 ):
     """Serve every task over HTTP and learn new ones while serving.
 
@@ -622,6 +635,8 @@ def serve(
 
     try:
         given = {"device": device} if device else {}
+        if precision:
+            given["precision"] = precision
         if not access_log:
             given["access_log"] = False
         settings = Settings(model_dir=model, **given)

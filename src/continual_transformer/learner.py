@@ -30,6 +30,7 @@ from .model.router import Router
 from .model.memory import release_freed_memory, release_freed_memory_at_most_every
 from .model.trunk import TrunkStates
 from .training.loop import Checkpointing, Progress
+from .training.precision import resolved
 from .types import Prediction, Task, TaskRecord, check_task_name
 
 
@@ -70,6 +71,25 @@ class ContinualLearner:
         self.router = None if method.routes_itself else Router(
             self.backbone.hidden_size, **(router or {}))
         self.tasks: dict[str, TaskRecord] = {}
+        # Predictions compute as training does (`--precision` of a run covers both);
+        # `load` and callers may set another.
+        self.precision = method.train.precision if isinstance(method, GradientMethod) else "auto"
+
+    @property
+    def precision(self) -> str:
+        """The precision predictions run in unless a call says otherwise: "auto" (bfloat16
+        where the hardware computes it natively, float32 elsewhere), "fp32" or "bf16". The same
+        model, precision and input give the same answers bit for bit."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        resolved(value, self.device)  # checks the name
+        self._precision = value
+
+    def prediction_precision(self, precision: str | None = None) -> str:
+        """"fp32" or "bf16": what `precision` (default: this learner's) means here."""
+        return resolved(self.precision if precision is None else precision, self.device)
 
     # -- learning ----------------------------------------------------------------------------
     @property
@@ -248,99 +268,115 @@ class ContinualLearner:
     def row_logits(
         self, batch: dict[str, torch.Tensor], tasks: Sequence[str | None],
         among: Sequence[Collection[str] | None] | None = None,
-    ) -> tuple[list[str], list[torch.Tensor]]:
+    ) -> tuple[list[str], list[torch.Tensor], list[float | None]]:
         """Logits per row in one pass, each row under its own task: the trunk runs once for
-        all rows, then the top with each row's own scales.
+        all rows, then the top with each row's own scales. Returns each row's task, logits and,
+        for a routed row, the probability of the task it was routed to (None: task given).
 
         Rows whose task is None are routed: the router reads the trunk's pooled output inside
         this pass, before any task-specific layer runs (methods that classify over all tasks'
         labels name the task from the pooled output instead); `among[i]`, when given, is the
-        set of tasks row i may be routed to.
+        set of tasks row i may be routed to. Pooling and heads run in float32 whatever the
+        precision the layers run in (`AdaptedModel.inference`).
         """
         tasks = list(tasks)
+        chances: list[float | None] = [None] * len(tasks)
         missing = [i for i, t in enumerate(tasks) if t is None]
         if missing and not self.tasks:
             raise ValueError("no task given and no task learned yet")
         inputs = self.model.trunk(batch)
+        limits = None if among is None or not missing else [among[i] for i in missing]
         if self.router is None:  # the method classifies over all tasks on the plain backbone
-            pooled = self.model.top_pooled(inputs, [None] * len(tasks))  # (B, H)
+            pooled = self.model.top_pooled(inputs, [None] * len(tasks), torch.float32)  # (B, H)
             if missing:
-                limits = None if among is None else [among[i] for i in missing]
-                for i, name in zip(missing, self.method.infer_tasks(self.model, pooled[missing], limits)):
-                    tasks[i] = name
+                for i, (name, chance) in zip(missing, self.method.infer_tasks(self.model, pooled[missing], limits)):
+                    tasks[i], chances[i] = name, chance
         else:
             if missing:
-                features = masked_mean(inputs.hidden, inputs.attention_mask)[missing]  # (M, H)
-                limits = None if among is None else [among[i] for i in missing]
-                for i, name in zip(missing, self.route(features, limits)):
-                    tasks[i] = name
-            pooled = self.model.top_pooled(inputs, [self.method.adapter_key(t) for t in tasks])
-        return tasks, self.method.head_logits(self.model, pooled, tasks)
+                features = masked_mean(inputs.hidden.float(), inputs.attention_mask)[missing]  # (M, H)
+                for i, (name, chance) in zip(missing, self.router.choose(features, limits)):
+                    tasks[i], chances[i] = name, chance
+            pooled = self.model.top_pooled(inputs, [self.method.adapter_key(t) for t in tasks],
+                                           torch.float32)
+        return tasks, self.head_logits(pooled, tasks), chances
 
-    @torch.inference_mode()
+    def head_logits(self, pooled: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
+        """The method's head logits for pooled rows (B, H), each under its task, in float32
+        whatever precision the encoder ran in."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.method.head_logits(self.model, pooled.float(), tasks)
+
     def _run(self, ids: Sequence[Sequence[int]], row_tasks: list[str | None],
-             among: Sequence[Collection[str] | None] | None = None) -> tuple[list[str], list[torch.Tensor]]:
+             among: Sequence[Collection[str] | None] | None = None, precision: str | None = None,
+             ) -> tuple[list[str], list[torch.Tensor], list[float | None]]:
         tasks: list[str | None] = list(row_tasks)
         out: list[torch.Tensor | None] = [None] * len(ids)
-        for rows, batch in collated(self.backbone, ids):
-            resolved, logits = self.row_logits(batch, [row_tasks[i] for i in rows],
-                                               None if among is None else [among[i] for i in rows])
-            logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
-            for i, name, row in zip(rows, resolved, logits):
-                tasks[i], out[i] = name, row.float().cpu()
-        return tasks, out  # type: ignore[return-value]
+        chances: list[float | None] = [None] * len(ids)
+        with self.model.inference(self.prediction_precision(precision)):
+            for rows, batch in collated(self.backbone, ids):
+                resolved, logits, routed = self.row_logits(
+                    batch, [row_tasks[i] for i in rows], None if among is None else [among[i] for i in rows])
+                logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
+                for i, name, row, chance in zip(rows, resolved, logits, routed):
+                    tasks[i], out[i], chances[i] = name, row.float().cpu(), chance
+        return tasks, out, chances  # type: ignore[return-value]
 
-    def logits(self, texts: Sequence[str], task: str | Sequence[str]) -> list[torch.Tensor]:
+    def logits(self, texts: Sequence[str], task: str | Sequence[str],
+               precision: str | None = None) -> list[torch.Tensor]:
         """The scores `predict` takes the softmax of, for each text under its task (one name
         for all, or one per text): the head's logits, fused with the task's lexical branch
         where it has one (`model/lexical.py`)."""
         row_tasks = self._row_tasks(texts, task)
-        return self._run(self.backbone.tokenize(list(texts)), row_tasks)[1]
+        return self._run(self.backbone.tokenize(list(texts)), row_tasks, precision=precision)[1]
 
     def predict(
         self, texts: Sequence[str], task: str | Sequence[str | None] | None = None,
         among: Collection[str] | Sequence[Collection[str] | None] | None = None,
+        precision: str | None = None,
     ) -> list[Prediction]:
         """Label and label probabilities for each text.
 
         `task` is one task name for all texts, one name (or None) per text, or None: texts
-        without a task are routed to the task the model predicts for them. `among` limits
-        routing to some tasks: one collection of task names for all texts, or one (or None:
-        any task) per text; it never changes a row whose task is given.
+        without a task are routed to the task the model predicts for them (the prediction
+        gives that task's probability). `among` limits routing to some tasks: one collection
+        of task names for all texts, or one (or None: any task) per text; it never changes a
+        row whose task is given. `precision` ("auto", "fp32", "bf16"; default: the learner's
+        `precision`) is what the encoder computes in.
         """
         row_tasks = self._row_tasks(texts, task)
-        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks, among)
+        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks, among, precision)
 
     def predict_ids(
         self, ids: Sequence[Sequence[int]], task: str | Sequence[str | None] | None = None,
         among: Collection[str] | Sequence[Collection[str] | None] | None = None,
+        precision: str | None = None,
     ) -> list[Prediction]:
         """`predict` for texts already tokenised by `backbone.tokenize` (the server tokenises
         a request once, to batch it, and predicts from those ids)."""
         row_tasks = self._row_tasks(ids, task)
-        tasks, logits = self._run(ids, row_tasks, self._row_among(row_tasks, among))
+        tasks, logits, chances = self._run(ids, row_tasks, self._row_among(row_tasks, among), precision)
         predictions = []
-        for name, row in zip(tasks, logits):
+        for name, row, chance in zip(tasks, logits, chances):
             labels = self.tasks[name].labels
             probs = torch.softmax(row, dim=-1).tolist()
-            predictions.append(Prediction(name, labels[int(row.argmax())], dict(zip(labels, probs))))
+            predictions.append(Prediction(name, labels[int(row.argmax())], dict(zip(labels, probs)), chance))
         release_freed_memory_at_most_every(RELEASE_SECONDS)  # a serving process stays flat
         return predictions
 
-    def evaluate(self, task: Task) -> float:
+    def evaluate(self, task: Task, precision: str | None = None) -> float:
         """Accuracy on the task's test examples, with the task given."""
         self.require(task.name)
         if not task.test:
             raise ValueError(f"task {task.name!r} has no test examples")
-        predictions = self.predict([e.text for e in task.test], task=task.name)
+        predictions = self.predict([e.text for e in task.test], task=task.name, precision=precision)
         return sum(p.label == e.label for p, e in zip(predictions, task.test)) / len(task.test)
 
-    def evaluate_task_free(self, task: Task) -> tuple[float, list[str]]:
+    def evaluate_task_free(self, task: Task, precision: str | None = None) -> tuple[float, list[str]]:
         """Accuracy on the task's test examples *without* naming the task (a label counts only
         if the row was routed to this task), and the task each row was routed to."""
         if not task.test:
             raise ValueError(f"task {task.name!r} has no test examples")
-        predictions = self.predict([e.text for e in task.test], task=None)
+        predictions = self.predict([e.text for e in task.test], task=None, precision=precision)
         correct = sum(p.task == task.name and p.label == e.label for p, e in zip(predictions, task.test))
         return correct / len(task.test), [p.task for p in predictions]
 
@@ -516,8 +552,12 @@ class ContinualLearner:
         return written
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | None = None) -> "ContinualLearner":
-        return cls.from_state(checkpoint.read(Path(directory)), device)
+    def load(cls, directory: str | Path, device: str | None = None,
+             precision: str = "auto") -> "ContinualLearner":
+        """The model saved in `directory`, predicting in `precision` (see `precision`)."""
+        learner = cls.from_state(checkpoint.read(Path(directory)), device)
+        learner.precision = precision
+        return learner
 
     # -- helpers -----------------------------------------------------------------------------
     def _bytes_added(self, adapter_parameters: int, head_parameters: int) -> int:

@@ -73,6 +73,8 @@ class Prediction:
     task: str
     label: str
     probabilities: dict[str, float]
+    # For a routed text: the probability of the task it was routed to; None: the task was given.
+    task_probability: float | None = None
 
 
 @dataclass

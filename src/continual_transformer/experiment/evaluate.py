@@ -40,9 +40,9 @@ class TestPass:
     inferred: list[str] | None
 
 
-@torch.inference_mode()
-def test_pass(learner: ContinualLearner, task: Task) -> TestPass:
-    """One pass over the task's test texts that yields what both accuracies need.
+def test_pass(learner: ContinualLearner, task: Task, precision: str | None = None) -> TestPass:
+    """One pass over the task's test texts that yields what both accuracies need, computed
+    as `predict` computes them at `precision` (default: the learner's).
 
     A task-free answer is right exactly when its row goes to its own task and the label
     predicted under that task is right, so the task-given labels and the router's input
@@ -57,18 +57,19 @@ def test_pass(learner: ContinualLearner, task: Task) -> TestPass:
     features = torch.empty(len(ids), learner.backbone.hidden_size) if learner.router is not None else None
     inferred: list[str] | None = None if learner.router is not None else [""] * len(ids)
     key = learner.method.adapter_key(task.name)
-    for rows, batch in collated(learner.backbone, ids):  # as `predict` batches them
-        inputs = learner.model.trunk(batch)
-        pooled = learner.model.top_pooled(inputs, [key] * len(rows))  # (B, H)
-        logits = learner.method.head_logits(learner.model, pooled, [task.name] * len(rows))
-        logits = learner.model.fused_logits([task.name] * len(rows), [ids[i] for i in rows], logits)
-        for i, row in zip(rows, logits):
-            correct[i] = int(row.argmax()) == index[task.test[i].label]
-        if features is not None:
-            features[rows] = masked_mean(inputs.hidden, inputs.attention_mask).float().cpu()
-        else:
-            for i, name in zip(rows, learner.method.infer_tasks(learner.model, pooled)):
-                inferred[i] = name
+    with learner.model.inference(learner.prediction_precision(precision)):
+        for rows, batch in collated(learner.backbone, ids):  # as `predict` batches them
+            inputs = learner.model.trunk(batch)
+            pooled = learner.model.top_pooled(inputs, [key] * len(rows), torch.float32)  # (B, H)
+            logits = learner.head_logits(pooled, [task.name] * len(rows))
+            logits = learner.model.fused_logits([task.name] * len(rows), [ids[i] for i in rows], logits)
+            for i, row in zip(rows, logits):
+                correct[i] = int(row.argmax()) == index[task.test[i].label]
+            if features is not None:
+                features[rows] = masked_mean(inputs.hidden.float(), inputs.attention_mask).cpu()
+            else:
+                for i, (name, _) in zip(rows, learner.method.infer_tasks(learner.model, pooled)):
+                    inferred[i] = name
     return TestPass(correct, features, inferred)
 
 
@@ -169,3 +170,13 @@ class StreamEvaluation:
             for a, b in zip(now, self._routed.get(name, now)))
         self._routed.update(routed)
         return changed
+
+
+def precision_comparison(learner: ContinualLearner, tasks: list[Task], final: list[float]) -> dict:
+    """Each task's final task-given accuracy at the precision the run predicted in (`final`)
+    and in float32: what the faster path costs, per task. In float32 they are the same."""
+    used = learner.prediction_precision()
+    fp32 = list(final) if used == "fp32" else [learner.evaluate(t, precision="fp32") for t in tasks]
+    per_task = {t.name: {used: float(a), "fp32": float(b)} for t, a, b in zip(tasks, final, fp32)}
+    return {"prediction": used, "per_task": per_task,
+            "largest_difference": max((abs(a - b) for a, b in zip(final, fp32)), default=0.0)}

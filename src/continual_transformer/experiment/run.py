@@ -22,7 +22,7 @@ from ..learner import ContinualLearner
 from ..model.memory import release_freed_memory
 from ..training.loop import Checkpointing, TrainState
 from ..types import Task, TaskRecord
-from .evaluate import StreamEvaluation
+from .evaluate import StreamEvaluation, precision_comparison
 from .report import joint_report, json_default, matrices, stream_report, write_outputs
 from .resources import peak_rss_mb, start_peak_window, window_peak_rss_mb
 from .resume import manifest_sha256, open_run, save_progress
@@ -147,7 +147,10 @@ def run_stream(
         write()
         R, _, _ = matrices(state.completed, T)
         events.task_finished(i, record, R[: i + 1, : i + 1], names[: i + 1])
+    R, _, _ = matrices(state.completed, T)
+    compared = precision_comparison(learner, tasks, list(R[-1])) if T else None
     report = stream_report(state, learner, names, time.perf_counter() - session_start + seconds_before)
+    report["precision"] = compared
     if out is not None:
         R, F, _ = matrices(state.completed, T)
         write_outputs(out, report, R, F, "accuracy on task j after learning task i")
@@ -202,8 +205,10 @@ def run_joint(
         sum(r.adapter_parameters for r in records), sum(r.head_parameters for r in records),
         sum(r.bytes_added for r in records), records[-1].stats)
     events.task_finished(T - 1, joint_record, R, names)
+    compared = precision_comparison(learner, tasks, list(R[-1]))
     report = joint_report(names, R, F, confusion, per_task, learner, run_config,
                           time.perf_counter() - start)
+    report["precision"] = compared
     if out is not None:
         write_outputs(out, report, R, F, "accuracy after learning all tasks at once")
     return report

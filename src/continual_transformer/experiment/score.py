@@ -6,7 +6,7 @@ Input: plain text (one text per line), JSONL, CSV/TSV or Parquet, read row by ro
 batches) and predicted in chunks of `CHUNK_ROWS` rows, so memory does not grow with the file.
 Each row's task is `ScoreOptions.task`, its `task_column`, or, with neither, the router's
 choice. Output: one row per input row, in input order (`row`, `task`, `label`, `probability`,
-`routed`), as JSONL or CSV by the output's name; it is written to a temporary file beside the
+`routed`, and for a routed row `task_probability`, the router's probability of its task), as JSONL or CSV by the output's name; it is written to a temporary file beside the
 output and renamed into place when every row is done. A row without a usable text or with an
 unknown task stops the scoring, naming the file, line (or row) and reason; with
 `skip_bad_rows` it is counted and left out instead.
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 INPUT_FORMATS = ("text", "jsonl", "csv", "tsv", "parquet")
 CHUNK_ROWS = 1024  # rows predicted at a time (the learner batches them by length within)
-OUTPUT_FIELDS = ("row", "task", "label", "probability", "routed")
+OUTPUT_FIELDS = ("row", "task", "label", "probability", "routed", "task_probability")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def _score(learner, rows: Iterator[tuple[str, str, str | None]], options: ScoreO
         for (_, task), prediction in zip(chunk, predictions):
             writer.write({"row": done, "task": prediction.task, "label": prediction.label,
                           "probability": prediction.probabilities[prediction.label],
-                          "routed": task is None})
+                          "routed": task is None, "task_probability": prediction.task_probability})
             done += 1
         chunk.clear()
         if progress is not None:

@@ -76,15 +76,24 @@ class AnalyticMethod(Method):
         columns = {t: self._columns(t) for t in dict.fromkeys(tasks)}
         return [scores[i, columns[t]] for i, t in enumerate(tasks)]
 
-    def infer_tasks(self, model, pooled: torch.Tensor, among=None) -> list[str]:
-        """The task of the best class over all labels of all tasks (class-incremental); `among`
-        (per row, None: all) limits a row to the labels of some tasks."""
+    def infer_tasks(self, model, pooled: torch.Tensor, among=None) -> list[tuple[str, float]]:
+        """The task of the best class over all labels of all tasks (class-incremental), with
+        the task's probability (its classes' posterior summed); `among` (per row, None: all)
+        limits a row to the labels of some tasks."""
+        task_of = [c.split(SEP, 1)[0] for c in self.classifier.classes_]
         classes = None
         if among is not None:
             classes = [None if names is None else
-                       {c for c in self.classifier.classes_ if c.split(SEP, 1)[0] in names}
+                       {c for c, t in zip(self.classifier.classes_, task_of) if t in names}
                        for names in among]
-        return [key.split(SEP, 1)[0] for key in self.classifier.predict(pooled, classes)]
+        scores = self.classifier.scores(pooled, classes)  # (B, K)
+        posterior = torch.softmax(scores, dim=1)
+        names = list(dict.fromkeys(task_of))
+        owner = torch.tensor([[t == name for name in names] for t in task_of],
+                             dtype=posterior.dtype)  # (K, tasks): the task each class belongs to
+        per_task = posterior @ owner  # (B, tasks)
+        return [(task_of[best], float(per_task[row, names.index(task_of[best])]))
+                for row, best in enumerate(scores.argmax(1).tolist())]
 
     def delete(self, model, task: str) -> None:
         if task in self.labels:

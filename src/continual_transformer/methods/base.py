@@ -77,7 +77,8 @@ class Method:
         """Logits per row from the pooled backbone output (B, H), each under its own task."""
         return model.heads.per_row(pooled, tasks)
 
-    def infer_tasks(self, model: "AdaptedModel", pooled: torch.Tensor, among=None) -> list[str]:
+    def infer_tasks(self, model: "AdaptedModel", pooled: torch.Tensor, among=None) -> list[tuple[str, float]]:
+        """Methods that classify over all tasks' labels: each row's task and its probability."""
         raise NotImplementedError(f"method {self.name!r} does not predict tasks; use the router")
 
     def footprint(self, model: "AdaptedModel", task: str) -> tuple[int, int]:

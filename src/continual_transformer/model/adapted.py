@@ -74,6 +74,22 @@ class AdaptedModel:
             with_features=with_features,
         )
 
+    @contextlib.contextmanager
+    def inference(self, precision: str):
+        """The context prediction runs in: `precision` ("fp32" or "bf16", see
+        `training.precision.resolved`). In bf16 the encoder's matrix products run in bfloat16
+        on bfloat16 copies of its weights; callers pool in float32 and run the heads outside
+        autocast, so only the encoder's layers compute in bfloat16."""
+        if precision == "fp32":
+            with torch.inference_mode():
+                yield
+            return
+        if precision != "bf16":
+            raise ValueError(f"prediction runs in 'fp32' or 'bf16', not {precision!r}")
+        with torch.inference_mode(), self.backbone.bf16_weights(), \
+                torch.autocast(self.device.type, dtype=torch.bfloat16):
+            yield
+
     def training_kernels(self):
         """The context learning runs in. With a trunk below the adapted top, attention runs as
         plain matrix products ("eager"): on a CPU the fused attention's backward pass made a
@@ -90,15 +106,19 @@ class AdaptedModel:
         hidden = self.backbone.run_layers(hidden, call, 0, self.trunk_layers)  # (B, T, H)
         return TopInput(hidden, call, batch["attention_mask"])
 
-    def top_pooled(self, inputs: TopInput, keys: Sequence[str | None]) -> torch.Tensor:
+    def top_pooled(self, inputs: TopInput, keys: Sequence[str | None],
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
         """The top layers on a trunk output, row i under adapter entry `keys[i]` (None: the
-        plain backbone), pooled: (B, H). Differentiable (used in training)."""
+        plain backbone), pooled (in `dtype`, default the layers' own): (B, H).
+        Differentiable (used in training)."""
         try:
             self._select(keys)
             hidden = self.backbone.run_layers(inputs.hidden, inputs.call, self.trunk_layers,
                                               self.backbone.num_layers)  # (B, T, H)
         finally:
             self.adapter.clear()
+        if dtype is not None:
+            hidden = hidden.to(dtype)
         return self.backbone.pool(hidden, inputs.attention_mask)
 
     def _select(self, keys: Sequence[str | None]) -> None:

@@ -218,16 +218,29 @@ class AnalyticClassifier:
     def predict(self, X: torch.Tensor, among: Sequence[Collection[str] | None] | None = None) -> list[str]:
         """The best class per row; `among` (one entry per row) limits a row to those classes
         (None: every class). With equal priors this is the same classifier restricted."""
+        return [name for name, _ in self.choose(X, among)]
+
+    def choose(self, X: torch.Tensor, among: Sequence[Collection[str] | None] | None = None,
+               ) -> list[tuple[str, float]]:
+        """`predict`'s class per row with its probability: the softmax of the decision scores
+        over the classes the row may take (under LDA, the class posterior with equal priors)."""
+        scores = self.scores(X, among)
+        best = scores.argmax(1)
+        probability = torch.softmax(scores, dim=1).gather(1, best[:, None])[:, 0]
+        return [(self.classes_[i], p) for i, p in zip(best.tolist(), probability.tolist())]
+
+    def scores(self, X: torch.Tensor, among: Sequence[Collection[str] | None] | None = None) -> torch.Tensor:
+        """The decision scores (n, K), -inf for the classes a row may not take (`among`)."""
         scores = self.decision_function(X)  # (n, K)
-        if among is not None:
-            allowed = torch.ones(scores.shape, dtype=torch.bool)
-            for row, names in enumerate(among):
-                if names is not None:
-                    allowed[row] = torch.tensor([c in names for c in self.classes_], dtype=torch.bool)
-            if not bool(allowed.any(1).all()):
-                raise ValueError("a row may be classified among no known class")
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        return [self.classes_[i] for i in scores.argmax(1).tolist()]
+        if among is None:
+            return scores
+        allowed = torch.ones(scores.shape, dtype=torch.bool)
+        for row, names in enumerate(among):
+            if names is not None:
+                allowed[row] = torch.tensor([c in names for c in self.classes_], dtype=torch.bool)
+        if not bool(allowed.any(1).all()):
+            raise ValueError("a row may be classified among no known class")
+        return scores.masked_fill(~allowed, float("-inf"))
 
     # -- persistence -------------------------------------------------------------------------
     def shared_state(self) -> dict[str, torch.Tensor]:

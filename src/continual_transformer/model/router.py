@@ -49,11 +49,16 @@ class Router:
                 among: Sequence[Collection[str] | None] | None = None) -> list[str]:
         """The most likely task per row (n, H) -> n names; `among` (one entry per row, None:
         every task) limits a row to some tasks: a caller that may see only those."""
+        return [name for name, _ in self.choose(features, among)]
+
+    def choose(self, features: torch.Tensor,
+               among: Sequence[Collection[str] | None] | None = None) -> list[tuple[str, float]]:
+        """`predict`'s task per row with its probability among the tasks the row may go to."""
         if len(self.classifier.classes_) == 1:
-            return [self.classifier.classes_[0]] * len(features)
+            return [(self.classifier.classes_[0], 1.0)] * len(features)
         # In chunks: the expanded features are float64, 16 KiB per row.
-        return [name for start in range(0, len(features), PREDICT_ROWS)
-                for name in self.classifier.predict(
+        return [choice for start in range(0, len(features), PREDICT_ROWS)
+                for choice in self.classifier.choose(
                     features[start : start + PREDICT_ROWS],
                     None if among is None else among[start : start + PREDICT_ROWS])]
 

@@ -38,7 +38,8 @@ async def lifespan(app: FastAPI):
         import torch
 
         torch.set_num_threads(settings.inference_threads)
-    learner = await run_in_threadpool(ContinualLearner.load, settings.model_dir, settings.device)
+    learner = await run_in_threadpool(ContinualLearner.load, settings.model_dir, settings.device,
+                                      settings.precision)
     service = ModelService(learner, settings.model_dir, batch_max_items=settings.batch_max_items,
                            batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
                            batch_max_tokens=settings.batch_max_tokens, metrics=app.state.metrics,

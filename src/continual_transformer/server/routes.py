@@ -63,7 +63,8 @@ async def readyz(service: ServiceDep) -> Ready:
     if not service.ready:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the inference worker is not running")
     version, names = service.served_version()
-    return Ready(status="ready", tasks=len(names), version=version)
+    return Ready(status="ready", tasks=len(names), version=version,
+                 precision=service.learner.prediction_precision())
 
 
 @ops.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}},
@@ -101,7 +102,9 @@ async def predict(body: PredictRequest, caller: PredictorDep, service: ServiceDe
     for p in results:
         metrics.predictions.labels(p.task).inc()
     return PredictResponse(predictions=[PredictionOut(task=p.task, label=p.label,
-                                                      probabilities=p.probabilities) for p in results])
+                                                      probabilities=p.probabilities,
+                                                      task_probability=p.task_probability)
+                                        for p in results])
 
 
 # -- tasks -------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ class PredictionOut(BaseModel):
     task: str
     label: str
     probabilities: dict[str, float]
+    task_probability: float | None = Field(
+        None, description="For an item without a task: the probability of the task it was routed to.")
 
 
 class PredictResponse(BaseModel):
@@ -104,6 +106,7 @@ class Ready(BaseModel):
     tasks: int
     version: int | None = Field(description="The model directory's version served (`ctt versions`); "
                                 "0: written before versions; null: not saved yet.")
+    precision: Literal["fp32", "bf16"] = Field(description="What predictions compute in (CTT_PRECISION, resolved).")
 
 
 # -- versions ----------------------------------------------------------------------------------

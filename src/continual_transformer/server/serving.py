@@ -300,6 +300,7 @@ class ModelService:
             # Built completely before anything changes; a failure leaves the served model as it was.
             learner = ContinualLearner.from_state(checkpoint.read(self.model_dir, version),
                                                   str(self.learner.device))
+            learner.precision = self.learner.precision
             number = versions.rollback(self.model_dir, version)
             if self.keep_versions is not None:
                 versions.prune(self.model_dir, self.keep_versions)

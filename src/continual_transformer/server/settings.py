@@ -23,6 +23,8 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(description="Model directory written by `ctt run` (DIR/model).")
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="What predictions compute in: auto (bfloat16 where the hardware has it), fp32 or bf16.")
 
     # -- security ------------------------------------------------------------------------------
     admin_key: SecretStr | None = Field(None, description="Authorises everything, learning and deleting included.")

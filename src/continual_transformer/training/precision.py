@@ -6,6 +6,8 @@ import functools
 
 import torch
 
+from ..config import PRECISIONS
+
 
 @functools.cache
 def _cpu_flags() -> str:
@@ -33,3 +35,10 @@ def training_autocast(precision: str, device: torch.device):
     """A context-manager factory for training forward passes in the configured precision."""
     enabled = uses_bf16(precision, device)
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def resolved(precision: str, device: torch.device) -> str:
+    """The precision `precision` means on `device`: "bf16" or "fp32" ("auto" decides)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return "bf16" if uses_bf16(precision, device) else "fp32"

@@ -1,0 +1,425 @@
+"""Prediction against the hardware's limit: `predict`, the server and bulk scoring, each measured
+against the bare backbone forward over the same texts, in one run.
+
+    python benchmarks/predict.py runs/demo/model                  # the five-task model of `make demo`
+    python benchmarks/predict.py runs/demo/model --repeats 5 --json predict.json
+    python benchmarks/predict.py MODEL --skip server,bulk          # only the in-process figures
+
+Texts: the first `--per-task` (400) test texts of each of the model's tasks in the stream file
+(default: the bundled stream), 2,000 for the demo model. Every speed is a median over
+`--repeats` runs; the runs of the different measurements take turns, so a slow moment of this
+shared machine falls on all of them alike, and the ratios are taken within the run.
+
+- **bare forward**: the backbone's encoder alone on the texts, tokenised beforehand, sorted by
+  length, in padded batches of 64 rows, in inference mode: float32; bfloat16 with the weights
+  cast to bfloat16 (`bf16`, the fastest this hardware does); bfloat16 autocast over the float32
+  weights (`bf16-autocast`).
+- **predict** at the default precision (`auto`) and in fp32: `given` (one call per task, the task
+  named), `mixed` (one call, the tasks named per row, rows shuffled so batches mix tasks),
+  `routed` (one call, no task named). Tokenising, batching, the router, the heads and the
+  lexical branches are all inside the timing.
+- **threads**: `mixed` at the default precision with 1 and with 2 torch threads.
+- **latency**: one text per call, task given and routed, p50 and p99 (and the bare forward's).
+- **accuracy**: every test text of every task, task given, in fp32 and at the default precision;
+  the default precision's logits computed twice and once more after reloading the model must be
+  equal bit for bit.
+- **server**: `ctt serve` on 127.0.0.1 (default precision), 1 and 32 client threads, each request
+  `--texts-per-request` texts with their tasks (and 1-text requests at 32 clients): requests/s,
+  texts/s, failed requests.
+- **bulk**: `ctt predict MODEL --input rows.jsonl --output out.jsonl --task-column task` on 1,000
+  and 10,000 rows (the texts repeated), each in its own process: rows/s as `ctt` reports it (model
+  loading excluded), wall seconds and the process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from load_test import start_server  # noqa: E402
+
+PARTS = ("speed", "threads", "latency", "accuracy", "server", "bulk")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="model directory (`make demo` writes runs/demo/model)")
+    parser.add_argument("--stream", type=Path, default=None, help="stream file [default: the bundled one]")
+    parser.add_argument("--per-task", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for everything but the thread comparison")
+    parser.add_argument("--texts-per-request", type=int, default=8)
+    parser.add_argument("--bulk-rows", default="1000,10000")
+    parser.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(PARTS)}")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    args = parser.parse_args()
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(PARTS):
+        parser.error(f"unknown parts {sorted(skip - set(PARTS))}; known: {PARTS}")
+    if not (args.model / "manifest.json").is_file():
+        raise SystemExit(f"{args.model}: no model here (run `make demo`, which writes runs/demo/model)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+
+    from continual_transformer.data.stream import default_stream_path, load_stream
+    from continual_transformer.learner import ContinualLearner
+    from continual_transformer.training.precision import native_bf16
+
+    torch.set_num_threads(args.threads)
+    learner = ContinualLearner.load(args.model, device="cpu")
+    default = learner.prediction_precision()
+    stream = {t.name: t for t in load_stream(args.stream or default_stream_path())}
+    missing = [name for name in learner.tasks if name not in stream]
+    if missing:
+        raise SystemExit(f"tasks {missing} of the model are not in the stream; pass --stream")
+    tasks = [stream[name] for name in learner.tasks]
+    rows = [(t.name, e.text) for t in tasks for e in t.test[: args.per_task]]
+    texts = [text for _, text in rows]
+    results: dict = {
+        "model": str(args.model), "texts": len(texts), "tasks": len(tasks), "threads": args.threads,
+        "default_precision": default, "native_bf16": native_bf16(torch.device("cpu")),
+        "torch": torch.__version__, "cpu": _cpu_name(), "repeats": args.repeats,
+    }
+    print(f"{len(texts):,} texts from {len(tasks)} tasks; default precision {default} "
+          f"(native bfloat16: {results['native_bf16']}); {args.threads} threads; {_cpu_name()}", flush=True)
+
+    if "speed" not in skip:
+        results["speed"] = speed(learner, tasks, rows, args.repeats, default)
+    if "threads" not in skip:
+        results["threads_compared"] = threads(learner, rows, args.repeats, args.threads)
+    if "latency" not in skip:
+        results["latency_ms"] = latency(learner, rows)
+    if "accuracy" not in skip:
+        results["accuracy"] = accuracy(learner, tasks, args.model, default)
+    del learner
+    with tempfile.TemporaryDirectory(prefix="ctt-predict-bench-") as scratch:
+        if "server" not in skip:
+            results["server"] = server(args.model, rows, args.texts_per_request, Path(scratch))
+        if "bulk" not in skip:
+            results["bulk"] = bulk(args.model, rows, [int(n) for n in args.bulk_rows.split(",")], Path(scratch))
+    summary(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+
+
+# -- speed -----------------------------------------------------------------------------------------
+def speed(learner, tasks, rows, repeats: int, default: str) -> dict:
+    """texts/s of the bare forward and of `predict`, runs taking turns; medians."""
+    import torch
+
+    backbone = learner.backbone
+    texts = [text for _, text in rows]
+    ids = backbone.tokenize(texts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    pad = backbone.tokenizer.pad_token_id or 0
+    batches = []
+    for start in range(0, len(order), 64):
+        chunk = [ids[i] for i in order[start : start + 64]]
+        width = max(len(r) for r in chunk)
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk])
+        batches.append({"input_ids": input_ids, "attention_mask": mask})
+    encoder_bf16 = copy.deepcopy(backbone.encoder).to(torch.bfloat16)
+
+    def bare(encoder, autocast: bool):
+        def run():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                for batch in batches:
+                    encoder(**batch)
+        return run
+
+    by_task: dict[str, list[str]] = {}
+    for name, text in rows:
+        by_task.setdefault(name, []).append(text)
+    shuffled = list(rows)
+    random.Random(0).shuffle(shuffled)
+    mixed_texts, mixed_tasks = [t for _, t in shuffled], [n for n, _ in shuffled]
+
+    def given(precision):
+        return lambda: [learner.predict(ts, task=name, precision=precision) for name, ts in by_task.items()]
+
+    runs = {
+        "bare fp32": bare(backbone.encoder, False),
+        "bare bf16": bare(encoder_bf16, False),
+        "bare bf16-autocast": bare(backbone.encoder, True),
+        f"predict given {default}": given(default),
+        f"predict mixed {default}": lambda: learner.predict(mixed_texts, task=mixed_tasks, precision=default),
+        f"predict routed {default}": lambda: learner.predict(texts, precision=default),
+    }
+    if default != "fp32":
+        runs["predict given fp32"] = given("fp32")
+        runs["predict mixed fp32"] = lambda: learner.predict(mixed_texts, task=mixed_tasks, precision="fp32")
+    learner.predict(texts[:128], precision=default)  # kernels built, copies made
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+            print(f"  [{repeat + 1}/{repeats}] {name}: {len(texts) / times[name][-1]:.1f} texts/s", flush=True)
+    del encoder_bf16
+    rates = {name: round(len(texts) / statistics.median(seconds), 1) for name, seconds in times.items()}
+    limit = rates["bare bf16"] if default == "bf16" else rates["bare fp32"]
+    return {"texts_per_second": rates,
+            "runs_texts_per_second": {n: [round(len(texts) / s, 1) for s in v] for n, v in times.items()},
+            "limit": "bare bf16" if default == "bf16" else "bare fp32",
+            "ratio_to_limit": {name: round(rate / limit, 3) for name, rate in rates.items()
+                               if name.startswith("predict") and name.endswith(default)},
+            "ratio_to_bare_bf16_autocast": {
+                name: round(rate / rates["bare bf16-autocast"], 3) for name, rate in rates.items()
+                if name.startswith("predict") and name.endswith(default)}}
+
+
+def threads(learner, rows, repeats: int, usual: int) -> dict:
+    import torch
+
+    shuffled = list(rows)
+    random.Random(0).shuffle(shuffled)
+    texts, names = [t for _, t in shuffled], [n for n, _ in shuffled]
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            start = time.perf_counter()
+            learner.predict(texts, task=names)
+            times[count].append(time.perf_counter() - start)
+    torch.set_num_threads(usual)
+    rates = {f"{count} thread{'s' * (count > 1)}": round(len(texts) / statistics.median(s), 1)
+             for count, s in times.items()}
+    print(f"  threads, predict mixed: {rates}", flush=True)
+    return {"predict_mixed_texts_per_second": rates}
+
+
+def latency(learner, rows, calls: int = 200) -> dict:
+    """One text per call: p50 and p99 in milliseconds."""
+    import torch
+
+    picked = random.Random(1).sample(rows, min(calls, len(rows)))
+    backbone = learner.backbone
+    out = {}
+    for name, call in [
+        ("predict given", lambda task, text: learner.predict([text], task=task)),
+        ("predict routed", lambda task, text: learner.predict([text])),
+        ("bare fp32", lambda task, text: _bare_one(backbone, text)),
+    ]:
+        call(*picked[0])
+        seconds = []
+        for task, text in picked:
+            start = time.perf_counter()
+            call(task, text)
+            seconds.append(time.perf_counter() - start)
+        out[name] = {"p50": _ms(statistics.median(seconds)), "p99": _ms(_quantile(seconds, 0.99))}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with backbone.bf16_weights():
+            seconds = []
+            for task, text in picked:
+                start = time.perf_counter()
+                _bare_one(backbone, text)
+                seconds.append(time.perf_counter() - start)
+    out["bare bf16"] = {"p50": _ms(statistics.median(seconds)), "p99": _ms(_quantile(seconds, 0.99))}
+    print(f"  latency ms: {out}", flush=True)
+    return out
+
+
+def _bare_one(backbone, text: str) -> None:
+    import torch
+
+    ids = backbone.tokenize([text])
+    with torch.inference_mode():
+        backbone.encoder(**backbone.collate(ids))
+
+
+# -- accuracy and exactness -----------------------------------------------------------------------
+def accuracy(learner, tasks, model: Path, default: str) -> dict:
+    import torch
+
+    from continual_transformer.learner import ContinualLearner
+
+    per_task = {}
+    for task in tasks:
+        fp32 = learner.evaluate(task, precision="fp32")
+        used = learner.evaluate(task, precision=default)
+        per_task[task.name] = {"fp32": round(100 * fp32, 2), default: round(100 * used, 2),
+                               "difference": round(100 * (used - fp32), 2)}
+    texts = [e.text for t in tasks for e in t.test]
+    names = [t.name for t in tasks for e in t.test]
+    first = torch.stack(learner.logits(texts, names, precision=default))
+    second = torch.stack(learner.logits(texts, names, precision=default))
+    reloaded = ContinualLearner.load(model, device="cpu", precision=default)
+    third = torch.stack(reloaded.logits(texts, names))
+    routed = [(p.task, p.label) for p in learner.predict(texts, precision=default)]
+    routed_again = [(p.task, p.label) for p in reloaded.predict(texts)]
+    out = {"per_task": per_task,
+           "largest_difference": max(abs(v["difference"]) for v in per_task.values()),
+           "test_texts": len(texts),
+           "same_logits_two_runs": bool(torch.equal(first, second)),
+           "same_logits_after_reload": bool(torch.equal(first, third)),
+           "same_routed_answers_after_reload": routed == routed_again}
+    print(f"  accuracy: {out}", flush=True)
+    return out
+
+
+# -- the server -----------------------------------------------------------------------------------
+def server(model: Path, rows, per_request: int, scratch: Path) -> dict:
+    served = start_server(model, 32, {}, scratch / "serve.log")
+    try:
+        out = {}
+        for clients, size in ((1, per_request), (32, per_request), (32, 1)):
+            out[f"{clients} clients x {size} texts"] = _load(served, rows, clients, size)
+            print(f"  server {clients} clients, {size} texts/request: {out[f'{clients} clients x {size} texts']}",
+                  flush=True)
+        out["readyz"] = httpx.get(f"{served.url}/readyz").json()
+        return out
+    finally:
+        served.stop()
+
+
+def _load(served, rows, clients: int, per_request: int) -> dict:
+    requests = [rows[i : i + per_request] for i in range(0, len(rows), per_request)]
+    if per_request == 1:
+        requests = requests[: max(400, len(requests) // 4)]  # 1-text requests: a quarter of them
+    work = list(enumerate(requests))
+    lock = threading.Lock()
+    failures: list[str] = []
+    done = [0]
+
+    def client(key: str) -> None:
+        with httpx.Client(base_url=served.url, timeout=120, headers={"x-api-key": key}) as http:
+            while True:
+                with lock:
+                    if not work:
+                        return
+                    _, items = work.pop()
+                body = {"items": [{"text": text, "task": task} for task, text in items]}
+                try:
+                    response = http.post("/v1/predict", json=body)
+                    ok = response.status_code == 200 and len(response.json()["predictions"]) == len(items)
+                except httpx.HTTPError as exc:
+                    ok, response = False, exc
+                with lock:
+                    if ok:
+                        done[0] += len(items)
+                    else:
+                        failures.append(str(response)[:200])
+
+    warm = httpx.post(f"{served.url}/v1/predict", headers={"x-api-key": served.keys[0]},
+                      json={"items": [{"text": t, "task": n} for n, t in rows[:64]]})
+    warm.raise_for_status()
+    threads = [threading.Thread(target=client, args=(served.keys[i],)) for i in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    return {"requests": len(requests), "texts": done[0], "failed": len(failures),
+            "requests_per_second": round(len(requests) / seconds, 1),
+            "texts_per_second": round(done[0] / seconds, 1), "first_failures": failures[:3]}
+
+
+# -- bulk scoring ---------------------------------------------------------------------------------
+def bulk(model: Path, rows, sizes: list[int], scratch: Path) -> dict:
+    out = {}
+    for size in sizes:
+        source = scratch / f"rows-{size}.jsonl"
+        with source.open("w") as handle:
+            for i in range(size):
+                task, text = rows[i % len(rows)]
+                handle.write(json.dumps({"text": text, "task": task}) + "\n")
+        target = scratch / f"out-{size}.jsonl"
+        command = [sys.executable, "-m", "continual_transformer.cli", "predict", str(model),
+                   "--input", str(source), "--output", str(target), "--task-column", "task"]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "COLUMNS": "200"})
+        output = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        if status != 0:
+            raise SystemExit(f"ctt predict --input failed ({status}):\n{output}")
+        written = sum(1 for _ in target.open())
+        reported = re.search(r"\(([\d,]+) rows/s\)", output)
+        out[f"{size} rows"] = {
+            "rows_written": written, "rows_per_second": int(reported.group(1).replace(",", "")) if reported else None,
+            "wall_seconds_with_loading": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+        print(f"  bulk {size:,} rows: {out[f'{size} rows']}", flush=True)
+    peaks = [v["peak_rss_mib"] for v in out.values()]
+    out["peak_rss_largest_over_smallest"] = round(max(peaks) / min(peaks), 3)
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------
+def summary(results: dict) -> None:
+    print("\n== summary ==")
+    if "speed" in results:
+        speed = results["speed"]
+        for name, rate in speed["texts_per_second"].items():
+            ratio = speed["ratio_to_limit"].get(name)
+            extra = f"  ({ratio:.2f}x {speed['limit']})" if ratio is not None else ""
+            print(f"{name:<28} {rate:>8.1f} texts/s{extra}")
+    if "threads_compared" in results:
+        print(f"predict mixed by threads: {results['threads_compared']['predict_mixed_texts_per_second']}")
+    if "latency_ms" in results:
+        for name, value in results["latency_ms"].items():
+            print(f"one text, {name:<16} p50 {value['p50']:.1f} ms  p99 {value['p99']:.1f} ms")
+    if "accuracy" in results:
+        acc = results["accuracy"]
+        for name, value in acc["per_task"].items():
+            print(f"accuracy {name:<14} {value}")
+        print(f"largest difference {acc['largest_difference']:.2f} points; same logits twice "
+              f"{acc['same_logits_two_runs']}, after reload {acc['same_logits_after_reload']}")
+    if "server" in results and "speed" in results:
+        limit = results["speed"]["texts_per_second"][results["speed"]["limit"]]
+        for name, value in results["server"].items():
+            if name != "readyz":
+                print(f"server {name:<22} {value['texts_per_second']:>7.1f} texts/s "
+                      f"({value['texts_per_second'] / limit:.2f}x {results['speed']['limit']}), "
+                      f"{value['requests_per_second']:.1f} requests/s, {value['failed']} failed")
+    if "bulk" in results:
+        for name, value in results["bulk"].items():
+            if isinstance(value, dict):
+                print(f"bulk {name:<12} {value['rows_per_second']} rows/s, peak RSS {value['peak_rss_mib']} MiB")
+        print(f"bulk peak RSS, largest / smallest file: {results['bulk']['peak_rss_largest_over_smallest']}")
+
+
+def _ms(seconds: float) -> float:
+    return round(1000 * seconds, 2)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
