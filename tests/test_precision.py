@@ -36,19 +36,21 @@ def test_precision_names_are_checked_and_auto_follows_the_hardware(learned):
     assert learned.prediction_precision("fp32") == "fp32"
 
 
-def test_bf16_weight_copies_compute_what_autocast_computes(learned, tasks):
-    # The copies only skip autocast's casts: the same numbers, bit for bit.
+def test_bf16_prediction_computes_what_the_encoder_cast_to_bf16_computes(learned, tasks):
+    import copy
+
     backbone = learned.backbone
     batch = backbone.collate(backbone.tokenize(_texts(tasks)[:12]))
     weights = {n: p.clone() for n, p in backbone.encoder.named_parameters()}
+    cast = copy.deepcopy(backbone.encoder).to(torch.bfloat16)
     with torch.inference_mode():
-        fp32 = backbone(**batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            cast = backbone(**batch)
-            with backbone.bf16_weights():
-                copied = backbone(**batch)
-    assert not torch.equal(fp32, cast)  # autocast really computed in bfloat16
-    assert torch.equal(cast, copied)
+        fp32 = backbone.encoder(**batch).last_hidden_state
+        bare = cast(**batch).last_hidden_state
+        with backbone.bf16_weights():
+            ours = backbone.encoder(**batch).last_hidden_state
+    assert bare.dtype == ours.dtype == torch.bfloat16
+    assert torch.equal(bare, ours)  # the bare bfloat16 forward, bit for bit
+    assert not torch.equal(fp32, bare.float())
     for name, parameter in backbone.encoder.named_parameters():  # the float32 weights are back
         assert parameter.dtype == torch.float32 and torch.equal(parameter, weights[name]), name
 

@@ -77,18 +77,24 @@ class AdaptedModel:
     @contextlib.contextmanager
     def inference(self, precision: str):
         """The context prediction runs in: `precision` ("fp32" or "bf16", see
-        `training.precision.resolved`). In bf16 the encoder's matrix products run in bfloat16
-        on bfloat16 copies of its weights; callers pool in float32 and run the heads outside
-        autocast, so only the encoder's layers compute in bfloat16."""
+        `training.precision.resolved`). In bf16 the encoder computes in bfloat16 on bfloat16
+        copies of its weights, as the encoder cast to bfloat16 would (the bare forward this
+        hardware runs fastest), the scales multiplying in bfloat16 too; callers pool and run
+        the heads in float32. Measured against autocast over the float32 weights: 4-10 %
+        faster, the same accuracy on the bundled tasks (benchmarks/predict.py)."""
         if precision == "fp32":
             with torch.inference_mode():
                 yield
             return
         if precision != "bf16":
             raise ValueError(f"prediction runs in 'fp32' or 'bf16', not {precision!r}")
-        with torch.inference_mode(), self.backbone.bf16_weights(), \
-                torch.autocast(self.device.type, dtype=torch.bfloat16):
-            yield
+        in_activation_dtype = self.adapter.in_activation_dtype
+        self.adapter.in_activation_dtype = True
+        try:
+            with torch.inference_mode(), self.backbone.bf16_weights():
+                yield
+        finally:
+            self.adapter.in_activation_dtype = in_activation_dtype
 
     def training_kernels(self):
         """The context learning runs in. With a trunk below the adapted top, attention runs as
