@@ -44,6 +44,15 @@ def test_run_writes_model_report_and_plot(tiny_backbone_dir, toy_stream, tmp_pat
     expected = ContinualLearner.load(out / "model", device="cpu").predict(texts, task="kinds")
     assert [line["label"] for line in lines] == [p.label for p in expected]
     assert [line["probabilities"] for line in lines] == [p.probabilities for p in expected]
+    assert all(line["task_probability"] is None for line in lines)  # the task was given
+    # in float32 when asked, as the model predicts in float32
+    result = _run(["predict", str(out / "model"), "--json", "--device", "cpu", "--precision", "fp32", *texts])
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    expected = ContinualLearner.load(out / "model", device="cpu", precision="fp32").predict(texts)
+    assert [(line["task"], line["probabilities"], line["task_probability"]) for line in lines] == [
+        (p.task, p.probabilities, p.task_probability) for p in expected]
+    wrong = _run(["predict", str(out / "model"), "--precision", "fp16", "hello"])
+    assert wrong.exit_code == 2 and "precision must be one of ['auto', 'fp32', 'bf16'], got 'fp16'" in wrong.output
 
     tasks = _run(["tasks", str(out / "model")])
     assert "kinds" in tasks.output and "topics" in tasks.output

@@ -95,6 +95,8 @@ def test_plain_text_is_routed_in_chunks_and_streamed_to_jsonl(model, rows, tmp_p
     assert done == [min(n, len(rows)) for n in range(5, len(rows) + 5, 5)]
     assert [(g["task"], g["label"]) for g in got] == [(p.task, p.label) for p in expected]
     assert all(g["routed"] for g in got)
+    assert [g["task_probability"] for g in got] == [p.task_probability for p in expected]
+    assert all(0 < g["task_probability"] <= 1 for g in got)
 
 
 def test_a_bad_row_is_named_and_nothing_is_written(model, rows, tmp_path):
