@@ -23,9 +23,10 @@ shared machine falls on all of them alike, and the ratios are taken within the r
 - **accuracy**: every test text of every task, task given, in fp32 and at the default precision;
   the default precision's logits computed twice and once more after reloading the model must be
   equal bit for bit.
-- **server**: `ctt serve` on 127.0.0.1 (default precision), 1 and 32 client threads, each request
-  `--texts-per-request` texts with their tasks (and 1-text requests at 32 clients): requests/s,
-  texts/s, failed requests.
+- **server**: `ctt serve` on 127.0.0.1 (default precision and batching), 1 and 32 client threads,
+  each request `--texts-per-request` (8) texts with their tasks; also 32 clients with 1 and with
+  32 texts per request: requests/s, texts/s, failed requests. The texts are the same shuffled
+  mix of tasks and lengths.
 - **bulk**: `ctt predict MODEL --input rows.jsonl --output out.jsonl --task-column task` on 1,000
   and 10,000 rows (the texts repeated), each in its own process: rows/s as `ctt` reports it (model
   loading excluded), wall seconds and the process's peak resident memory.
@@ -286,7 +287,7 @@ def server(model: Path, rows, per_request: int, scratch: Path) -> dict:
     served = start_server(model, 32, {}, scratch / "serve.log")
     try:
         out = {}
-        for clients, size in ((1, per_request), (32, per_request), (32, 1)):
+        for clients, size in ((1, per_request), (32, per_request), (32, 1), (32, 4 * per_request)):
             out[f"{clients} clients x {size} texts"] = _load(served, rows, clients, size)
             print(f"  server {clients} clients, {size} texts/request: {out[f'{clients} clients x {size} texts']}",
                   flush=True)
@@ -340,6 +341,15 @@ def _load(served, rows, clients: int, per_request: int) -> dict:
 
 
 # -- bulk scoring ---------------------------------------------------------------------------------
+PEAK_RSS = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stderr=subprocess.STDOUT)
+_, status, usage = os.wait4(child.pid, 0)
+print("peak-rss-kib", usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def bulk(model: Path, rows, sizes: list[int], scratch: Path) -> dict:
     out = {}
     for size in sizes:
@@ -352,18 +362,19 @@ def bulk(model: Path, rows, sizes: list[int], scratch: Path) -> dict:
         command = [sys.executable, "-m", "continual_transformer.cli", "predict", str(model),
                    "--input", str(source), "--output", str(target), "--task-column", "task"]
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "COLUMNS": "200"})
-        output = process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)
+        # Through a small interpreter that starts `ctt` and reports its peak RSS: a child
+        # started from this large process would count this process's pages in its own peak.
+        process = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True,
+                                 env={**os.environ, "COLUMNS": "200"})
         wall = time.perf_counter() - start
-        if status != 0:
-            raise SystemExit(f"ctt predict --input failed ({status}):\n{output}")
+        output, _, peak_kib = process.stdout.rpartition("peak-rss-kib ")
+        if process.returncode != 0 or not peak_kib.strip().isdigit():
+            raise SystemExit(f"ctt predict --input failed ({process.returncode}):\n{process.stdout}{process.stderr}")
         written = sum(1 for _ in target.open())
         reported = re.search(r"\(([\d,]+) rows/s\)", output)
         out[f"{size} rows"] = {
             "rows_written": written, "rows_per_second": int(reported.group(1).replace(",", "")) if reported else None,
-            "wall_seconds_with_loading": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+            "wall_seconds_with_loading": round(wall, 1), "peak_rss_mib": round(int(peak_kib) / 1024, 1)}
         print(f"  bulk {size:,} rows: {out[f'{size} rows']}", flush=True)
     peaks = [v["peak_rss_mib"] for v in out.values()]
     out["peak_rss_largest_over_smallest"] = round(max(peaks) / min(peaks), 3)
