@@ -235,7 +235,7 @@ def latency(learner, rows, calls: int = 200) -> dict:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with backbone.bf16_weights():
             seconds = []
-            for task, text in picked:
+            for _, text in picked:
                 start = time.perf_counter()
                 _bare_one(backbone, text)
                 seconds.append(time.perf_counter() - start)
@@ -301,7 +301,7 @@ def _load(served, rows, clients: int, per_request: int) -> dict:
     requests = [rows[i : i + per_request] for i in range(0, len(rows), per_request)]
     if per_request == 1:
         requests = requests[: max(400, len(requests) // 4)]  # 1-text requests: a quarter of them
-    work = list(enumerate(requests))
+    work = list(requests)
     lock = threading.Lock()
     failures: list[str] = []
     done = [0]
@@ -312,7 +312,7 @@ def _load(served, rows, clients: int, per_request: int) -> dict:
                 with lock:
                     if not work:
                         return
-                    _, items = work.pop()
+                    items = work.pop()
                 body = {"items": [{"text": text, "task": task} for task, text in items]}
                 try:
                     response = http.post("/v1/predict", json=body)

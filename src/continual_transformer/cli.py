@@ -617,7 +617,7 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on."),
     device: Optional[str] = typer.Option(None, help="'auto', 'cpu' or 'cuda[:N]' (default: CTT_DEVICE or auto)."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (one line each; CTT_LOG_FORMAT=json for JSON lines)."),
-    precision: Optional[str] = typer.Option(None, help="What predictions compute in: auto (bfloat16 where the hardware has it), fp32 or bf16 (default: CTT_PRECISION or auto)."),
+    precision: Optional[str] = typer.Option(None, help=f"{PRECISION_HELP} Default: CTT_PRECISION or auto."),
 ):
     """Serve every task over HTTP and learn new ones while serving.
 

@@ -218,7 +218,7 @@ class AnalyticClassifier:
     def predict(self, X: torch.Tensor, among: Sequence[Collection[str] | None] | None = None) -> list[str]:
         """The best class per row; `among` (one entry per row) limits a row to those classes
         (None: every class). With equal priors this is the same classifier restricted."""
-        return [name for name, _ in self.choose(X, among)]
+        return [self.classes_[i] for i in self.scores(X, among).argmax(1).tolist()]
 
     def choose(self, X: torch.Tensor, among: Sequence[Collection[str] | None] | None = None,
                ) -> list[tuple[str, float]]:
