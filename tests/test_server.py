@@ -655,7 +655,7 @@ def test_ctt_serve_starts_uvicorn_and_stops_cleanly(model_dir, tmp_path):
             assert time.monotonic() < deadline, "ctt serve did not become ready"
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/readyz").json() == {
-                        "status": "ready", "tasks": 2, "version": 1, "precision": PRECISION}:
+                        "status": "ready", "tasks": 2, "version": 1, "precision": PRECISION, "role": "writer"}:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)

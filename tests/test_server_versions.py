@@ -20,10 +20,10 @@ def _tasks(client: httpx.Client) -> tuple[str, ...]:
 def test_versions_are_listed_and_rolled_back_by_the_admin_only(model_dir):  # noqa: F811
     with serving(model_dir) as served:
         client = served.client
-        assert client.get("/readyz").json() == {"status": "ready", "tasks": 2, "version": 1, "precision": PRECISION}
+        assert client.get("/readyz").json() == {"status": "ready", "tasks": 2, "version": 1, "precision": PRECISION, "role": "writer"}
         before, kinds = served.predict(PROBE).json(), served.predict(KINDS).json()
         assert client.delete("/v1/tasks/topics", headers=AS_ADMIN).status_code == 204
-        assert client.get("/readyz").json() == {"status": "ready", "tasks": 1, "version": 2, "precision": PRECISION}
+        assert client.get("/readyz").json() == {"status": "ready", "tasks": 1, "version": 2, "precision": PRECISION, "role": "writer"}
         for method, path in (("GET", "/v1/versions"), ("POST", "/v1/versions/1/rollback")):
             refused = client.request(method, path, headers=AS_READER)
             assert refused.status_code == 403
@@ -56,7 +56,7 @@ def test_versions_are_listed_and_rolled_back_by_the_admin_only(model_dir):  # no
         assert rolled.json() == {"version": 3, "restored": 1, "tasks": ["kinds", "topics"]}
         assert set(seen) <= {("kinds",), ("kinds", "topics")} and ("kinds", "topics") in seen
         assert all(answer == (200, kinds) for answer in answers)  # kinds is the same in both
-        assert client.get("/readyz").json() == {"status": "ready", "tasks": 2, "version": 3, "precision": PRECISION}
+        assert client.get("/readyz").json() == {"status": "ready", "tasks": 2, "version": 3, "precision": PRECISION, "role": "writer"}
         assert _tasks(client) == ("kinds", "topics")
         assert served.predict(PROBE).json() == before  # topics is back, bit for bit
         unknown = client.post("/v1/versions/99/rollback", headers=AS_ADMIN)
@@ -66,7 +66,7 @@ def test_versions_are_listed_and_rolled_back_by_the_admin_only(model_dir):  # no
         assert [(v["version"], v["change"], v["current"]) for v in listing][-1] == (3, "rollback to 1", True)
 
     with serving(model_dir, enable_writes=False) as served:  # a restart serves version 3
-        assert served.client.get("/readyz").json() == {"status": "ready", "tasks": 2, "version": 3, "precision": PRECISION}
+        assert served.client.get("/readyz").json() == {"status": "ready", "tasks": 2, "version": 3, "precision": PRECISION, "role": "writer"}
         assert served.client.get("/v1/versions", headers=AS_ADMIN).status_code == 200
         # without writes there is no rollback route at all
         assert served.client.post("/v1/versions/1/rollback", headers=AS_ADMIN).status_code == 404

@@ -30,8 +30,10 @@ def _user_errors():
     from .io.checkpoint import CheckpointError
 
     from .extras import MissingExtra
+    from .io.writer_lock import WriterBusy
 
-    return (ValueError, KeyError, BackboneError, CheckpointError, FileNotFoundError, MissingExtra)
+    return (ValueError, KeyError, BackboneError, CheckpointError, FileNotFoundError, MissingExtra,
+            WriterBusy)
 
 
 def _matrix_table(R, names: list[str], title: str) -> Table:
@@ -563,13 +565,15 @@ def rollback(model: Path = typer.Argument(..., help="Model directory."),
              version: int = typer.Argument(..., help="The version to restore (see `ctt versions`).")):
     """Make an earlier version's tasks current again, as a new version (the history only grows).
 
-    Not while a server writes to MODEL: roll a served model back with its admin endpoint."""
+    Refused while a server writes to MODEL: roll a served model back with its admin endpoint."""
     from .io.versions import current_version, list_versions
     from .io.versions import rollback as roll_back
+    from .io.writer_lock import WriterLock
 
     try:
         before = current_version(model)
-        number = roll_back(model, version)
+        with WriterLock(model, "ctt rollback"):
+            number = roll_back(model, version)
         tasks = list_versions(model)[-1].tasks
     except _user_errors() as exc:
         _fail(str(exc))
@@ -586,11 +590,13 @@ def prune(model: Path = typer.Argument(..., help="Model directory."),
           keep: int = typer.Option(..., "--keep", help="Versions to keep, the newest (>= 1).")):
     """Remove all but the newest KEEP versions, then the files no kept version lists.
 
-    Not while a server writes to MODEL."""
+    Refused while a server writes to MODEL (it holds the directory's writer lock)."""
     from .io.versions import prune as prune_versions
+    from .io.writer_lock import WriterLock
 
     try:
-        pruned = prune_versions(model, keep)
+        with WriterLock(model, "ctt prune"):
+            pruned = prune_versions(model, keep)
     except _user_errors() as exc:
         _fail(str(exc))
     console.print(f"{model}: kept versions {list(pruned.kept)}; removed versions "
@@ -618,6 +624,7 @@ def serve(
     device: Optional[str] = typer.Option(None, help="'auto', 'cpu' or 'cuda[:N]' (default: CTT_DEVICE or auto)."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (one line each; CTT_LOG_FORMAT=json for JSON lines)."),
     precision: Optional[str] = typer.Option(None, help=f"{PRECISION_HELP} Default: CTT_PRECISION or auto."),
+    role: Optional[str] = typer.Option(None, help="writer: the one server that learns, deletes and rolls back MODEL (it locks the directory); reader: predicts and serves each new version the writer saves, within CTT_RELOAD_INTERVAL_MS. Default: CTT_ROLE or writer."),
 ):
     """Serve every task over HTTP and learn new ones while serving.
 
@@ -630,6 +637,7 @@ def serve(
     from pydantic import ValidationError
 
     from .io.checkpoint import read_manifest
+    from .io.writer_lock import WriterLock
     from .server.app import create_app
     from .server.settings import Settings
 
@@ -639,8 +647,12 @@ def serve(
             given["precision"] = precision
         if not access_log:
             given["access_log"] = False
+        if role:
+            given["role"] = role
         settings = Settings(model_dir=model, **given)
         read_manifest(model)
+        if settings.writes:  # a second writer stops here, naming the first (the app takes the lock)
+            WriterLock(model, "ctt serve").acquire().release()
     except ValidationError as exc:
         _fail("; ".join(_setting_error(e) for e in exc.errors()))
     except _user_errors() as exc:

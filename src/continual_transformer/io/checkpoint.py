@@ -62,6 +62,7 @@ from .store import (
 )
 from .manifest import (SHARED_FILE, SHARED_JSON_FILE, TASK_FILE, TASKS_DIR, VERSION_FILE,
                        VERSIONS_DIR, validate_manifest, version_file)
+from .writer_lock import LOCK_FILE
 
 FORMAT = "continual-tiny-transformer/checkpoint"
 # Version 2 records `adapt_layers` with every gradient method; a version-1 checkpoint (written
@@ -128,7 +129,7 @@ class SavedModel:
 
 
 def _is_own_name(name: str) -> bool:
-    return bool(name == MANIFEST or TASK_FILE.match(name) or SHARED_FILE.match(name)
+    return bool(name in (MANIFEST, LOCK_FILE) or TASK_FILE.match(name) or SHARED_FILE.match(name)
                 or SHARED_JSON_FILE.match(name) or VERSION_FILE.match(name)
                 or TEMP_FILE.match(name))
 
@@ -152,7 +153,7 @@ def _refuse_foreign(directory: Path) -> None:
     if foreign:
         raise CheckpointError(
             f"{directory / foreign[0]}: foreign file in a checkpoint directory (a checkpoint holds "
-            f"only {MANIFEST}, {VERSIONS_DIR}/*.json, {TASKS_DIR}/*.safetensors, "
+            f"only {MANIFEST}, {LOCK_FILE}, {VERSIONS_DIR}/*.json, {TASKS_DIR}/*.safetensors, "
             f"shared-*.safetensors and shared-*.json); "
             f"{len(foreign)} such entr{'y' if len(foreign) == 1 else 'ies'}: {foreign[:5]}"
         )
@@ -267,10 +268,10 @@ def _own_files(directory: Path) -> list[tuple[str, Path]]:
 
 
 def _remove_files(directory: Path, remove) -> dict[str, int]:
-    """Delete our data and temporary files (never a manifest or version file) whose relative
-    name `remove(name)` is true; return their names and sizes."""
+    """Delete our data and temporary files (never a manifest, version or lock file) whose
+    relative name `remove(name)` is true; return their names and sizes."""
     doomed = {name: path for name, path in _own_files(directory)
-              if name != MANIFEST and not VERSION_FILE.match(name) and _is_own_name(name)
+              if name not in (MANIFEST, LOCK_FILE) and not VERSION_FILE.match(name) and _is_own_name(name)
               and remove(name)}
     sizes = {name: path.stat().st_size for name, path in doomed.items()}
     store.remove_files(list(doomed.values()))

@@ -11,8 +11,9 @@ its manifest exactly as a save does (the next version's file, then `manifest.jso
 removes old versions' manifests first (oldest first, fsynced), then the files no kept version
 lists. Killed at any moment, every kept version loads.
 
-One writer per directory: do not prune or roll back with the CLI a directory that a running
-server writes to (the server has its own rollback endpoint).
+One writer per directory: `ctt rollback` and `ctt prune` take the directory's writer lock
+(`writer_lock.py`), so they refuse a directory a running server writes to (the server has its own
+rollback endpoint and `CTT_KEEP_VERSIONS`).
 """
 
 from __future__ import annotations

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .. import __version__
+from ..io.writer_lock import WriterLock
 from .logs import AccessLogMiddleware, configure
 from .prometheus import Metrics, MetricsMiddleware
 from .routes import READ_ROUTERS, task_writes
@@ -38,23 +39,34 @@ async def lifespan(app: FastAPI):
         import torch
 
         torch.set_num_threads(settings.inference_threads)
-    learner = await run_in_threadpool(ContinualLearner.load, settings.model_dir, settings.device,
-                                      settings.precision)
+    lock = WriterLock(settings.model_dir, "ctt serve").acquire() if settings.writes else None
+    try:
+        learner = await run_in_threadpool(ContinualLearner.load, settings.model_dir, settings.device,
+                                          settings.precision)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    reader = settings.role == "reader"
     service = ModelService(learner, settings.model_dir, batch_max_items=settings.batch_max_items,
                            batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
                            batch_max_tokens=settings.batch_max_tokens, metrics=app.state.metrics,
-                           keep_versions=settings.keep_versions)
+                           keep_versions=settings.keep_versions,
+                           follow_interval_s=settings.reload_interval_ms / 1000.0 if reader else None)
     jobs = JobRunner(service, app.state.metrics, max_pending=settings.max_pending_jobs,
                      threads=settings.learn_threads, nice=settings.learn_nice, device=settings.device)
     service.start()
     jobs.start()
     app.state.service, app.state.jobs = service, jobs
-    log.info("serving %d tasks from %s", len(learner.tasks), settings.model_dir)
+    log.info("serving %d tasks from %s as its %s", len(learner.tasks), settings.model_dir,
+             settings.role if settings.writes or reader else "read-only server")
     try:
         yield
     finally:
         await run_in_threadpool(jobs.stop)
         await run_in_threadpool(service.stop)
+        if lock is not None:
+            lock.release()
 
 
 class BodyLimitMiddleware:
@@ -89,6 +101,13 @@ class BodyLimitMiddleware:
             return item
 
         await self.app(scope, receive_limited, send)
+
+
+async def _refused_by_reader(request: Request) -> None:
+    raise HTTPException(status.HTTP_409_CONFLICT,
+                        f"this server is a reader of {request.app.state.settings.model_dir}: it serves "
+                        "every version its writer saves but changes nothing; send learning, deleting "
+                        "and rollbacks to the writer (CTT_ROLE=writer)")
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,9 +145,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     for router in (*READ_ROUTERS, versions_read):
         app.include_router(router)
-    if settings.enable_writes:
+    if settings.writes:
         app.include_router(task_writes)
         app.include_router(version_writes)
+    elif settings.role == "reader":  # the same routes, each answering where to send the change
+        for router in (task_writes, version_writes):
+            app.include_router(router, dependencies=[Depends(_refused_by_reader)])
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,

@@ -58,13 +58,14 @@ async def healthz() -> Health:
 
 
 @ops.get("/readyz", response_model=Ready, responses=_errors(503))
-async def readyz(service: ServiceDep) -> Ready:
+async def readyz(service: ServiceDep, settings: SettingsDep) -> Ready:
     """The model is loaded and its inference worker is serving; which version of it."""
     if not service.ready:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the inference worker is not running")
     version, names = service.served_version()
+    role = settings.role if settings.writes or settings.role == "reader" else "read-only"
     return Ready(status="ready", tasks=len(names), version=version,
-                 precision=service.learner.prediction_precision())
+                 precision=service.learner.prediction_precision(), role=role)
 
 
 @ops.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}},

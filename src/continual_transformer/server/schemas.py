@@ -107,6 +107,9 @@ class Ready(BaseModel):
     version: int | None = Field(description="The model directory's version served (`ctt versions`); "
                                 "0: written before versions; null: not saved yet.")
     precision: Literal["fp32", "bf16"] = Field(description="What predictions compute in (CTT_PRECISION, resolved).")
+    role: Literal["writer", "reader", "read-only"] = Field(
+        description="writer: learns and deletes here; reader: serves each version the writer saves; "
+        "read-only: a writer with CTT_ENABLE_WRITES=false (serves the version it loaded).")
 
 
 # -- versions ----------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class ModelService:
 
     def __init__(self, learner: "ContinualLearner", model_dir: Path, *, batch_max_items: int,
                  batch_max_wait_s: float, metrics: "Metrics", batch_max_tokens: int = 1024,
-                 keep_versions: int | None = None):
+                 keep_versions: int | None = None, follow_interval_s: float | None = None):
         self.learner = learner
         self.model_dir = Path(model_dir)
         self.batch_max_items = batch_max_items
@@ -97,13 +97,23 @@ class ModelService:
         self.version: int | None = None  # of the model directory's manifest; None: not saved yet
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve_forever, name="ctt-inference", daemon=True)
+        # A reader follows the directory its writer saves to: every `follow_interval_s`, it
+        # looks at the current version and, when it changed, serves the new one (`_follow`).
+        self.follow_interval_s = follow_interval_s
+        self._stopping = threading.Event()
+        self._follower = threading.Thread(target=self._follow_forever, name="ctt-follower", daemon=True)
         self._publish()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        if self.follow_interval_s is not None:
+            self._follower.start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._follower.is_alive():
+            self._follower.join()
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
@@ -294,25 +304,63 @@ class ModelService:
     def rollback(self, version: int) -> int:
         """Serve `version` of the model directory again, as its new current version (returned)."""
         from ..io import checkpoint, versions
-        from ..learner import ContinualLearner
 
         with self._write_lock:
             # Built completely before anything changes; a failure leaves the served model as it was.
-            learner = ContinualLearner.from_state(checkpoint.read(self.model_dir, version),
-                                                  str(self.learner.device))
-            learner.precision = self.learner.precision
+            learner = self._built(checkpoint.read(self.model_dir, version))
             number = versions.rollback(self.model_dir, version)
             if self.keep_versions is not None:
                 versions.prune(self.model_dir, self.keep_versions)
-            with self._model_lock, self._view_lock:  # between two forward passes
-                old, self.learner = self.learner, learner
-                self._served, self.version = tuple(learner.tasks), number
-            self._publish()
-            for name in set(old.tasks) - set(learner.tasks):
-                self.metrics.predictions.remove(name)
+            self._swap(learner, number)
             event("model.rolled_back", f"rolled back to version {version} as version {number}",
                   tasks=list(learner.tasks), version=number)
             return number
+
+    # -- following a writer (a reader replica) -------------------------------------------------
+    def _follow_forever(self) -> None:
+        while not self._stopping.wait(self.follow_interval_s):
+            try:
+                self._follow()
+            except Exception as exc:  # e.g. a version pruned while being read: next look retries
+                event("model.reload_failed", f"loading the new version of {self.model_dir} failed; "
+                      "retrying", 30, error=f"{type(exc).__name__}: {exc}")
+
+    def _follow(self) -> bool:
+        """Serve the directory's current version if it is not the one served; True if it was
+        swapped in. The new learner is built and warmed up beside the live one, then swapped in
+        between two forward passes: no request waits for the load or fails because of it."""
+        from ..io import checkpoint
+
+        number = checkpoint.read_manifest(self.model_dir).get("version", 0)
+        if number == self.version:
+            return False
+        started = time.perf_counter()
+        self._swap(self._built(checkpoint.read(self.model_dir, number)), number)
+        event("model.reloaded", f"serving version {number} of {self.model_dir}",
+              tasks=list(self._served), version=number,
+              load_s=round(time.perf_counter() - started, 3))
+        return True
+
+    def _built(self, saved) -> "ContinualLearner":
+        """A learner for `saved` like the live one, with the first prediction's one-off work
+        (the router's solution, the bf16 weights) done, so it answers at full speed at once."""
+        from ..learner import ContinualLearner
+
+        learner = ContinualLearner.from_state(saved, str(self.learner.device))
+        learner.precision = self.learner.precision
+        if learner.router is not None:
+            learner.router.prepare()
+        if learner.tasks:
+            learner.predict(["warm-up"], task=next(iter(learner.tasks)))
+        return learner
+
+    def _swap(self, learner: "ContinualLearner", version: int) -> None:
+        with self._model_lock, self._view_lock:  # between two forward passes
+            old, self.learner = self.learner, learner
+            self._served, self.version = tuple(learner.tasks), version
+        self._publish()
+        for name in set(old.tasks) - set(learner.tasks):
+            self.metrics.predictions.remove(name)
 
     def _publish(self) -> None:
         from ..io.versions import current_version

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="What predictions compute in: auto (bfloat16 where the hardware has it), fp32 or bf16.")
+    role: Literal["writer", "reader"] = Field(
+        "writer", description="writer: the one server of a model directory that learns, deletes and rolls back (it "
+        "holds the directory's lock); reader: predicts, never writes, and serves each new version the writer saves.")
+    reload_interval_ms: float = Field(250.0, ge=10, le=60_000, description="How often a reader looks for a new version of the model directory.")
 
     # -- security ------------------------------------------------------------------------------
     admin_key: SecretStr | None = Field(None, description="Authorises everything, learning and deleting included.")
@@ -66,7 +70,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_keys(self) -> "Settings":
-        if self.enable_writes and self.admin_key is None and not self.jwt_enabled:
+        if self.writes and self.admin_key is None and not self.jwt_enabled:
             raise ValueError(
                 "CTT_ADMIN_KEY is not set and the write endpoints (learning and deleting tasks) are "
                 "enabled: set CTT_ADMIN_KEY to a secret of at least "
@@ -89,6 +93,11 @@ class Settings(BaseSettings):
                     f"CTT_API_KEYS: key {i + 1} has {len(key)} characters; use at least {MIN_KEY_LENGTH}"
                 )
         return self
+
+    @property
+    def writes(self) -> bool:
+        """Whether this server learns, deletes and rolls back (a reader never does)."""
+        return self.enable_writes and self.role == "writer"
 
     @property
     def jwt_enabled(self) -> bool:
