@@ -66,7 +66,7 @@ def test_versions_are_listed_and_rolled_back_by_the_admin_only(model_dir):  # no
         assert [(v["version"], v["change"], v["current"]) for v in listing][-1] == (3, "rollback to 1", True)
 
     with serving(model_dir, enable_writes=False) as served:  # a restart serves version 3
-        assert served.client.get("/readyz").json() == {"status": "ready", "tasks": 2, "version": 3, "precision": PRECISION, "role": "writer"}
+        assert served.client.get("/readyz").json() == {"status": "ready", "tasks": 2, "version": 3, "precision": PRECISION, "role": "read-only"}
         assert served.client.get("/v1/versions", headers=AS_ADMIN).status_code == 200
         # without writes there is no rollback route at all
         assert served.client.post("/v1/versions/1/rollback", headers=AS_ADMIN).status_code == 404
