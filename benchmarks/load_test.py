@@ -66,14 +66,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: Path, clients: int, env_extra: dict[str, str], log: Path) -> Server:
-    admin = "admin-" + secrets.token_hex(16)
-    keys = ["client-" + secrets.token_hex(16) for _ in range(clients)]
+def start_server(model: Path, clients: int, env_extra: dict[str, str], log: Path,
+                 extra_args: tuple[str, ...] = (), like: Server | None = None) -> Server:
+    """`ctt serve MODEL` with one key per client (`like`: the same keys as that server)."""
+    admin = like.admin_key if like else "admin-" + secrets.token_hex(16)
+    keys = like.keys if like else ["client-" + secrets.token_hex(16) for _ in range(clients)]
     port = free_port()
     env = {**os.environ, "CTT_ADMIN_KEY": admin, "CTT_API_KEYS": ",".join(keys),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env_extra}
     command = [sys.executable, "-m", "continual_transformer.cli", "serve", str(model),
-               "--port", str(port), "--no-access-log"]
+               "--port", str(port), "--no-access-log", *extra_args]
     process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

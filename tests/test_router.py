@@ -94,6 +94,37 @@ def test_router_is_saved_and_deleted_with_its_task(ia3, tasks, tmp_path):
     assert {p.task for p in loaded.predict(texts)} == {tasks[1].name}
 
 
+def test_a_solved_router_is_saved_and_loaded_instead_of_solved_again(ia3, tasks, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from continual_transformer.io.checkpoint import CheckpointError, read_manifest
+
+    texts = [e.text for t in tasks for e in t.test]
+    before = ia3.predict(texts)  # routes: the router is solved
+    solved = ia3.router.classifier.solution()
+    ia3.save(tmp_path / "m")
+    loaded = ContinualLearner.load(tmp_path / "m", device="cpu")
+    assert loaded.router.classifier.solved  # before any prediction
+    assert all(torch.equal(a, b) for a, b in zip(loaded.router.classifier.solution(), solved))
+    assert loaded.predict(texts) == before
+    # and it is what solving the loaded statistics again gives, bit for bit
+    loaded.router.classifier.load_shared_state(loaded.router.classifier.shared_state())
+    assert not loaded.router.classifier.solved
+    assert all(torch.equal(a, b) for a, b in zip(loaded.router.classifier.solution(), solved))
+
+    # A solution that does not fit the statistics is refused, naming the file.
+    shared = tmp_path / "m" / read_manifest(tmp_path / "m")["shared_file"]
+    with safe_open(shared, "pt") as file:
+        tensors = {k: file.get_tensor(k) for k in file.keys()}
+    assert sorted(tensors) == ["router.gram_upper", "router.solution.alpha",
+                               "router.solution.coef", "router.solution.intercept"]
+    saved = loaded.state()
+    saved.shared_tensors["router.solution.coef"] = saved.shared_tensors["router.solution.coef"][:, :1]
+    with pytest.raises(CheckpointError, match="solution 'coef' is .* expected \\(256, 2\\) float64 for 2 classes"):
+        ContinualLearner.from_state(saved, "cpu")
+
+
 def test_failed_task_leaves_router_unchanged(tiny_config, tasks):
     learner = ContinualLearner(tiny_config, train=TrainConfig(epochs=1, batch_size=8), device="cpu",
                                router=ROUTER)

@@ -26,6 +26,7 @@ from .methods.base import task_seed
 from .model.adapted import AdaptedModel
 from .model.backbone import Backbone, BackboneError, masked_mean
 from .model.batching import collated
+from .model.router import SOLUTION as ROUTER_SOLUTION
 from .model.router import Router
 from .model.memory import release_freed_memory, release_freed_memory_at_most_every
 from .model.trunk import TrunkStates
@@ -484,7 +485,7 @@ class ContinualLearner:
             method={"name": self.method.name, "hyperparameters": self.method.hyperparameters()},
             router=self.router.hyperparameters() if self.router is not None else None,
             tasks=[SavedTask(record, self.task_tensors(name)) for name, record in self.tasks.items()],
-            shared_tensors=self.shared_tensors(),
+            shared_tensors={**self.shared_tensors(), **self._router_solution()},
             shared_json=self.method.shared_json(self.model),
         )
 
@@ -523,10 +524,21 @@ class ContinualLearner:
                 f"{saved.where()}: saved with router {saved.router}, but the learner has {router}")
         self._install(saved)
 
+    def _router_solution(self) -> dict[str, torch.Tensor]:
+        """The solved router, when it is solved already, saved so that a loaded model (a
+        reader replica, a restart) need not solve it again. Its columns follow the router's
+        task order, which is the saved tasks' order, so a load gives it back exactly; if they
+        ever differ it is left out (and the loaded model solves it itself)."""
+        if self.router is None or self.router.tasks != list(self.tasks):
+            return {}
+        return self.router.solution_tensors()
+
     def _install(self, saved: SavedModel) -> None:
+        shared = dict(saved.shared_tensors)
+        solution = {k: shared.pop(k) for k in list(shared) if k.startswith(ROUTER_SOLUTION)}
         try:
-            if saved.shared_tensors:
-                self.load_shared_tensors(saved.shared_tensors)
+            if shared:
+                self.load_shared_tensors(shared)
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{saved.where(saved.files.get('shared'))}: {exc}") from None
         try:
@@ -539,6 +551,11 @@ class ContinualLearner:
                 self.load_task_tensors(task.record, task.tensors)
             except (KeyError, ValueError) as exc:
                 raise CheckpointError(f"{saved.where(task.file)}: {exc}") from None
+        try:
+            if solution and self.router is not None:  # after the tasks: they reset it
+                self.router.load_solution_tensors(solution)
+        except ValueError as exc:
+            raise CheckpointError(f"{saved.where(saved.files.get('shared'))}: {exc}") from None
 
     def save(self, directory: str | Path, keep_versions: int | None = None) -> Path:
         """Write the model to `directory` (see `io/checkpoint.py`) as a new version; old

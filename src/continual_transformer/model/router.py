@@ -20,6 +20,7 @@ import torch
 from .closed_form import AnalyticClassifier
 
 PREFIX = "router."
+SOLUTION = PREFIX + "solution."  # saved shared tensors: the solved router, not statistics
 PREDICT_ROWS = 2048
 
 
@@ -67,6 +68,18 @@ class Router:
         features), e.g. before a server swaps this router in."""
         if len(self.classifier.classes_) > 1:
             self.classifier.solution()
+
+    def solution_tensors(self) -> dict[str, torch.Tensor]:
+        """The solved router, to save beside its statistics: a model loaded with it routes at
+        once and exactly as the one that saved it. Empty unless it is solved already (it is
+        once the router has routed, or after `prepare`): saving never pays for a solve."""
+        if len(self.classifier.classes_) < 2 or not self.classifier.solved:
+            return {}
+        return {SOLUTION + k: v for k, v in self.classifier.solution_state().items()}
+
+    def load_solution_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Install `solution_tensors()` saved with the statistics now loaded."""
+        self.classifier.load_solution_state({k[len(SOLUTION):]: v for k, v in tensors.items()})
 
     def remove(self, task: str) -> None:
         if task in self.classifier.classes_:

@@ -268,6 +268,7 @@ class ModelService:
             with self._model_lock:  # new entries, plus one addition to the router's statistics
                 self.learner.import_task(record, tensors, shared_increment)
             try:
+                self._prepare(self.learner)  # saved with the model: readers need not solve it
                 self.learner.save(self.model_dir, self.keep_versions)
             except BaseException as exc:
                 with self._model_lock:
@@ -288,6 +289,7 @@ class ModelService:
             with self._model_lock:
                 self.learner.delete(name)
             try:
+                self._prepare(self.learner)
                 self.learner.save(self.model_dir, self.keep_versions)
             except BaseException:
                 with self._model_lock:
@@ -348,11 +350,17 @@ class ModelService:
 
         learner = ContinualLearner.from_state(saved, str(self.learner.device))
         learner.precision = self.learner.precision
-        if learner.router is not None:
-            learner.router.prepare()
+        self._prepare(learner)
         if learner.tasks:
             learner.predict(["warm-up"], task=next(iter(learner.tasks)))
         return learner
+
+    @staticmethod
+    def _prepare(learner: "ContinualLearner") -> None:
+        """Solve the router now, outside the model lock, not in the first routed request's
+        forward pass (seconds at 2048 features); a no-op when the saved model carried it."""
+        if learner.router is not None:
+            learner.router.prepare()
 
     def _swap(self, learner: "ContinualLearner", version: int) -> None:
         with self._model_lock, self._view_lock:  # between two forward passes
