@@ -595,7 +595,7 @@ def test_a_save_that_fails_leaves_the_served_model_as_it_was(model_dir, tmp_path
     side.learn(load_stream(_write_task(tmp_path))[0])
     record, tensors = side.task_state("beasts")
     with pytest.raises(OSError):
-        service.add_task(record, tensors)
+        service.add_task(record, tensors, side.shared_tensors())
     assert service.task_names() == ("kinds", "topics")
     assert list(service.learner.tasks) == ["kinds", "topics"]
     assert service.learner.model.adapter.entries() == ["kinds", "topics"] and "beasts" not in service.learner.model.heads

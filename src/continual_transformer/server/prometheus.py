@@ -24,12 +24,12 @@ class Metrics:
         self.predictions = Counter("ctt_predictions_total", "Predicted items by task.", ["task"],
                                    registry=r)
         self.batch_rows = Histogram("ctt_inference_batch_rows",
-                                    "Texts per forward pass (requests are batched, then cut into passes by length).",
+                                    "Texts per forward pass (taken from the waiting texts of every request, by length).",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("ctt_inference_batch_requests",
-                                        "Requests grouped into one batch (dynamic batching).",
+                                        "Requests with texts in one forward pass (continuous batching).",
                                         buckets=BATCH_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("ctt_inference_batch_seconds", "Time of one batch's forward passes.",
+        self.batch_seconds = Histogram("ctt_inference_batch_seconds", "Time of one forward pass, answers included.",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.jobs = Gauge("ctt_learning_jobs", "Learning jobs by state (since the server started).",
                           ["state"], registry=r)

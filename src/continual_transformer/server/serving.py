@@ -1,10 +1,12 @@
-"""The live model: one inference thread with dynamic batching, and the changes made to it.
+"""The live model: one inference thread with continuous batching, and the changes made to it.
 
 Why one thread owns every forward pass: the activation-scaling layers read which entry each
 row uses from one selection object shared by the whole encoder (`IA3.select`), so two forward
-passes must never interleave inside one model. Serialising them costs little: concurrent
-requests are grouped (dynamic batching), and a group that mixes tasks is still one pass. Within
-a batch, rows are cut into passes of similar length (`model.batching`), never by task.
+passes must never interleave inside one model. Serialising them costs little: the texts of
+concurrent requests wait in one pool, each pass takes the oldest text and those nearest its
+length, whatever tasks they name (a pass that mixes tasks is still one pass), and a request is
+answered as soon as its last text is (`_serve_forever`). The model lock is taken per pass, so
+a change to the model waits for one pass at most.
 
 Why learning does not happen in this model: training a task would hold the model for whole
 training steps and share the selection object with serving. A learning job trains in its own
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..model.batching import length_batches
+from ..model.batching import padded
 from .logs import event
 
 if TYPE_CHECKING:
@@ -63,6 +65,17 @@ class _Pending:
     future: asyncio.Future
     among: frozenset[str] | None = None  # the tasks routed rows may go to (None: any)
     results: list = field(default_factory=list)
+    left: int = 0  # rows not answered yet
+    failed: bool = False  # answered with an error: its other rows are dropped
+
+
+@dataclass(eq=False)
+class _Row:
+    """One text of a waiting request, tokenised: what a forward pass is made of."""
+
+    request: _Pending
+    index: int  # in the request
+    ids: list[int]
 
 
 def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -162,98 +175,124 @@ class ModelService:
         return await pending.future
 
     def _serve_forever(self) -> None:
+        """Continuous batching: rows of waiting requests form a pool; each forward pass takes
+        the pool's oldest row and the rows nearest its length (`_next_pass`), and a request is
+        answered as soon as its last row is. New requests join the pool between passes, so
+        under load every pass is full and of one length, whatever the clients' request sizes."""
+        pool: list[_Row] = []
+        stopping = False
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            rows = len(first.texts)
-            deadline = time.monotonic() + self.batch_max_wait_s
-            stop = False
-            # Take what is already waiting, then wait briefly for more: under load the queue
-            # fills while the previous pass runs, so full batches form without any waiting.
-            while rows < self.batch_max_items:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-                rows += len(item.texts)
+            if not pool:
+                if stopping:
+                    return
+                first = self._queue.get()
+                if first is None:
+                    return
+                self._admit(first, pool)
+                # From idle, wait briefly for others: requests sent together share passes.
+                deadline = time.monotonic() + self.batch_max_wait_s
+                while len(pool) < self.batch_max_items:
+                    try:
+                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                        break
+                    self._admit(item, pool)
+            elif not stopping:  # under load: take what arrived during the last pass
+                while len(pool) < self.batch_max_items:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                        break
+                    self._admit(item, pool)
+            if not pool:
+                continue
+            rows = self._next_pass(pool)
             try:
-                self._run_batch(batch)
-            except Exception as exc:  # a bug here must answer the batch with a 500, not hang it
-                self._fail(batch, exc)
-            if stop:
-                return
+                self._run_pass(rows)
+            except Exception as exc:  # a bug here must answer its requests with a 500, not hang them
+                self._fail({id(r.request): r.request for r in rows}.values(), exc)
+            done = {id(r) for r in rows}
+            pool[:] = [r for r in pool if id(r) not in done and not r.request.failed]
 
-    def _run_batch(self, batch: list[_Pending]) -> None:
+    def _admit(self, request: _Pending, pool: list["_Row"]) -> None:
+        try:
+            ids = self.learner.backbone.tokenize(request.texts)
+        except Exception as exc:
+            self._fail([request], exc)
+            return
+        request.results = [None] * len(ids)
+        request.left = len(ids)
+        pool.extend(_Row(request, i, ids[i]) for i in range(len(ids)))
+
+    def _next_pass(self, pool: list["_Row"]) -> list["_Row"]:
+        """The pool's oldest row, with the rows nearest its padded length: first shorter ones
+        (they pad to its length), then longer ones, while the pass stays within
+        `batch_max_tokens` padded tokens and the rows-per-pass limit."""
+        multiple = self.learner.backbone.length_multiple
+        widths = [padded(len(row.ids), multiple) for row in pool]
+        order = sorted(range(len(pool)), key=lambda k: (widths[k], k))  # (arrival breaks ties)
+        low = high = order.index(0)
+        width = widths[0]
+        while high - low + 1 < self._max_rows_per_pass:
+            if low > 0 and (high - low + 2) * width <= self.batch_max_tokens:
+                low -= 1
+            elif high + 1 < len(order) and (high - low + 2) * widths[order[high + 1]] <= self.batch_max_tokens:
+                high += 1
+                width = widths[order[high]]
+            else:
+                break
+        return [pool[order[k]] for k in range(low, high + 1)]
+
+    def _run_pass(self, rows: list["_Row"]) -> None:
+        """One forward pass over `rows`, whatever tasks they name; rows without a task are
+        routed inside it. Requests are re-checked first: a task deleted since a request was
+        accepted no longer answers."""
         start = time.perf_counter()
+        requests = list({id(r.request): r.request for r in rows}.values())
         with self._model_lock:
             known = self.learner.tasks
-            alive: list[_Pending] = []
-            for pending in batch:
-                # A task deleted after the request was checked no longer answers.
-                missing = [t for t in pending.tasks if t is not None and t not in known]
-                listed = [t for t in self._served if pending.among is None or t in pending.among]
+            for request in requests:
+                missing = [t for t in request.tasks if t is not None and t not in known]
+                listed = [t for t in self._served if request.among is None or t in request.among]
                 if missing:
-                    error = UnknownTask(f"unknown task {missing[0]!r}; known: {listed}")
-                    pending.loop.call_soon_threadsafe(_settle, pending.future, None, error)
-                elif not listed and None in pending.tasks:
-                    error = PredictionRefused("no task given and no task learned yet")
-                    pending.loop.call_soon_threadsafe(_settle, pending.future, None, error)
-                else:
-                    pending.results = [None] * len(pending.texts)
-                    alive.append(pending)
-            failed = self._predict_rows(alive)
-        self.metrics.batch_seconds.observe(time.perf_counter() - start)
-        self.metrics.batch_requests.observe(len(batch))
-        for pending in alive:
-            if id(pending) not in failed:
-                pending.loop.call_soon_threadsafe(_settle, pending.future, pending.results)
-
-    def _predict_rows(self, batch: list[_Pending]) -> set[int]:
-        """Predict every row, with its task or routed; return the ids of failed requests.
-
-        Rows are grouped by token length (`length_batches`); each group is one forward pass,
-        whatever tasks its rows name, and rows without a task are routed inside that pass.
-        """
-        owners = [(p, i) for p in batch for i in range(len(p.tasks))]
-        if not owners:
-            return set()
-        texts = [p.texts[i] for p, i in owners]
-        try:
-            ids = self.learner.backbone.tokenize(texts)  # once: to group rows, then to predict
-            predictions: list = [None] * len(texts)
-            for group in length_batches([len(row) for row in ids], max_tokens=self.batch_max_tokens,
-                                        max_rows=self._max_rows_per_pass):
-                self.metrics.batch_rows.observe(len(group))
-                group_tasks = [owners[j][0].tasks[owners[j][1]] for j in group]
-                among = [owners[j][0].among for j in group]
+                    self._fail([request], UnknownTask(f"unknown task {missing[0]!r}; known: {listed}"))
+                elif not listed and None in request.tasks:
+                    self._fail([request], PredictionRefused("no task given and no task learned yet"))
+            rows = [r for r in rows if not r.request.failed]
+            if not rows:
+                return
+            among = [r.request.among for r in rows]
+            try:
                 answers = self.learner.predict_ids(
-                    [ids[j] for j in group], task=group_tasks,
+                    [r.ids for r in rows], task=[r.request.tasks[r.index] for r in rows],
                     among=None if all(a is None for a in among) else among)
-                for j, answer in zip(group, answers):
-                    predictions[j] = answer
-        except (ValueError, KeyError) as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
-            error_type = UnknownTask if isinstance(exc, KeyError) else PredictionRefused
-            return self._fail({id(p): p for p, _ in owners}.values(), error_type(message))
-        except Exception as exc:  # an internal error: every request of the pass gets a 500
-            return self._fail({id(p): p for p, _ in owners}.values(), exc)
-        for (pending, i), prediction in zip(owners, predictions):
-            pending.results[i] = prediction
-        return set()
+            except (ValueError, KeyError) as exc:
+                message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+                error_type = UnknownTask if isinstance(exc, KeyError) else PredictionRefused
+                self._fail(requests, error_type(message))
+                return
+        self.metrics.batch_seconds.observe(time.perf_counter() - start)
+        self.metrics.batch_requests.observe(len(requests))
+        self.metrics.batch_rows.observe(len(rows))
+        for row, answer in zip(rows, answers):
+            request = row.request
+            request.results[row.index] = answer
+            request.left -= 1
+            if request.left == 0:
+                request.loop.call_soon_threadsafe(_settle, request.future, request.results)
 
     @staticmethod
-    def _fail(requests, error: BaseException) -> set[int]:
-        failed = set()
-        for pending in requests:
-            pending.loop.call_soon_threadsafe(_settle, pending.future, None, error)
-            failed.add(id(pending))
-        return failed
+    def _fail(requests, error: BaseException) -> None:
+        for request in requests:
+            if not request.failed:
+                request.failed = True
+                request.loop.call_soon_threadsafe(_settle, request.future, None, error)
 
     # -- changing the model --------------------------------------------------------------------
     def add_task(self, record: "TaskRecord", tensors: dict[str, "torch.Tensor"],

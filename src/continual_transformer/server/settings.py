@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     # -- throughput ----------------------------------------------------------------------------
     # 256 texts and 2,048 tokens: measured with 32 clients of 8 texts each (benchmarks/predict.py),
     # 150 texts/s against 129 with 64 and 1,024: a larger batch sorts its texts by length better.
-    batch_max_items: int = Field(256, ge=1, description="Most texts in one batch (cut into forward passes by length).")
-    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long the first request of a batch waits for others.")
+    batch_max_items: int = Field(256, ge=1, description="Most texts waiting in the inference worker's pool, from which each forward pass takes the oldest and those nearest its length; more requests wait in the queue.")
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a request that finds the server idle waits for others to share its forward passes.")
     batch_max_tokens: int = Field(2048, ge=1, description="Padded tokens (rows x longest) per forward pass; rows are grouped by length.")
     inference_threads: int | None = Field(None, ge=1, description="CPU threads of the forward passes (default: PyTorch's, one per core).")
     learn_threads: int = Field(1, ge=1, description="CPU threads of a learning job (its own process).")
