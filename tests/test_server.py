@@ -471,6 +471,37 @@ def test_waiting_requests_are_batched_by_rows(model_dir, max_items, batches):
     assert sample("ctt_inference_batch_rows_sum") == 16
 
 
+def test_each_pass_takes_the_oldest_text_and_those_nearest_its_length(model_dir):
+    """Continuous batching's choice of a pass: the pool's oldest row always goes; then shorter
+    rows (they pad to its width), then longer ones, within the padded-token budget and 64 rows."""
+    from continual_transformer.server.prometheus import Metrics
+    from continual_transformer.server.serving import ModelService, _Pending, _Row
+
+    learner = ContinualLearner.load(model_dir, device="cpu")
+    multiple = learner.backbone.length_multiple
+    service = ModelService(learner, model_dir, batch_max_items=256, batch_max_wait_s=0.0,
+                           metrics=Metrics(), batch_max_tokens=8 * 4 * multiple)
+    request = _Pending([], [], None, None)
+
+    def pool(widths):  # rows in arrival order, each `width` multiples long
+        return [_Row(request, i, [0] * (w * multiple)) for i, w in enumerate(widths)]
+
+    def chosen(widths):
+        rows = pool(widths)
+        return sorted(rows.index(r) for r in service._next_pass(rows))
+
+    # oldest is 4 wide: up to 8 rows of width 4; shorter rows first, the 5- and 6-wide ones wait
+    assert chosen([4, 1, 6, 2, 5, 4, 3, 1, 1, 2, 1]) == [0, 1, 3, 5, 6, 7, 8, 9]
+    # oldest is short: longer rows join while the budget (32 multiples) allows
+    assert chosen([1, 8, 2, 2, 3]) == [0, 2, 3, 4]
+    # a row wider than the budget goes alone
+    assert chosen([40, 1, 1]) == [0]
+    # never more than 64 rows, the oldest among them
+    assert len(chosen([1] * 100)) == 32 and chosen([1] * 100)[0] == 0
+    service.batch_max_tokens = 10_000
+    assert chosen([1] * 100) == list(range(64))
+
+
 def _sample(metrics_text: str, name: str, labels: str = "") -> float:
     """The value of the first sample called `name` whose labels contain `labels`."""
     for line in metrics_text.splitlines():

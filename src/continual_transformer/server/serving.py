@@ -31,6 +31,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -231,23 +232,33 @@ class ModelService:
         pool.extend(_Row(request, i, ids[i]) for i in range(len(ids)))
 
     def _next_pass(self, pool: list["_Row"]) -> list["_Row"]:
-        """The pool's oldest row, with the rows nearest its padded length: first shorter ones
-        (they pad to its length), then longer ones, while the pass stays within
-        `batch_max_tokens` padded tokens and the rows-per-pass limit."""
+        """The pool's oldest row, with the rows nearest its padded length, while the pass stays
+        within `batch_max_tokens` padded tokens and the rows-per-pass limit. Rows join one at a
+        time, the next shorter or the next longer, whichever adds less padding: a shorter row
+        pads itself to the pass's width; a longer one pads every row already in."""
         multiple = self.learner.backbone.length_multiple
-        widths = [padded(len(row.ids), multiple) for row in pool]
-        order = sorted(range(len(pool)), key=lambda k: (widths[k], k))  # (arrival breaks ties)
-        low = high = order.index(0)
-        width = widths[0]
-        while high - low + 1 < self._max_rows_per_pass:
-            if low > 0 and (high - low + 2) * width <= self.batch_max_tokens:
-                low -= 1
-            elif high + 1 < len(order) and (high - low + 2) * widths[order[high + 1]] <= self.batch_max_tokens:
-                high += 1
-                width = widths[order[high]]
-            else:
+        groups: dict[int, deque[int]] = {}  # padded width -> its rows, oldest first
+        for k, row in enumerate(pool):
+            groups.setdefault(padded(len(row.ids), multiple), deque()).append(k)
+        sizes = sorted(groups)
+        top = sizes.index(padded(len(pool[0].ids), multiple))  # the pass's width, as an index
+        taken = [groups[sizes[top]].popleft()]  # the oldest row
+        budget = self.batch_max_tokens
+        while (rows := len(taken)) < self._max_rows_per_pass:
+            width = sizes[top]
+            left = next((i for i in range(top, -1, -1) if groups[sizes[i]]), None)
+            right = next((i for i in range(top + 1, len(sizes)) if groups[sizes[i]]), None)
+            shorter = width - sizes[left] if left is not None and (rows + 1) * width <= budget else None
+            longer = ((sizes[right] - width) * rows
+                      if right is not None and (rows + 1) * sizes[right] <= budget else None)
+            if shorter is None and longer is None:
                 break
-        return [pool[order[k]] for k in range(low, high + 1)]
+            if longer is None or (shorter is not None and shorter <= longer):
+                taken.append(groups[sizes[left]].popleft())
+            else:
+                taken.append(groups[sizes[right]].popleft())
+                top = right
+        return [pool[k] for k in taken]
 
     def _run_pass(self, rows: list["_Row"]) -> None:
         """One forward pass over `rows`, whatever tasks they name; rows without a task are
