@@ -234,8 +234,9 @@ class ModelService:
     def _next_pass(self, pool: list["_Row"]) -> list["_Row"]:
         """The pool's oldest row, with the rows nearest its padded length, while the pass stays
         within `batch_max_tokens` padded tokens and the rows-per-pass limit. Rows join one at a
-        time, the next shorter or the next longer, whichever adds less padding: a shorter row
-        pads itself to the pass's width; a longer one pads every row already in."""
+        time: the oldest of the next shorter width or of the next longer one, whichever adds
+        less padding (a shorter row pads itself to the pass's width; a longer one pads every
+        row already in)."""
         multiple = self.learner.backbone.length_multiple
         groups: dict[int, deque[int]] = {}  # padded width -> its rows, oldest first
         for k, row in enumerate(pool):
