@@ -30,11 +30,13 @@ def _one_process_unless_run(ctx: typer.Context) -> None:
     """Continual learning of text-classification tasks on a frozen tiny transformer."""
     from .training.distributed import launched
 
+    if ctx.invoked_subcommand == "run":
+        return
     try:
         launch = launched()
-    except ValueError as exc:
-        _fail(str(exc))
-    if launch is not None and launch.world_size > 1 and ctx.invoked_subcommand != "run":
+    except ValueError:  # not a torchrun launch (`run` says what is wrong with the environment)
+        return
+    if launch is not None and launch.world_size > 1:
         _fail(f"`ctt {ctx.invoked_subcommand}` runs in one process; of the commands only "
               "`ctt run` learns data-parallel under torchrun")
 
