@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -38,6 +39,9 @@ from ..model.backbone import pick_device
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 COMBINE_BYTES = 64 * 2**20  # bytes per collective when combining stored trunk outputs
+# How long a process waits for the others in a collective: while rank 0 evaluates and saves a
+# task, the others wait at the start of the next one (NCCL's own default is 10 minutes).
+WAIT = timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def process_group(device: str | None) -> Iterator["DataParallel | None"]:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size)
+    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=WAIT)
     try:
         yield current()
     finally:
