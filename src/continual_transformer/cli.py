@@ -25,6 +25,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+@app.callback()
+def _one_process_unless_run(ctx: typer.Context) -> None:
+    """Continual learning of text-classification tasks on a frozen tiny transformer."""
+    from .training.distributed import launched
+
+    if ctx.invoked_subcommand == "run":
+        return
+    try:
+        launch = launched()
+    except ValueError:  # not a torchrun launch (`run` says what is wrong with the environment)
+        return
+    if launch is not None and launch.world_size > 1:
+        _fail(f"`ctt {ctx.invoked_subcommand}` runs in one process; of the commands only "
+              "`ctt run` learns data-parallel under torchrun")
+
+
 def _user_errors():
     from .model.backbone import BackboneError
     from .io.checkpoint import CheckpointError
@@ -111,6 +127,7 @@ def _read_options(saved: dict | None, **given):
 
 @app.command()
 def run(
+    ctx: typer.Context,
     stream: Optional[Path] = typer.Argument(None, help=_STREAM_HELP),
     data_format: Optional[str] = _FORMAT,
     text_column: Optional[str] = _TEXT_COLUMN,
@@ -146,7 +163,12 @@ def run(
 
     Killed runs continue: run the same command again (or `--resume --out DIR`), and finished
     tasks are kept, the interrupted one continues from its last save.
+
+    Launched by torchrun (`torchrun --nproc-per-node N -m continual_transformer run ...`), the
+    N processes learn each task data-parallel; only rank 0 writes and prints.
     """
+    import contextlib
+
     import torch
 
     from .config import BackboneConfig, LearnerSpec, TrainConfig
@@ -155,9 +177,13 @@ def run(
     from .experiment.run import run_joint, run_stream
     from .learner import ContinualLearner
     from .io.runstate import read_config
+    from .training.distributed import process_group
     from .training.loop import TrainingError
 
     try:
+        # Joined for the whole command, left when it ends (also on an error).
+        parallel = ctx.with_resource(process_group(device))
+        main = parallel is None or parallel.is_main
         saved = read_config(out) if resume else None
         if resume and saved is None:
             _fail(f"{out}: no saved run to resume")
@@ -207,9 +233,11 @@ def run(
         _fail(str(exc))
     top = (f"; scales in the top {learner.model.top_layers} of {learner.backbone.num_layers} layers"
            if learner.model.top_layers else "")
-    console.print(f"stream [bold]{stream}[/]: {len(tasks)} tasks; backbone "
-                  f"{learner.backbone.ref.name} ({learner.backbone_parameters:,} parameters) "
-                  f"on {learner.device}; method {method}{top}")
+    together = f"; {parallel.world_size} processes, data-parallel" if parallel is not None else ""
+    if main:
+        console.print(f"stream [bold]{stream}[/]: {len(tasks)} tasks; backbone "
+                      f"{learner.backbone.ref.name} ({learner.backbone_parameters:,} parameters) "
+                      f"on {learner.device}; method {method}{top}{together}")
     run_config = {"stream": str(Path(stream).resolve()), "data": data.to_dict(),
                   "method": method, "seed": seed,
                   "adapt_layers": adapt_layers,
@@ -220,11 +248,12 @@ def run(
                   "save_every": save_every, "stream_summary": describe(tasks)}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
-    tracker = _open_tracker(track, out.name, out, tracking_uri, run_config)
+    tracker = _open_tracker(track, out.name, out, tracking_uri, run_config) if main else None
     report = None
     try:
-        with Progress(*columns, console=console, transient=True) as progress:
-            events = _RichEvents(progress, out)
+        shown = Progress(*columns, console=console, transient=True) if main else contextlib.nullcontext()
+        with shown as progress:
+            events = _RichEvents(progress, out) if main else None
             if tracker is not None:
                 from .experiment.tracking import TrackedRun
 
@@ -251,7 +280,8 @@ def run(
 
                 log_report(tracker, report, out)
             tracker.end(ok=report is not None)
-    _print_summary(report, out)
+    if main:
+        _print_summary(report, out)
 
 
 def _open_tracker(kind: str | None, name: str, out: Path, uri: str | None, params: dict):

@@ -30,6 +30,7 @@ from .model.router import SOLUTION as ROUTER_SOLUTION
 from .model.router import Router
 from .model.memory import release_freed_memory, release_freed_memory_at_most_every
 from .model.trunk import TrunkStates
+from .training import distributed
 from .training.loop import Checkpointing, Progress
 from .training.precision import resolved
 from .types import Prediction, Task, TaskRecord, check_task_name
@@ -114,6 +115,7 @@ class ContinualLearner:
             raise ValueError(
                 f"method {self.method.name!r} learns all tasks at once, not one after another: "
                 "use ContinualLearner.learn_jointly(tasks) (`ctt run --method joint` does)")
+        self._check_data_parallel()
         resumed = checkpointing.resume_from if checkpointing else None
         start = time.perf_counter() - (resumed.seconds if resumed else 0.0)
         try:
@@ -167,6 +169,7 @@ class ContinualLearner:
         for task in tasks:
             check_task_name(task.name)
             _check_task(task)
+        self._check_data_parallel()
         start = time.perf_counter()
         try:
             with self.model.training_kernels():
@@ -250,11 +253,19 @@ class ContinualLearner:
     def trunk_states(self, ids: Sequence[Sequence[int]], store: bool = True) -> TrunkStates:
         """The trunk run once over tokenised texts, in the method's training precision: the
         router's features, and (with `store`, for methods that train) the stored trunk output
-        the top trains on."""
+        the top trains on. In a data-parallel run the processes share the passes out."""
         return self.model.trunk_states(
             ids, precision=self.method.precision,
             cache_mb=self.method.trunk_cache_mb if store else 0,
-            with_features=self.router is not None)
+            with_features=self.router is not None, parallel=distributed.current())
+
+    def _check_data_parallel(self) -> None:
+        if distributed.current() is None:
+            return
+        why = self.method.data_parallel_refusal()
+        if why is not None:
+            raise ValueError(f"method {self.method.name!r} cannot learn data-parallel (torchrun): "
+                             f"{why}; run it in one process")
 
     # -- inference ---------------------------------------------------------------------------
     def route(self, features: torch.Tensor, among: Sequence[Collection[str] | None] | None = None) -> list[str]:

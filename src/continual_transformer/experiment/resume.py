@@ -32,9 +32,10 @@ def run_identity(tasks: list[Task], learner: ContinualLearner) -> dict:
 
 
 def open_run(tasks: list[Task], learner: ContinualLearner, out: Path | None, config: dict,
-             resume: bool) -> tuple[RunState, TrainState | None, bool]:
+             resume: bool, measure: bool = True) -> tuple[RunState, TrainState | None, bool]:
     """The state of the run writing to `out`: a new one, or the one saved there, checked to be
-    this run and loaded into `learner` (`resume=True` requires one).
+    this run and loaded into `learner` (`resume=True` requires one). Without `measure` a new
+    run leaves out the accuracies it reports before learning (a process that does not report).
 
     Returns the state, the interrupted task's training state (None: no task was interrupted
     mid-training, or nothing is saved) and whether a saved run was continued."""
@@ -44,7 +45,7 @@ def open_run(tasks: list[Task], learner: ContinualLearner, out: Path | None, con
         if resume:
             raise ValueError(f"{out}: no saved run to resume ({runstate.state_dir(out) / runstate.STATE} "
                              "does not exist)")
-        return _start(tasks, learner, out, config, identity), None, False
+        return _start(tasks, learner, out, config, identity, measure), None, False
     state, train_state = saved
     _continue(tasks, learner, out, state, config, identity)
     if train_state is None:
@@ -68,7 +69,7 @@ def manifest_sha256(out: Path) -> str:
 
 
 def _start(tasks: list[Task], learner: ContinualLearner, out: Path | None, config: dict,
-           identity: dict) -> RunState:
+           identity: dict, measure: bool) -> RunState:
     if out is not None:
         if learner.tasks:
             raise ValueError(f"a run writing to {out} needs a learner without tasks; this one has "
@@ -78,7 +79,7 @@ def _start(tasks: list[Task], learner: ContinualLearner, out: Path | None, confi
                              "use a new --out (or remove that directory)")
     # Only methods with a measured FWT need b_i, measured now, before anything is learned.
     reference = ([learner.evaluate_unlearned(t) for t in tasks]
-                 if fwt_reference(learner) == FWT_REFERENCE else None)
+                 if measure and fwt_reference(learner) == FWT_REFERENCE else None)
     return RunState(config=config, identity=identity, reference=reference)
 
 

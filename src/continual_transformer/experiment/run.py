@@ -7,6 +7,9 @@
 
 A run writing to DIR can be killed at any moment and continued by running it again on the same
 DIR (see resume.py); the report and its pictures: report.py.
+
+In a data-parallel run (`torchrun`, training/distributed.py) every process learns each task
+with the others; only rank 0 evaluates, writes and reports, the others return None.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from ..config import DEFAULT_SAVE_EVERY
 from ..learner import ContinualLearner
 from ..model.memory import release_freed_memory
+from ..training import distributed
 from ..training.loop import Checkpointing, TrainState
 from ..types import Task, TaskRecord
 from .evaluate import StreamEvaluation, precision_comparison
@@ -55,8 +59,9 @@ def run_stream(
     save_every: int = DEFAULT_SAVE_EVERY,
     resume: bool = False,
     keep_versions: int | None = None,
-) -> dict:
-    """Learn `tasks` in order on `learner`, evaluating after each; return (and write) the report.
+) -> dict | None:
+    """Learn `tasks` in order on `learner`, evaluating after each; return (and write) the report
+    (None on the processes of a data-parallel run but rank 0).
 
     With `out`, the model is saved after every task and the training state every `save_every`
     steps (0: only after tasks). A saved run found in `out` is continued (`resume=True`
@@ -72,7 +77,14 @@ def run_stream(
         raise ValueError(f"task names repeat in the stream: {names}")
     session_start = time.perf_counter()
     config = json.loads(json.dumps(run_config or {}, default=json_default))
-    state, train_state, continued = open_run(tasks, learner, out, config, resume)
+    parallel = distributed.current()
+    main = parallel is None or parallel.is_main
+    state, train_state, continued = open_run(tasks, learner, out, config, resume, measure=main)
+    if parallel is not None:
+        parallel.barrier()  # every process has read the saved run before rank 0 writes to it
+        if not main:
+            _follow(tasks, learner, state.completed, state.current, train_state)
+            return None
     if continued:
         current = state.current["task"] if state.current else None
         events.resumed(names[: len(state.completed)], current,
@@ -157,14 +169,34 @@ def run_stream(
     return report
 
 
+def _follow(tasks: list[Task], learner: ContinualLearner, completed: list, current: dict | None,
+            train_state: TrainState | None) -> None:
+    """What a data-parallel run's processes but rank 0 do: learn the tasks not finished yet
+    together with rank 0 (the interrupted one from its training state); nothing is evaluated,
+    written or shown."""
+    for task in tasks[len(completed):]:
+        if task.name not in learner.tasks:  # else saved to the model before the run was killed
+            resume_from = train_state if current is not None and current["task"] == task.name else None
+            learner.learn(task, checkpointing=Checkpointing(0, _no_save, resume_from))
+        train_state = None
+
+
+def _no_save(state: TrainState) -> None:
+    raise AssertionError("a process that does not write was asked to save")
+
+
 def run_joint(
     tasks: list[Task],
     learner: ContinualLearner,
     out: str | Path | None = None,
     events: RunEvents | None = None,
     run_config: dict | None = None,
-) -> dict:
-    """Learn all `tasks` at once (`joint`), evaluate each; a report shaped like `run_stream`'s."""
+) -> dict | None:
+    """Learn all `tasks` at once (`joint`), evaluate each; a report shaped like `run_stream`'s
+    (None on the processes of a data-parallel run but rank 0, which only learn)."""
+    if not distributed.is_main():
+        learner.learn_jointly(tasks)
+        return None
     events = events or RunEvents()
     out = Path(out) if out is not None else None
     names = [t.name for t in tasks]

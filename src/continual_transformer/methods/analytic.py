@@ -14,6 +14,7 @@ import torch
 
 from ..model.batching import BATCH_ROWS, collated
 from ..model.closed_form import AnalyticClassifier
+from ..training import distributed
 from ..types import Task
 from .base import Method
 
@@ -57,8 +58,10 @@ class AnalyticMethod(Method):
         ids = states.ids
         batches = collated(model.backbone, ids)
         total = -(-len(ids) // BATCH_ROWS)
-        for step, (rows, batch) in enumerate(batches, start=1):
-            pooled = model.backbone(**batch)  # (B, H)
+        parallel = distributed.current()
+        passes = (((rows, model.backbone(**batch)) for rows, batch in batches)  # (B, H) each
+                  if parallel is None else _shared_passes(model, batches, len(ids), parallel))
+        for step, (rows, pooled) in enumerate(passes, start=1):
             classifier.partial_fit(pooled, [class_key(task.name, task.train[i].label) for i in rows])
             if progress is not None:
                 progress(step, total, float("nan"))
@@ -119,3 +122,16 @@ class AnalyticMethod(Method):
 
     def load_shared_tensors(self, model, tensors) -> None:
         self._classifier(model).load_shared_state(tensors)
+
+
+def _shared_passes(model, batches, n: int, parallel) -> list[tuple[list[int], torch.Tensor]]:
+    """(rows, pooled) of every pass, each pass run by one process of a data-parallel run and
+    the results combined: the statistics then add the numbers one process adds, in its order."""
+    pooled = torch.zeros(n, model.backbone.hidden_size, device=model.device)  # (N, H)
+    passes = []
+    for k, (rows, batch) in enumerate(batches):
+        if parallel.owns(k):
+            pooled[rows] = model.backbone(**batch).float()
+        passes.append(rows)
+    parallel.combine(pooled)
+    return [(rows, pooled[rows]) for rows in passes]

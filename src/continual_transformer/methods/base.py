@@ -49,6 +49,11 @@ class Method:
     def hyperparameters(self) -> dict:
         raise NotImplementedError
 
+    def data_parallel_refusal(self) -> str | None:
+        """Why this method cannot learn a task across the processes of a data-parallel run
+        (training/distributed.py); None when it can."""
+        return None
+
     def resolve_adapt_layers(self, depth: int) -> int:
         """How many top layers of a `depth`-layer backbone carry per-task scales (0: none)."""
         return 0

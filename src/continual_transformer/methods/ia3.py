@@ -50,6 +50,12 @@ class IA3Method(GradientMethod):
             options.update(search=self.search, search_budget=self.search_budget)
         return options
 
+    def data_parallel_refusal(self) -> str | None:
+        if self.search:
+            return ("--search stops its study on a time budget, which the processes would "
+                    "measure differently")
+        return None
+
     def learn(self, model, task: Task, states, progress=None, checkpointing=None) -> dict:
         held = (held_out_positions(task, VALIDATION_FRACTION, self.train.seed)
                 if self.lexical or self.search else set())

@@ -98,6 +98,10 @@ class ReplayMethod(SharedAdapterMethod):
         return {**super().hyperparameters(), "buffer_size": self.buffer.capacity,
                 "replay_batch_size": self.replay_batch_size}
 
+    def data_parallel_refusal(self) -> str | None:
+        return ("each batch draws its replayed rows from one random stream, which the "
+                "processes' shares of a batch cannot split")
+
     def begin_task(self, model, task: Task, states) -> None:
         self._buffer_before = self.buffer.copy()
         super().begin_task(model, task, states)

@@ -12,7 +12,7 @@ never the learner, so they cannot depend on how the learner keeps its records, r
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ from .heads import TaskHeads
 from .lexical import LexicalBranch, fuse
 from .scaling import IA3
 from .trunk import TopInput, TrunkStates
+
+if TYPE_CHECKING:
+    from ..training.distributed import DataParallel
 
 LENGTH_MULTIPLE = 16  # batch lengths above a trunk: at most 8 shapes at 128 tokens
 PASS_TOKENS = 1024  # training pass size above a trunk: bounds its activation memory
@@ -62,9 +65,11 @@ class AdaptedModel:
         return self.backbone.hidden_size
 
     def trunk_states(self, ids: Sequence[Sequence[int]], *, precision: str = "fp32",
-                     cache_mb: float = 0, with_features: bool = True) -> TrunkStates:
+                     cache_mb: float = 0, with_features: bool = True,
+                     parallel: "DataParallel | None" = None) -> TrunkStates:
         """The trunk run once over tokenised texts in `precision`: the router's features (with
-        `with_features`) and, within `cache_mb` MiB, the stored trunk output the top trains on."""
+        `with_features`) and, within `cache_mb` MiB, the stored trunk output the top trains on;
+        shared out among the processes of a data-parallel run with `parallel`."""
         bf16 = uses_bf16(precision, self.device)
         return TrunkStates(
             self.backbone, ids, self.trunk_layers,
@@ -72,6 +77,7 @@ class AdaptedModel:
             store_dtype=torch.bfloat16 if bf16 else torch.float32,
             cache_bytes=int(cache_mb * 2**20),
             with_features=with_features,
+            parallel=parallel,
         )
 
     @contextlib.contextmanager

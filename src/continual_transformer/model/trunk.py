@@ -25,12 +25,15 @@ numbers, more compute).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from .backbone import Backbone, LayerCall, masked_mean
 from .batching import collated
+
+if TYPE_CHECKING:
+    from ..training.distributed import DataParallel
 
 
 @dataclass
@@ -51,6 +54,10 @@ class TrunkStates:
 
     `autocast` is the precision context the trunk runs in (the training precision); stored
     states keep its dtype (`store_dtype`) and are handed to the top in float32.
+
+    With `parallel` (a data-parallel run), this process runs the trunk on its share of the
+    passes and the processes combine their results: every process ends with all of `features`
+    and the stored output, the numbers one process computes (see training/distributed.py).
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class TrunkStates:
         store_dtype: torch.dtype = torch.float32,
         cache_bytes: int = 0,
         with_features: bool = True,
+        parallel: "DataParallel | None" = None,
     ):
         if not 0 <= trunk_layers <= backbone.num_layers:
             raise ValueError(f"trunk_layers must be in [0, {backbone.num_layers}], got {trunk_layers}")
@@ -77,7 +85,7 @@ class TrunkStates:
         self._offsets: list[int | None] = [None] * len(self.ids)
         store = trunk_layers > 0 and cache_bytes > 0
         if store or with_features:
-            self._run(store, cache_bytes, with_features)
+            self._run(store, cache_bytes, with_features, parallel)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -95,8 +103,11 @@ class TrunkStates:
     def stored_bytes(self) -> int:
         return 0 if self._states is None else self._states.numel() * self._states.element_size()
 
-    def _run(self, store: bool, cache_bytes: int, with_features: bool) -> None:
+    def _run(self, store: bool, cache_bytes: int, with_features: bool,
+             parallel: "DataParallel | None") -> None:
         hidden_size = self.backbone.hidden_size
+        # Combined processes sum their parts: what a process does not compute must be zero.
+        blank = torch.empty if parallel is None else torch.zeros
         if store:  # which texts fit the budget, in order
             per_token = hidden_size * torch.empty((), dtype=self.store_dtype).element_size()
             used = 0
@@ -105,12 +116,14 @@ class TrunkStates:
                     break
                 self._offsets[i] = used // per_token
                 used += len(row) * per_token
-            self._states = torch.empty(used // per_token, hidden_size, dtype=self.store_dtype)
-        features = torch.empty(len(self.ids), hidden_size) if with_features else None
+            self._states = blank(used // per_token, hidden_size, dtype=self.store_dtype)
+        features = blank(len(self.ids), hidden_size) if with_features else None
         # Inference only: the encoder's own attention (fused where it has one) whatever the
         # training passes use, so that no (B, heads, T, T) scores are made.
         with torch.inference_mode(), self._autocast(), self.backbone.default_attention():
-            for chunk, batch in collated(self.backbone, self.ids):
+            for k, (chunk, batch) in enumerate(collated(self.backbone, self.ids)):
+                if parallel is not None and not parallel.owns(k):
+                    continue
                 hidden, call = self.backbone.start(**batch)
                 hidden = self.backbone.run_layers(hidden, call, 0, self.trunk_layers)  # (B, T, H)
                 if features is not None:
@@ -121,6 +134,10 @@ class TrunkStates:
                         if offset is not None:
                             n = len(self.ids[i])
                             self._states[offset : offset + n] = hidden[row, :n].to("cpu", self.store_dtype)
+        if parallel is not None:
+            for part in (features, self._states if store else None):
+                if part is not None:
+                    parallel.combine(part)
         self.features = features
 
     def subset(self, rows: Sequence[int]) -> "TrunkStates":

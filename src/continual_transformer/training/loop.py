@@ -31,6 +31,7 @@ import torch
 from ..config import TrainConfig
 from ..model.batching import even_parts, length_batches, padded
 from ..model.memory import release_freed_memory
+from . import distributed
 
 Progress = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
 
@@ -208,9 +209,10 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 # -- one step -------------------------------------------------------------------------------------
 def _forward_backward(
-    batch_loss: Callable[[list[int]], torch.Tensor], indices: list[int], chunks: list[list[int]]
+    batch_loss: Callable[[list[int]], torch.Tensor], batch_rows: int, chunks: list[list[int]]
 ) -> float:
-    """Loss and gradients of one batch, computed over its micro-batches `chunks`.
+    """Loss and gradients of a batch of `batch_rows` rows, computed over its micro-batches
+    `chunks` (all of its rows, or this process's share of them in a data-parallel run).
 
     `batch_loss` is a mean over the batch, so the batch's loss is the micro-batch losses
     weighted by their share of rows; the gradients add up the same way. Returns the batch's
@@ -221,7 +223,7 @@ def _forward_backward(
         loss = batch_loss(chunk)
         if not torch.isfinite(loss):
             return math.nan
-        weight = len(chunk) / len(indices)  # 1.0 (exact) when the batch is not split
+        weight = len(chunk) / batch_rows  # 1.0 (exact) when the batch is not split
         (loss * weight).backward()
         total += loss.item() * weight
     return total
@@ -230,9 +232,14 @@ def _forward_backward(
 def _take_step(
     batch_loss: Callable[[list[int]], torch.Tensor], indices: list[int], optimizer, state: TrainState,
     lengths: list[int] | None = None, max_tokens: int | None = None, length_multiple: int = 1,
+    batch_rows: int | None = None,
 ) -> float:
-    """Forward and backward of one batch (in micro-batches of at most `max_tokens` padded
-    tokens, when given), halving the micro-batch on CUDA out-of-memory."""
+    """Forward and backward of the rows `indices` of a batch of `batch_rows` rows (default:
+    they are the batch), in micro-batches of at most `max_tokens` padded tokens when given,
+    halving the micro-batch on CUDA out-of-memory."""
+    if not indices:  # a data-parallel process whose share of a small batch is empty
+        return 0.0
+    batch_rows = batch_rows if batch_rows is not None else len(indices)
     while True:
         micro = min(state.micro_batch or len(indices), len(indices))
         try:
@@ -241,7 +248,7 @@ def _take_step(
                 chunks = even_parts(indices, width, max_rows=micro, max_tokens=max_tokens)
             else:
                 chunks = length_batches(lengths, rows=indices, max_rows=micro, sort=False)
-            return _forward_backward(batch_loss, indices, chunks)
+            return _forward_backward(batch_loss, batch_rows, chunks)
         except torch.cuda.OutOfMemoryError as exc:
             if micro == 1:
                 raise TrainingError(
@@ -283,10 +290,15 @@ def fit(
     `checkpointing.resume_from`, the parameters, optimizer, position and RNG are restored
     from that state first. `on_step(step, steps_per_epoch)` is called after every step;
     whatever it raises ends the training (a search's pruner stops a trial so).
+
+    In a data-parallel run (`training/distributed.py`) every process makes the same batches,
+    computes the gradient of its share of each and the shares' gradients are summed before
+    the step: every process takes the step one process would take, up to float rounding.
     """
     params = [p for group in param_groups for p in group["params"]]
     if not params:
         raise ValueError("nothing to train: the method returned no parameters")
+    parallel = distributed.current()
     optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     steps_per_epoch = math.ceil(n_examples / config.batch_size)
@@ -325,8 +337,12 @@ def fit(
         if epoch != order_epoch:
             order_epoch, order = epoch, batch_order(n_examples, config.batch_size, epoch, seed, lengths)
         optimizer.zero_grad(set_to_none=True)
-        loss = _take_step(batch_loss, order[position], optimizer, state, lengths, max_tokens,
-                          length_multiple)
+        batch = order[position]
+        rows = batch if parallel is None else parallel.rows(batch)  # this process's share
+        loss = _take_step(batch_loss, rows, optimizer, state, lengths, max_tokens,
+                          length_multiple, batch_rows=len(batch))
+        if parallel is not None:  # the batch's loss and gradients: the sum over the processes
+            loss = parallel.sum_gradients(params, loss)
         finite = math.isfinite(loss)
         if finite:
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
