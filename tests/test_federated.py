@@ -239,7 +239,7 @@ def test_simulation_survives_a_killed_client_a_nan_client_and_a_bad_shard(tiny_c
             reply.content["arrays"] = ArrayRecord(tensors)
         return reply
 
-    caplog.set_level(logging.INFO, logger="continual_transformer.federated")
+    caplog.set_level(logging.INFO, logger="flwr.continual_transformer")
     result = simulate(config, 5, client_app_=app)
 
     log = caplog.text
@@ -262,3 +262,65 @@ def test_simulation_survives_a_killed_client_a_nan_client_and_a_bad_shard(tiny_c
         assert torch.equal(loaded.task_tensors("topics")[name], value), name
     assert result.accuracy_per_round[2] == pytest.approx(loaded.evaluate(as_task(
         [json.loads(line) for line in test.read_text().splitlines()])))
+
+
+def test_real_superlink_and_two_supernodes_learn_the_task(tiny_backbone_dir, tmp_path):
+    """`flower-superlink`, two `flower-supernode`s on 127.0.0.1 and `flwr run` of deploy/flower:
+    separate processes over HTTP, each SuperNode reading its own shard."""
+    import shutil
+    import socket
+    import time
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "flower-superlink").exists():
+        pytest.skip("flower-superlink is not installed beside this Python")
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    link, nodes = free_port(), [free_port(), free_port()]
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**os.environ, "PYTHONPATH": SRC, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    shards = [write_jsonl(tmp_path / f"client-{i}.jsonl", shard_rows(i)) for i in range(2)]
+    test = write_jsonl(tmp_path / "test.jsonl", rows("kinds", LABELS, 12, "train", 7)
+                       + rows("kinds", LABELS, 12, "test", 8))
+    app = tmp_path / "app"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "deploy" / "flower", app)
+    model = tmp_path / "model"
+    started = []
+
+    def start(*command: str, log: str) -> None:
+        out = open(tmp_path / log, "w")
+        started.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True))
+
+    try:
+        start("flower-superlink", "--insecure", "--port", str(link),
+              "--disable-runtime-dependency-installation", log="superlink.log")
+        time.sleep(5)
+        for i, port in enumerate(nodes):
+            start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                  "--port", str(port), "--node-config", f'shard="{shards[i]}"', log=f"supernode-{i}.log")
+        time.sleep(5)
+        run = subprocess.run(
+            ["flwr", "run", str(app), "local", "--stream", "--run-config",
+             f"model='{model}' task='kinds' rounds=2 backbone='{tiny_backbone_dir}' max-length=32 "
+             f"adapt-layers=1 test='{test}' round-timeout=90.0"],
+            capture_output=True, text=True, timeout=240, env=env)
+    finally:
+        for process in started:  # each in its own session: its SuperExec children go with it
+            os.killpg(process.pid, 15)
+            process.wait(timeout=30)
+    output = run.stdout + run.stderr
+    assert "client node" in output and "(client-0.jsonl) joins" in output and "(client-1.jsonl) joins" in output
+    assert "round 2: averaged 2 clients" in output
+    loaded = ContinualLearner.load(model, "cpu", "fp32")
+    assert list(loaded.tasks) == ["kinds"]
+    assert loaded.tasks["kinds"].train_examples == 36
+    assert loaded.tasks["kinds"].stats["federated"]["clients"] == 2

@@ -34,7 +34,8 @@ from .local import (  # noqa: E402
     client_learner, learn_locally, read_shard, spec_from_json, spec_json)
 from .merge import Federation  # noqa: E402
 
-log = logging.getLogger("continual_transformer.federated")
+# A child of Flower's logger: its handlers print it in a ServerApp process, and `flwr run --stream` shows it.
+log = logging.getLogger("flwr.continual_transformer")
 
 
 @dataclass(frozen=True)
