@@ -240,7 +240,8 @@ def test_simulation_survives_a_killed_client_a_nan_client_and_a_bad_shard(tiny_c
         return reply
 
     caplog.set_level(logging.INFO, logger="flwr.continual_transformer")
-    result = simulate(config, 5, client_app_=app)
+    # One Ray actor per client: a killed actor also fails the messages queued on it.
+    result = simulate(config, 5, client_app_=app, cpus_per_client=0.4)
 
     log = caplog.text
     assert "client-4.jsonl:2: missing field 'label'" in log
