@@ -737,5 +737,79 @@ def export(
                       "fused ones", highlight=False)
 
 
+federated_app = typer.Typer(no_args_is_help=True, help="Learn one task across clients that keep "
+                            "their texts (Flower; extra: federated). See docs/federated.md.")
+app.add_typer(federated_app, name="federated")
+
+
+@federated_app.command("simulate")
+def federated_simulate(
+    stream: Path = typer.Argument(..., help="Stream file holding the task (its test split tests it)."),
+    task: str = typer.Option(..., help="The task to learn."),
+    clients: int = typer.Option(4, min=1, help="Clients, each with a label-skewed shard."),
+    rounds: int = typer.Option(5, min=1, help="Rounds (analytic: always 1)."),
+    epochs: int = typer.Option(1, min=1, help="Local epochs per round."),
+    mu: float = typer.Option(0.0, min=0.0, help="FedProx proximal weight (0: FedAvg)."),
+    alpha: float = typer.Option(0.5, help="Dirichlet skew of labels over clients (small: strong)."),
+    max_train: Optional[int] = typer.Option(None, help="At most N training texts in all, before sharding."),
+    method: str = typer.Option("ia3", help="ia3 or analytic."),
+    model: Optional[Path] = typer.Option(None, help="Model directory the task joins [default: OUT/model]."),
+    out: Path = typer.Option(Path("runs/federated"), help="Output directory: shards/, model/, result.json."),
+    min_clients: int = typer.Option(2, min=1, help="Usable replies a round needs."),
+    backbone: str = typer.Option("default", help="Backbone of a new model."),
+    adapt_layers: int = typer.Option(0, min=0, help="Top layers with scales, new ia3 model (0: default)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    cpus: int = typer.Option(2, min=1, help="CPUs the simulation engine (Ray) may use."),
+):
+    """Learn TASK across CLIENTS simulated clients (Flower's simulation engine) into a model."""
+    try:
+        from .federated.apps import FederatedConfig, simulate_stream
+
+        config = FederatedConfig(model=str(model) if model else FederatedConfig.model, task=task,
+                                 rounds=rounds, epochs=epochs, mu=mu, min_clients=min_clients,
+                                 method=method, backbone=backbone, adapt_layers=adapt_layers, seed=seed)
+        result = simulate_stream(stream, config, clients, out, alpha=alpha, union_max_train=max_train,
+                                 cpus=cpus)
+    except (*_user_errors(), RuntimeError) as exc:
+        _fail(str(exc))
+    record = result.record
+    console.print(f"task {record['name']!r} learned from {record['stats']['federated']['clients']} "
+                  f"clients ({record['train_examples']} texts) in {record['train_seconds']:.1f} s",
+                  highlight=False)
+    for rnd, accuracy in result.accuracy_per_round.items():
+        sent = result.bytes_per_client_round.get(rnd, [])
+        console.print(f"round {rnd}: test accuracy {100 * accuracy:.2f} %; bytes sent per client "
+                      f"{sent}", highlight=False)
+    for refusal in result.refused:
+        console.print(f"refused in round {refusal['round']}: {refusal['reason']}", highlight=False)
+    console.print(f"wrote {out / 'result.json'}", highlight=False)
+
+
+@federated_app.command("shard")
+def federated_shard(
+    stream: Path = typer.Argument(..., help="Stream file holding the task."),
+    task: str = typer.Option(..., help="The task to cut."),
+    clients: int = typer.Option(2, min=1, help="Number of shards."),
+    alpha: float = typer.Option(0.5, help="Dirichlet skew of labels over clients (small: strong)."),
+    max_train: Optional[int] = typer.Option(None, help="At most N training texts in all."),
+    out: Path = typer.Option(Path("shards"), help="Directory for client-<i>.jsonl."),
+    seed: int = typer.Option(0, help="Random seed."),
+):
+    """Cut a task's training texts into label-skewed shards, one file per client."""
+    try:
+        from .data.source import load_tasks
+        from .federated.shards import label_skewed, write_shards
+
+        tasks = {t.name: t for t in load_tasks(stream, seed=seed)}
+        if task not in tasks:
+            raise ValueError(f"{stream}: no task {task!r}; tasks: {list(tasks)}")
+        chosen = tasks[task].subsample_train(max_train, seed)
+        paths = write_shards(chosen, label_skewed(chosen, clients, alpha, seed), out)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    for path in paths:
+        console.print(str(path), highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -146,7 +146,7 @@ class ContinualLearner:
             train_seconds=round(time.perf_counter() - start, 3),
             adapter_parameters=adapter_parameters,
             head_parameters=head_parameters,
-            bytes_added=self._bytes_added(adapter_parameters, head_parameters)
+            bytes_added=self.task_bytes(adapter_parameters, head_parameters)
             + (branch.nbytes() if branch is not None else 0),
             stats=stats,
         )
@@ -195,7 +195,7 @@ class ContinualLearner:
                 train_examples=len(task.train),
                 train_seconds=round(seconds * len(task.train) / total, 3),
                 adapter_parameters=adapter_parameters, head_parameters=head_parameters,
-                bytes_added=self._bytes_added(adapter_parameters, head_parameters),
+                bytes_added=self.task_bytes(adapter_parameters, head_parameters),
                 stats={**stats, "joint_train_seconds": round(seconds, 3)},
             )
         return [self.tasks[name] for name in names]
@@ -224,29 +224,39 @@ class ContinualLearner:
         This is how a server learns while it serves: a separate learner (its own copy of the
         frozen backbone and its own adapter entries) trains the task, and only its finished
         tensors come here; nothing another task uses is touched. `shared_increment` is what the
-        task added to shared statistics (the router's): the `shared_tensors()` of a learner
-        that learned only this task. It is added, so the result is bit-identical to learning
-        the task here. Only for methods whose tasks own all their learned state (`ia3`).
-        On failure the learner is left exactly as it was.
+        task added to shared statistics (the router's, and for `analytic` the method's): the
+        `shared_tensors()` of a learner that learned only this task, or the sum of several such
+        learners' (federated learning). It is added, so the result is bit-identical to learning
+        the task here (for a sum of several, equal up to the order of the additions). For
+        methods whose tasks own all their learned state (`ia3`) or whose shared state is sums
+        of statistics (`analytic`). On failure the learner is left exactly as it was.
         """
         check_task_name(record.name)
         if record.name in self.tasks:
             raise ValueError(f"task {record.name!r} is already learned; delete it first")
-        if self.method.shares_state or self.method.shared_tensors(self.model):
+        sums = self.method.sums_statistics
+        if not sums and (self.method.shares_state or self.method.shared_tensors(self.model)):
             raise ValueError(
                 f"method {self.method.name!r} shares state between tasks; a task learned "
                 "elsewhere cannot be imported alone"
             )
         router_before = self.router.snapshot() if self.router is not None else None
+        shared_before = ({k: v.clone() for k, v in self.method.shared_tensors(self.model).items()}
+                         if sums else None)
         try:
             self.load_task_tensors(record, tensors)
             if shared_increment and self.router is not None:
                 self.router.add_shared_tensors(shared_increment)
+            own = {k: v for k, v in (shared_increment or {}).items() if not k.startswith("router.")}
+            if own:
+                self.method.add_shared_tensors(self.model, own)
         except BaseException:
             self.method.rollback(self.model, record.name)
             self.tasks.pop(record.name, None)
             if router_before is not None:
                 self.router.restore(router_before)
+            if shared_before is not None:
+                self.method.load_shared_tensors(self.model, shared_before)
             raise
 
     # -- the trunk ---------------------------------------------------------------------------
@@ -588,7 +598,7 @@ class ContinualLearner:
         return learner
 
     # -- helpers -----------------------------------------------------------------------------
-    def _bytes_added(self, adapter_parameters: int, head_parameters: int) -> int:
+    def task_bytes(self, adapter_parameters: int, head_parameters: int) -> int:
         """A task's own state as stored: float32 scales, the method's head numbers, and the
         router's float64 per-task statistics."""
         return (4 * adapter_parameters + self.method.head_number_bytes * head_parameters

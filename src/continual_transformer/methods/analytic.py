@@ -29,6 +29,7 @@ class AnalyticMethod(Method):
     name = "analytic"
     routes_itself = True
     shares_state = True
+    sums_statistics = True
     head_number_bytes = 8  # class sums and counts are float64
 
     # Defaults measured on the bundled stream (benchmarks/analytic_choices.py): LDA beats ridge,
@@ -122,6 +123,9 @@ class AnalyticMethod(Method):
 
     def load_shared_tensors(self, model, tensors) -> None:
         self._classifier(model).load_shared_state(tensors)
+
+    def add_shared_tensors(self, model, increment) -> None:
+        self._classifier(model).add_shared_state(increment)
 
 
 def _shared_passes(model, batches, n: int, parallel) -> list[tuple[list[int], torch.Tensor]]:

@@ -37,6 +37,9 @@ class Method:
     routes_itself: ClassVar[bool] = False
     # True when learning one task can change what another task's inputs meet (shared state).
     shares_state: ClassVar[bool] = False
+    # True when the shared state is sums of statistics (`analytic`): a task learned elsewhere
+    # joins by adding what it added to them (`add_shared_tensors`), exactly as learning it here.
+    sums_statistics: ClassVar[bool] = False
     # True when the method learns all tasks at once (`learn_jointly`), never one by one.
     learns_jointly: ClassVar[bool] = False
     # Bytes per number of the state counted as the task's "head" (float32 weights by default).
@@ -122,6 +125,10 @@ class Method:
     def load_shared_tensors(self, model: "AdaptedModel", tensors: dict[str, torch.Tensor]) -> None:
         if tensors:
             raise ValueError(f"method {self.name!r} has no shared state, got {sorted(tensors)[:3]}")
+
+    def add_shared_tensors(self, model: "AdaptedModel", increment: dict[str, torch.Tensor]) -> None:
+        """Add shared statistics gathered elsewhere (only methods that `sums_statistics`)."""
+        raise ValueError(f"method {self.name!r} does not sum statistics; got {sorted(increment)[:3]}")
 
     def shared_json(self, model: "AdaptedModel") -> dict | None:
         """Shared state that is not tensors (replay's stored texts), saved as JSON; None: none."""
