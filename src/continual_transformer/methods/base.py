@@ -37,6 +37,8 @@ class Method:
     routes_itself: ClassVar[bool] = False
     # True when learning one task can change what another task's inputs meet (shared state).
     shares_state: ClassVar[bool] = False
+    # What a method that shares state shares, in words: why its tasks cannot be learned apart.
+    shares: ClassVar[str] = ""
     # True when the method learns all tasks at once (`learn_jointly`), never one by one.
     learns_jointly: ClassVar[bool] = False
     # Bytes per number of the state counted as the task's "head" (float32 weights by default).
