@@ -21,10 +21,14 @@ Runs, each in a fresh process, one after another:
   learned again.
 
 For each run it prints the wall time (learner built, stream learned, evaluated after every
-task, saved, report written) and, against `sequential-2t`: whether the model is the same (every
-tensor of the two checkpoints equal bit for bit; the largest absolute difference of any tensor;
-predictions, task given and routed, on `--check-texts` test texts per task; the report but for
-times) and the ratio of wall times. `--repeats N` runs the four N times and prints medians.
+task, saved, report written), its ratio to the sequential runs' and the learning seconds summed
+over tasks. Then, for the parallel runs against `sequential-1t` (the same one thread per task
+as the workers), for `sequential-2t` against `sequential-1t` (what the thread count changes)
+and for `workers-2` against `sequential-2t`: whether the models are the same bit for bit (every
+tensor of the two checkpoints; how many differ, which, and the largest absolute difference),
+predictions (task given and routed, on `--check-texts` test texts per task; all fields, and
+labels and tasks alone) and the report but for times. `--repeats N` runs the four N times and
+prints medians; `--compare-only` compares the runs already in `--out` again.
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ def run_child(kind: str, out: Path, args) -> dict:
         raise SystemExit(f"{kind} failed:\n{done.stdout[-4000:]}")
     timing = json.loads((out / "timing.json").read_text())
     report = json.loads((out / "run" / "report.json").read_text())
-    return {"seconds": timing["seconds"], "history": timing["history"], "report": report,
+    return {"seconds": timing["seconds"], "history": timing["history"],
             "train_s": sum(e["train_seconds"] for e in report["per_task"]),
             "killed_pid": int((out / "killed").read_text()) if (out / "killed").exists() else None}
 
@@ -147,23 +151,25 @@ def compare(a: Path, b: Path, tasks, check_texts: int) -> dict:
 
     one, two = ContinualLearner.load(a, device="cpu"), ContinualLearner.load(b, device="cpu")
     x, y = one.state(), two.state()
-    pairs = [(f"{s.record.name}/{k}", s.tensors[k], t.tensors.get(k))
+    if ([s.record.name for s in x.tasks] != [t.record.name for t in y.tasks]
+            or any(sorted(s.tensors) != sorted(t.tensors) for s, t in zip(x.tasks, y.tasks))
+            or sorted(x.shared_tensors) != sorted(y.shared_tensors)):
+        raise SystemExit(f"{a} and {b} do not hold the same tasks and tensor names")
+    pairs = [(f"{s.record.name}/{k}", s.tensors[k], t.tensors[k])
              for s, t in zip(x.tasks, y.tasks) for k in s.tensors]
-    pairs += [(k, v, y.shared_tensors.get(k)) for k, v in x.shared_tensors.items()]
-    same_keys = ([s.record.name for s in x.tasks] == [t.record.name for t in y.tasks]
-                 and all(len(s.tensors) == len(t.tensors) for s, t in zip(x.tasks, y.tasks))
-                 and sorted(x.shared_tensors) == sorted(y.shared_tensors)
-                 and all(u is not None for _, _, u in pairs))
-    equal = same_keys and all(u.dtype == v.dtype and u.shape == v.shape and torch.equal(v, u)
-                              for _, v, u in pairs)
+    pairs += [(k, v, y.shared_tensors[k]) for k, v in x.shared_tensors.items()]
+    differing = [name for name, v, u in pairs
+                 if v.dtype != u.dtype or v.shape != u.shape or not torch.equal(v, u)]
     max_diff = max((float((v.double() - u.double()).abs().max()) for _, v, u in pairs
-                    if u is not None and u.shape == v.shape and v.numel()), default=0.0)
+                    if v.shape == u.shape and v.numel()), default=0.0)
     texts = [e.text for t in tasks for e in t.test[:check_texts]]
     given = [t.name for t in tasks for _ in t.test[:check_texts]]
-    predictions_equal = (one.predict(texts, task=given) == two.predict(texts, task=given)
-                         and one.predict(texts) == two.predict(texts))
-    return {"tensors": len(pairs), "tensors_equal": equal, "max_abs_diff": max_diff,
-            "predictions_equal": predictions_equal, "texts": 2 * len(texts)}
+    p1 = one.predict(texts, task=given) + one.predict(texts)
+    p2 = two.predict(texts, task=given) + two.predict(texts)
+    return {"tensors": len(pairs), "differing": differing, "max_abs_diff": max_diff,
+            "predictions_equal": p1 == p2,
+            "labels_equal": [(p.task, p.label) for p in p1] == [(p.task, p.label) for p in p2],
+            "texts": len(p1)}
 
 
 def stripped(report: dict) -> dict:
@@ -179,6 +185,53 @@ def stripped(report: dict) -> dict:
     return strip(report)
 
 
+def summarise(args, tasks, results: dict[str, list[dict]]) -> None:
+    """Compare the runs' models and reports, print the table."""
+    # The same threads per task as the workers' (1) is what a parallel run equals bit for
+    # bit; the 2-thread run shows what another thread count changes.
+    pairs = [("sequential-2t", "sequential-1t"), ("workers-2", "sequential-1t"),
+             ("workers-2-killed", "sequential-1t"), ("workers-2", "sequential-2t")]
+    rows = []
+    for kind, reference in pairs:
+        checks = []
+        for repeat in range(len(results[kind])):
+            here, there = args.out / f"{repeat}" / kind, args.out / f"{repeat}" / reference
+            check = compare(here / "run" / "model", there / "run" / "model", tasks,
+                            args.check_texts)
+            check["report_equal"] = stripped(json.loads((here / "run" / "report.json").read_text())) \
+                == stripped(json.loads((there / "run" / "report.json").read_text()))
+            checks.append(check)
+        rows.append((kind, reference, checks))
+    median = {kind: statistics.median(r["seconds"] for r in results[kind]) for kind in RUNS}
+    base1, base2 = median["sequential-1t"], median["sequential-2t"]
+    print(f"{'run':<18} {'wall s':>7} {'/ seq 1t':>9} {'/ seq 2t':>9} {'learning s':>11}")
+    for kind in RUNS:
+        learning = statistics.median(r["train_s"] for r in results[kind])
+        print(f"{kind:<18} {median[kind]:>7.1f} {median[kind] / base1:>8.2f}x "
+              f"{median[kind] / base2:>8.2f}x {learning:>11.1f}")
+    print()
+    for kind, reference, checks in rows:
+        first = checks[0]
+        same = all(not c["differing"] for c in checks)
+        differing = sorted({name.split("/")[-1] for c in checks for name in c["differing"]})
+        print(f"{kind} against {reference}: bit-identical {'yes' if same else 'no'} "
+              f"({max(len(c['differing']) for c in checks)} of {first['tensors']} tensors differ"
+              f"{' (' + ', '.join(differing) + ')' if differing else ''}; max abs diff "
+              f"{max(c['max_abs_diff'] for c in checks):.3g}); predictions "
+              f"{'equal' if all(c['predictions_equal'] for c in checks) else 'differ'} on "
+              f"{first['texts']} (labels and tasks "
+              f"{'equal' if all(c['labels_equal'] for c in checks) else 'differ'}); report "
+              f"{'equal' if all(c['report_equal'] for c in checks) else 'differs'} but for times")
+    for result in results["workers-2-killed"]:
+        victim = tasks[args.kill_task].name
+        entry = next(h for h in result["history"] if h["task"] == victim)
+        print(f"killed: the worker (pid {result['killed_pid']}) learning {victim!r} at step "
+              f"{args.kill_step}; learned again by pid {entry['pid']} (restarted by Ray: "
+              f"{entry['restarted']})")
+    pids = {h["pid"] for r in results["workers-2"] for h in r["history"]}
+    print(f"workers-2: tasks learned by {len(pids)} worker processes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/ray-workers"))
@@ -189,15 +242,19 @@ def main() -> None:
     parser.add_argument("--kill-task", type=int, default=3, help="index of the task whose worker is killed")
     parser.add_argument("--kill-step", type=int, default=10)
     parser.add_argument("--check-texts", type=int, default=40, help="test texts per task predicted")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only compare and print the runs already in --out")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.child_out, args)
-    if args.out.exists():
-        raise SystemExit(f"{args.out} exists; give a new --out")
     sys.path.insert(0, str(ROOT / "src"))
     tasks = stream(args.max_train, args.max_test)
+    if args.compare_only:
+        return summarise(args, tasks, json.loads((args.out / "results.json").read_text()))
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists; give a new --out")
     print(f"stream: {len(tasks)} tasks, {sum(len(t.train) for t in tasks)} training texts, "
           f"{sum(len(t.test) for t in tasks)} test texts; epochs {args.epochs}; "
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at the start")
@@ -208,40 +265,9 @@ def main() -> None:
             results[kind].append(result)
             print(f"round {repeat + 1} {kind}: {result['seconds']:.1f} s "
                   f"(learning {result['train_s']:.1f} s summed over tasks)", flush=True)
-        reference = args.out / f"{repeat}" / "sequential-2t"
-        for kind in ("sequential-1t", "workers-2", "workers-2-killed"):
-            result = results[kind][-1]
-            result["same"] = compare(args.out / f"{repeat}" / kind / "run" / "model",
-                                     reference / "run" / "model", tasks, args.check_texts)
-            result["same"]["report_equal"] = (stripped(result["report"]) == stripped(
-                results["sequential-2t"][-1]["report"]))
-    print()
-    median = {kind: statistics.median(r["seconds"] for r in results[kind]) for kind in RUNS}
-    base1, base2 = median["sequential-1t"], median["sequential-2t"]
-    print(f"{'run':<18} {'wall s':>8} {'/ seq 1t':>9} {'/ seq 2t':>9}  same model as sequential-2t")
-    for kind in RUNS:
-        same = ""
-        if kind != "sequential-2t":
-            checks = [r["same"] for r in results[kind]]
-            same = (f"{'yes' if all(c['tensors_equal'] for c in checks) else 'NO'} "
-                    f"({checks[0]['tensors']} tensors, max abs diff "
-                    f"{max(c['max_abs_diff'] for c in checks):.3g}; predictions "
-                    f"{'equal' if all(c['predictions_equal'] for c in checks) else 'DIFFER'} on "
-                    f"{checks[0]['texts']}; report "
-                    f"{'equal' if all(c['report_equal'] for c in checks) else 'DIFFERS'} but for times)")
-        print(f"{kind:<18} {median[kind]:>8.1f} {median[kind] / base1:>8.2f}x "
-              f"{median[kind] / base2:>8.2f}x  {same}")
-    for result in results["workers-2-killed"]:
-        victim = tasks[args.kill_task].name
-        entry = next(h for h in result["history"] if h["task"] == victim)
-        print(f"killed: the worker (pid {result['killed_pid']}) learning {victim!r} at step "
-              f"{args.kill_step}; learned again by pid {entry['pid']} (restarted by Ray: "
-              f"{entry['restarted']})")
-    pids = {h["pid"] for h in results["workers-2"][0]["history"]}
-    print(f"workers-2: tasks learned by {len(pids)} worker processes")
-    (args.out / "results.json").write_text(json.dumps(
-        {k: [{key: v for key, v in r.items() if key != "report"} for r in rs]
-         for k, rs in results.items()}, indent=1))
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"load average {os.getloadavg()[0]:.2f} at the end\n")
+    summarise(args, tasks, results)
 
 
 if __name__ == "__main__":

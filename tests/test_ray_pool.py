@@ -1,6 +1,7 @@
 """Parallel learning on a real local Ray cluster: the same model as the sequential run, bit for
 bit; a worker killed mid-task; resuming; refusals; the message when Ray is missing."""
 
+import contextlib
 import json
 import os
 import signal
@@ -79,10 +80,23 @@ def run_parallel(tiny_config, tasks, out, learn=learn_task, events=None, resume=
         return report, list(pool.history)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """A sequential run with the workers' one thread: the numbers a task's learning gives may
+    change with the thread count (the lexical branch's sums), never with the tasks around it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sequential(tiny_config, tasks, tmp_path_factory):
     out = tmp_path_factory.mktemp("sequential") / "run"
-    return out, run_stream(tasks, learner(tiny_config), out, None, CONFIG)
+    with one_thread():
+        return out, run_stream(tasks, learner(tiny_config), out, None, CONFIG)
 
 
 def stripped(report):
@@ -193,7 +207,7 @@ def test_a_parallel_run_continues_a_sequential_one(tiny_config, tasks, cluster, 
                                                    tmp_path):
     seq_out, seq_report = sequential
     out = tmp_path / "run"
-    with pytest.raises(Stop):
+    with pytest.raises(Stop), one_thread():
         run_stream(tasks, learner(tiny_config), out, StopAfter(0), CONFIG)
     report, history = run_parallel(tiny_config, tasks, out, resume=True)
     assert sorted(h["task"] for h in history) == ["meals", "mixed", "topics"]
@@ -260,7 +274,9 @@ def test_ctt_run_workers_gives_the_sequential_model(tiny_backbone_dir, toy_strea
     args = ["run", str(toy_stream), "--epochs", "1", "--batch-size", "8", "--backbone",
             str(tiny_backbone_dir), "--max-length", "32", "--device", "cpu"]
     runner = CliRunner()
-    sequential = runner.invoke(app, [*args, "--out", str(tmp_path / "seq")], catch_exceptions=False)
+    with one_thread():
+        sequential = runner.invoke(app, [*args, "--out", str(tmp_path / "seq")],
+                                   catch_exceptions=False)
     assert sequential.exit_code == 0, sequential.output
     parallel = runner.invoke(app, [*args, "--out", str(tmp_path / "par"), "--workers", "2"],
                              catch_exceptions=False)

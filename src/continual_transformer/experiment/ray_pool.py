@@ -10,7 +10,9 @@ where a sequential run learns them (`run_stream(pool=...)`), then evaluates and 
 run does. A task's learning depends only on the backbone, its data and its seed
 (`methods.base.task_seed`), never on the tasks before it, and the router's shared statistics
 are per-task sums added in stream order, so the model, the predictions and the report (but for
-times) are the sequential run's bit for bit, on workers of the same CPU kind and software.
+times) are the sequential run's bit for bit, when that run uses as many threads as a worker,
+on the same CPU kind and software. (The thread count changes float sums in the lexical
+branch's fit, so a run on more threads differs there by rounding.)
 
 A worker that dies while it learns (killed, out of memory) is restarted by Ray, which loads the
 backbone again and runs its tasks again (`RETRIES` times at most); the run ends with the same
