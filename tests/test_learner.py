@@ -167,6 +167,29 @@ def test_task_learned_on_a_separate_learner_imports_exactly(tiny_config, tasks):
         live.import_task(record, tensors)
 
 
+def test_take_out_leaves_the_learner_as_built_for_the_next_task(tiny_config, tasks):
+    """A worker learns task after task on one learner: each as a fresh learner learns it."""
+    worker = make(tiny_config)
+    worker.learn(tasks[0])
+    first = worker.take_out(tasks[0].name)
+    assert not worker.tasks and worker.model.adapter.entries() == []
+    assert worker.router.classifier.n_examples == 0 and not worker.router.classifier.gram_upper_.any()
+    worker.learn(tasks[1])
+    second = worker.take_out(tasks[1].name)
+    for task, (record, tensors, increment) in zip(tasks, (first, second)):
+        fresh = make(tiny_config)
+        fresh.learn(task)
+        assert record.name == task.name
+        assert tensors.keys() == fresh.task_tensors(task.name).keys()
+        assert all(torch.equal(v, fresh.task_tensors(task.name)[k]) for k, v in tensors.items())
+        assert torch.equal(increment["router.gram_upper"], fresh.shared_tensors()["router.gram_upper"])
+    live = make(tiny_config)
+    live.import_task(*first)
+    with pytest.raises(ValueError, match=r"take_out needs a learner that holds only task 'topics'; "
+                                         r"this one holds \['kinds'\]"):
+        live.take_out("topics")
+
+
 def test_failed_import_leaves_the_learner_as_it_was(tiny_config, tasks):
     live = make(tiny_config)
     live.learn(tasks[0])

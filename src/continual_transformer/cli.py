@@ -158,6 +158,9 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out; options not given take its saved values."),
     track: Optional[str] = typer.Option(None, "--track", help="Track the run in 'mlflow' or 'tensorboard' (optional extras)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI [default: ./mlruns, SQLite + files] or TensorBoard log folder [default: OUT/tensorboard]."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Learn the tasks in parallel on N Ray workers (extra: ray); the same model as without. ia3 only."),
+    worker_threads: Optional[int] = typer.Option(None, min=1, help="With --workers: CPU threads per worker [default: 1]."),
+    ray_address: Optional[str] = typer.Option(None, help="With --workers: the Ray cluster to join [default: a local one of N workers' CPUs]."),
 ):
     """Learn every task of a stream in order; write the model, report.json and a heatmap.
 
@@ -179,6 +182,7 @@ def run(
     from .io.runstate import read_config
     from .training.distributed import process_group
     from .training.loop import TrainingError
+    from .experiment.ray_pool import TaskLost
 
     try:
         # Joined for the whole command, left when it ends (also on an error).
@@ -216,6 +220,8 @@ def run(
                     if v is not None}
         if searched and method != "ia3":
             raise ValueError(f"--search applies to method 'ia3', not {method!r}")
+        if workers is None and (worker_threads is not None or ray_address is not None):
+            raise ValueError("--worker-threads and --ray-address apply with --workers")
         if method == "analytic":
             if overrides or adapt_layers is not None:
                 raise ValueError(f"method 'analytic' is not trained by gradient; "
@@ -245,7 +251,9 @@ def run(
                   **searched,
                   "max_train": max_train, "train": train.to_dict() if train else None,
                   "backbone": backbone, "max_length": max_length, "device": device,
-                  "save_every": save_every, "stream_summary": describe(tasks)}
+                  "save_every": save_every, "stream_summary": describe(tasks),
+                  **({"workers": workers, "worker_threads": worker_threads or 1,
+                      "ray_address": ray_address} if workers else {})}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
     tracker = _open_tracker(track, out.name, out, tracking_uri, run_config) if main else None
@@ -258,7 +266,14 @@ def run(
                 from .experiment.tracking import TrackedRun
 
                 events = TrackedRun(events, tracker)
-            if method == "joint":  # one training run over all tasks: nothing to resume between tasks
+            if workers:
+                from .experiment.ray_pool import run_stream_parallel
+
+                report = run_stream_parallel(tasks, learner, out, events, run_config,
+                                             workers=workers, address=ray_address,
+                                             threads=worker_threads or 1, resume=resume,
+                                             keep_versions=keep_versions)
+            elif method == "joint":  # one training run over all tasks: nothing to resume between tasks
                 if resume:
                     _fail("method 'joint' learns all tasks at once; a killed joint run is rerun, "
                           "not resumed")
@@ -267,7 +282,7 @@ def run(
                 report = run_stream(tasks, learner, out, events, run_config,
                                     save_every=save_every, resume=resume,
                                     keep_versions=keep_versions)
-    except TrainingError as exc:
+    except (TrainingError, TaskLost) as exc:
         kept = list(learner.tasks)
         _fail(f"{exc}. The model in {out / 'model'} keeps the {len(kept)} task(s) learned "
               f"before: {kept}")

@@ -235,11 +235,8 @@ class ContinualLearner:
         if record.name in self.tasks:
             raise ValueError(f"task {record.name!r} is already learned; delete it first")
         sums = self.method.sums_statistics
-        if not sums and (self.method.shares_state or self.method.shared_tensors(self.model)):
-            raise ValueError(
-                f"method {self.method.name!r} shares state between tasks; a task learned "
-                "elsewhere cannot be imported alone"
-            )
+        if not sums:
+            self._check_isolated()
         router_before = self.router.snapshot() if self.router is not None else None
         shared_before = ({k: v.clone() for k, v in self.method.shared_tensors(self.model).items()}
                          if sums else None)
@@ -258,6 +255,23 @@ class ContinualLearner:
             if shared_before is not None:
                 self.method.load_shared_tensors(self.model, shared_before)
             raise
+
+    def take_out(self, task: str) -> "LearnedTask":
+        """Remove `task`, the only task this learner holds, and return what `import_task`
+        takes to add it to another learner: its record, its tensors and what it added to the
+        shared statistics (here, all of them). The learner is left as it was built, so a
+        process that learns tasks for another (a server's learning job, a parallel run's
+        worker) loads its backbone once and learns the next task from the same start."""
+        if list(self.tasks) != [task]:
+            raise ValueError(f"take_out needs a learner that holds only task {task!r}; this one "
+                             f"holds {list(self.tasks)}")
+        self._check_isolated()
+        record, tensors = self.task_state(task)
+        increment = self.shared_tensors()
+        self.delete(task)
+        if self.router is not None:  # deleting keeps a task's examples in the shared statistics
+            self.router = Router(self.backbone.hidden_size, **self.router.hyperparameters())
+        return record, tensors, increment
 
     # -- the trunk ---------------------------------------------------------------------------
     def trunk_states(self, ids: Sequence[Sequence[int]], store: bool = True) -> TrunkStates:
@@ -604,6 +618,14 @@ class ContinualLearner:
         return (4 * adapter_parameters + self.method.head_number_bytes * head_parameters
                 + (8 * self.router.state_numbers()["per_class"] if self.router is not None else 0))
 
+    def _check_isolated(self) -> None:
+        """Tasks move between learners only for methods whose tasks own all they learn."""
+        if self.method.shares_state or self.method.shared_tensors(self.model):
+            raise ValueError(
+                f"method {self.method.name!r} shares state between tasks; a task learned "
+                "elsewhere cannot be imported alone"
+            )
+
     def _undo(self, task: str) -> None:
         """Take back a learn of `task` that did not finish: the method's state and the
         router's statistics of it, as before it began."""
@@ -646,6 +668,27 @@ class ContinualLearner:
             if name is not None:
                 self.require(name)
         return row_tasks
+
+
+# A task learned apart (`take_out`): its record, its tensors and its increment to the shared
+# statistics, as `import_task` takes them.
+LearnedTask = tuple[TaskRecord, dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def pack_learned(learned: LearnedTask) -> tuple[dict, bytes, bytes]:
+    """A task taken out of a learner as plain data and safetensors bytes: what crosses from the
+    process that learned it to the one that imports it (`unpack_learned`); nothing pickled."""
+    from safetensors.torch import save
+
+    record, tensors, increment = learned
+    return record.to_dict(), save(tensors), save(increment)
+
+
+def unpack_learned(packed: tuple[dict, bytes, bytes]) -> LearnedTask:
+    from safetensors.torch import load
+
+    record, tensors, increment = packed
+    return TaskRecord.from_dict(record), load(tensors), load(increment)
 
 
 def _check_backbone(saved: SavedModel, backbone: Backbone) -> None:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from ..config import DEFAULT_SAVE_EVERY
-from ..learner import ContinualLearner
+from ..learner import ContinualLearner, LearnedTask
 from ..model.memory import release_freed_memory
 from ..training import distributed
 from ..training.loop import Checkpointing, TrainState
@@ -50,6 +51,15 @@ class RunEvents:
         task starts afresh)."""
 
 
+class TaskPool(Protocol):
+    """Learns tasks in other processes (`experiment.ray_pool`): `submit` them all, then
+    `learned(name)` gives each, once done, as `ContinualLearner.import_task` takes it."""
+
+    def submit(self, tasks: list[Task]) -> None: ...
+
+    def learned(self, task: str) -> LearnedTask: ...
+
+
 def run_stream(
     tasks: list[Task],
     learner: ContinualLearner,
@@ -59,9 +69,14 @@ def run_stream(
     save_every: int = DEFAULT_SAVE_EVERY,
     resume: bool = False,
     keep_versions: int | None = None,
+    pool: TaskPool | None = None,
 ) -> dict | None:
     """Learn `tasks` in order on `learner`, evaluating after each; return (and write) the report
     (None on the processes of a data-parallel run but rank 0).
+
+    With `pool`, the tasks are learned there, concurrently, and each is imported in stream
+    order where the run would have learned it; all else (evaluation, saves, the report) is
+    the same, so for methods whose tasks own all they learn the model is the same bit for bit.
 
     With `out`, the model is saved after every task and the training state every `save_every`
     steps (0: only after tasks). A saved run found in `out` is continued (`resume=True`
@@ -103,6 +118,8 @@ def run_stream(
     evaluation.restore(len(state.completed),
                        state.completed[-1].get("routes") if state.completed else None)
     measure_before = state.reference is not None
+    if pool is not None:
+        pool.submit([t for t in tasks[len(state.completed):] if t.name not in learner.tasks])
     for i in range(len(state.completed), T):
         task = tasks[i]
         events.task_started(i, T, task)
@@ -119,9 +136,13 @@ def run_stream(
                 write()
             else:
                 before = current["before"]
-            resume_from = train_state if current is not None else None
-            checkpointing = Checkpointing(save_every if out is not None else 0, write, resume_from)
-            record = learner.learn(task, progress=events.train_step, checkpointing=checkpointing)
+            if pool is not None:  # a training state saved by a sequential session is not needed
+                learner.import_task(*pool.learned(task.name))
+                record = learner.tasks[task.name]
+            else:
+                resume_from = train_state if current is not None else None
+                checkpointing = Checkpointing(save_every if out is not None else 0, write, resume_from)
+                record = learner.learn(task, progress=events.train_step, checkpointing=checkpointing)
         train_state = None
         events.evaluation_started(i, tasks[: i + 1])
         eval_start = time.perf_counter()

@@ -36,10 +36,11 @@ STATE = "state.json"
 TRAIN_FILE = re.compile(r"^train-[A-Za-z0-9][A-Za-z0-9_-]{0,63}-[0-9a-f]{12}\.safetensors$")
 
 # Settings that change where or how often a run works, not what it learns; a run may be
-# continued with other values. `stream_summary` is derived from the tasks, which the
+# continued with other values (a parallel run's workers learn what a sequential run does). `stream_summary` is derived from the tasks, which the
 # identity's `tasks_sha256` compares exactly; so are the tasks that `data` (how the stream file
 # is read: format, columns, test fraction) reads, and runs saved before it existed continue.
-NOT_COMPARED = frozenset({"device", "stream", "data", "save_every", "stream_summary"})
+NOT_COMPARED = frozenset({"device", "stream", "data", "save_every", "stream_summary", "workers",
+                          "worker_threads", "ray_address"})
 
 
 @dataclass

@@ -30,6 +30,9 @@ class AnalyticMethod(Method):
     routes_itself = True
     shares_state = True
     sums_statistics = True
+    shares = ("one classifier over every task's labels: a task adds its examples to the shared "
+              "statistics batch by batch, after the tasks before it, and its record reports the "
+              "classifier solved over all of them")
     head_number_bytes = 8  # class sums and counts are float64
 
     # Defaults measured on the bundled stream (benchmarks/analytic_choices.py): LDA beats ridge,

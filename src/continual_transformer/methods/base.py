@@ -40,6 +40,8 @@ class Method:
     # True when the shared state is sums of statistics (`analytic`): a task learned elsewhere
     # joins by adding what it added to them (`add_shared_tensors`), exactly as learning it here.
     sums_statistics: ClassVar[bool] = False
+    # What a method that shares state shares, in words: why its tasks cannot be learned apart.
+    shares: ClassVar[str] = ""
     # True when the method learns all tasks at once (`learn_jointly`), never one by one.
     learns_jointly: ClassVar[bool] = False
     # Bytes per number of the state counted as the task's "head" (float32 weights by default).

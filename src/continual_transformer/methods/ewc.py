@@ -40,6 +40,8 @@ _COPY = "__ewc_row_{}"
 
 class EWCMethod(SharedAdapterMethod):
     name = "ewc"
+    shares = ("every task trains the one shared scale entry in turn, penalised towards where the "
+              "tasks before it left it (their Fisher information)")
 
     def __init__(self, train=None, adapt_layers=None, ewc_lambda: float = 1000.0, decay: float = 1.0,
                  fisher_examples: int = 512):

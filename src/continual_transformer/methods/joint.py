@@ -24,6 +24,7 @@ from .shared_adapter import SHARED, SharedAdapterMethod, rows_cross_entropy, sha
 class JointMethod(SharedAdapterMethod):
     name = "joint"
     learns_jointly = True
+    shares = "all tasks train the one shared scale entry at once"
 
     def learn_jointly(self, model, tasks: list[Task], states, progress) -> dict:
         if SHARED in model.adapter.entries() or list(model.heads.heads):

@@ -28,6 +28,8 @@ from .shared_adapter import SHARED, SharedAdapterMethod, shared_pooled
 
 class LwFMethod(SharedAdapterMethod):
     name = "lwf"
+    shares = ("every task trains the one shared scale entry in turn, distilled from the heads of "
+              "the tasks before it")
     trains_old_heads = True
 
     def __init__(self, train=None, adapt_layers=None, alpha: float = 1.0, temperature: float = 2.0):

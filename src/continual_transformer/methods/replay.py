@@ -83,6 +83,8 @@ class ReservoirBuffer:
 
 class ReplayMethod(SharedAdapterMethod):
     name = "replay"
+    shares = ("every task trains the one shared scale entry in turn, with texts replayed from the "
+              "tasks before it")
     trains_old_heads = True
 
     def __init__(self, train=None, adapt_layers=None, buffer_size: int = 1000, replay_batch_size: int = 32):

@@ -40,6 +40,7 @@ class SharedAdapterMethod(GradientMethod):
     """
 
     shares_state = True
+    shares = "every task trains the one shared scale entry in turn, from where the tasks before it left it"
     # Whether the heads of earlier tasks train too (methods whose loss reaches them).
     trains_old_heads = False
 

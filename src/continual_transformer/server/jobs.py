@@ -216,14 +216,11 @@ class JobRunner:
                 self._worker = None
 
     def _commit(self, job: Job, outcome: tuple) -> None:
-        from safetensors.torch import load as st_load
+        from ..learner import unpack_learned
 
-        from ..types import TaskRecord
-
-        record_dict, tensor_bytes, shared_bytes = outcome
-        record = TaskRecord.from_dict(record_dict)
+        record, tensors, increment = unpack_learned(outcome)
         try:
-            self.service.add_task(record, st_load(tensor_bytes), st_load(shared_bytes))
+            self.service.add_task(record, tensors, increment)
         except Exception as exc:  # the model is as it was (add_task undoes itself); say why
             log.exception("learning job %s: adding task %r failed", job.id, job.task)
             self._finish(job, "failed", f"the trained task could not be saved: {type(exc).__name__}: {exc}")
@@ -246,11 +243,10 @@ def learn_in_process(send: Send, spec: dict, task: "Task") -> tuple[dict, bytes,
     return its record, its tensors and the shared increment (safetensors bytes)."""
     os.nice(spec["nice"])
     import torch
-    from safetensors.torch import save as st_save
 
     from dataclasses import replace
 
-    from ..learner import ContinualLearner
+    from ..learner import ContinualLearner, pack_learned
     from ..model.backbone import Backbone, BackboneError
 
     torch.set_num_threads(spec["threads"])
@@ -265,12 +261,10 @@ def learn_in_process(send: Send, spec: dict, task: "Task") -> tuple[dict, bytes,
         hyperparameters = learner_spec.hyperparameters
         learner_spec = replace(learner_spec, hyperparameters={
             **hyperparameters, "train": {**hyperparameters["train"], "epochs": spec["epochs"]}})
-    # A fresh learner: its shared statistics (the router's) are exactly what this task adds.
     learner = ContinualLearner.from_spec(learner_spec, backbone=backbone)
     record = learner.learn(task, lambda step, total, loss: send("progress", step, total, loss))
     if spec["epochs"] is not None:
         record.stats["epochs"] = spec["epochs"]
     if task.test:
         record.stats["test_accuracy"] = learner.evaluate(task)
-    record, tensors = learner.task_state(task.name)
-    return record.to_dict(), st_save(tensors), st_save(learner.shared_tensors())
+    return pack_learned(learner.take_out(task.name))

@@ -1,0 +1,274 @@
+"""`ctt run --workers 2` against the sequential run, on a 12-task stream, in one invocation.
+
+    python benchmarks/ray_workers.py                           # about 10-15 min on 2 cores
+    python benchmarks/ray_workers.py --max-train 60 --max-test 20 --epochs 1   # a quick look
+
+The stream: the bundled five tasks split by label into 12 (`twelve_tasks`: each task's labels,
+sorted, in chunks of 3 + 2 for five labels and 2 + 2 + 2 for six; the same train and test
+texts), so a fresh clone rebuilds it; each task's training texts subsampled (stratified,
+`--max-train`, seed 0) and every k-th of its test texts kept (`--max-test`: the evaluation after
+each task, serial work the same in every run, stays small beside the learning measured).
+Method `ia3` with its defaults (lexical branch included), seed 0.
+
+Runs, each in a fresh process, one after another:
+
+- `sequential-1t`: `run_stream` with one torch thread;
+- `sequential-2t`: with two threads (what `ctt run` uses on 2 cores);
+- `workers-2`: two Ray workers of one thread each (a local cluster; its start and the workers'
+  backbone loads are in the time);
+- `workers-2-killed`: the same, with the worker learning task `--kill-task` killed (SIGKILL)
+  at training step `--kill-step` of its first attempt; Ray restarts it and the task is
+  learned again.
+
+For each run it prints the wall time (learner built, stream learned, evaluated after every
+task, saved, report written), its ratio to the sequential runs' and the learning seconds summed
+over tasks. Then, for the parallel runs against `sequential-1t` (the same one thread per task
+as the workers), for `sequential-2t` against `sequential-1t` (what the thread count changes)
+and for `workers-2` against `sequential-2t`: whether the models are the same bit for bit (every
+tensor of the two checkpoints; how many differ, which, and the largest absolute difference),
+predictions (task given and routed, on `--check-texts` test texts per task; all fields, and
+labels and tasks alone) and the report but for times. `--repeats N` runs the four N times and
+prints medians; `--compare-only` compares the runs already in `--out` again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("sequential-1t", "sequential-2t", "workers-2", "workers-2-killed")
+
+
+def twelve_tasks(tasks):
+    """The bundled five tasks split by label into 12 (see the module's text)."""
+    from continual_transformer.types import Task
+
+    out = []
+    for task in tasks:
+        labels = sorted(task.labels)
+        sizes = {5: (3, 2), 6: (2, 2, 2)}[len(labels)]
+        start = 0
+        for k, size in enumerate(sizes, start=1):
+            chunk = tuple(labels[start : start + size])
+            start += size
+            out.append(Task(f"{task.name}_{k}", chunk,
+                            tuple(e for e in task.train if e.label in chunk),
+                            tuple(e for e in task.test if e.label in chunk)))
+    return out
+
+
+def stream(max_train: int | None, max_test: int | None):
+    from dataclasses import replace
+
+    from continual_transformer import default_stream_path, load_stream
+
+    tasks = twelve_tasks(load_stream(default_stream_path()))
+    if max_train:
+        tasks = [t.subsample_train(max_train, 0) for t in tasks]
+    if max_test:  # every k-th test text: the labels' mix kept, the evaluation's cost bounded
+        tasks = [replace(t, test=t.test[:: -(-len(t.test) // max_test)]) for t in tasks]
+    return tasks
+
+
+def kill_once(learner, task, *, victim: str, at_step: int, marker: str):
+    """A worker's learning of one task; on the first attempt at `victim`, its process is
+    killed with SIGKILL at training step `at_step` (the marker file records the pid)."""
+
+    def progress(step, total, loss):
+        if task.name == victim and step == at_step and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return learner.learn(task, progress)
+
+
+def child(kind: str, out: Path, args) -> None:
+    """One run, in this (fresh) process; writes out/timing.json."""
+    started = time.perf_counter()
+    import torch
+
+    from continual_transformer import ContinualLearner, TrainConfig, run_stream
+
+    torch.set_num_threads(1 if kind == "sequential-1t" else 2)
+    tasks = stream(args.max_train, args.max_test)
+    config = {"seed": 0, "epochs": args.epochs, "max_train": args.max_train,
+              "max_test": args.max_test,
+              "stream": "bundled five split into 12"}
+    torch.manual_seed(0)
+    learner = ContinualLearner(train=TrainConfig(epochs=args.epochs), device="cpu")
+    history = []
+    if kind.startswith("workers"):
+        from continual_transformer.experiment.ray_pool import RayTaskPool, learn_task
+
+        learn = learn_task
+        if kind == "workers-2-killed":
+            learn = partial(kill_once, victim=tasks[args.kill_task].name, at_step=args.kill_step,
+                            marker=str(out / "killed"))
+        with RayTaskPool(learner, 2, threads=1, learn=learn) as pool:
+            run_stream(tasks, learner, out / "run", None, config, pool=pool)
+            history = pool.history
+    else:
+        run_stream(tasks, learner, out / "run", None, config)
+    seconds = time.perf_counter() - started
+    (out / "timing.json").write_text(json.dumps({"seconds": seconds, "history": history}))
+
+
+def run_child(kind: str, out: Path, args) -> dict:
+    command = [sys.executable, __file__, "--child", kind, "--child-out", str(out),
+               "--epochs", str(args.epochs), "--kill-task", str(args.kill_task),
+               "--kill-step", str(args.kill_step)]
+    for option in ("max_train", "max_test"):
+        if getattr(args, option):
+            command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out.mkdir(parents=True)
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stdout[-4000:]}")
+    timing = json.loads((out / "timing.json").read_text())
+    report = json.loads((out / "run" / "report.json").read_text())
+    return {"seconds": timing["seconds"], "history": timing["history"],
+            "train_s": sum(e["train_seconds"] for e in report["per_task"]),
+            "killed_pid": int((out / "killed").read_text()) if (out / "killed").exists() else None}
+
+
+def compare(a: Path, b: Path, tasks, check_texts: int) -> dict:
+    """Every tensor of the two checkpoints, and predictions of a sample of test texts."""
+    import torch
+
+    from continual_transformer import ContinualLearner
+
+    one, two = ContinualLearner.load(a, device="cpu"), ContinualLearner.load(b, device="cpu")
+    x, y = one.state(), two.state()
+    if ([s.record.name for s in x.tasks] != [t.record.name for t in y.tasks]
+            or any(sorted(s.tensors) != sorted(t.tensors) for s, t in zip(x.tasks, y.tasks))
+            or sorted(x.shared_tensors) != sorted(y.shared_tensors)):
+        raise SystemExit(f"{a} and {b} do not hold the same tasks and tensor names")
+    pairs = [(f"{s.record.name}/{k}", s.tensors[k], t.tensors[k])
+             for s, t in zip(x.tasks, y.tasks) for k in s.tensors]
+    pairs += [(k, v, y.shared_tensors[k]) for k, v in x.shared_tensors.items()]
+    differing = [name for name, v, u in pairs
+                 if v.dtype != u.dtype or v.shape != u.shape or not torch.equal(v, u)]
+    max_diff = max((float((v.double() - u.double()).abs().max()) for _, v, u in pairs
+                    if v.shape == u.shape and v.numel()), default=0.0)
+    texts = [e.text for t in tasks for e in t.test[:check_texts]]
+    given = [t.name for t in tasks for _ in t.test[:check_texts]]
+    p1 = one.predict(texts, task=given) + one.predict(texts)
+    p2 = two.predict(texts, task=given) + two.predict(texts)
+    return {"tensors": len(pairs), "differing": differing, "max_abs_diff": max_diff,
+            "predictions_equal": p1 == p2,
+            "labels_equal": [(p.task, p.label) for p in p1] == [(p.task, p.label) for p in p2],
+            "texts": len(p1)}
+
+
+def stripped(report: dict) -> dict:
+    from continual_transformer.experiment.report import TIMING_FIELDS
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in TIMING_FIELDS}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(report)
+
+
+def summarise(args, tasks, results: dict[str, list[dict]]) -> None:
+    """Compare the runs' models and reports, print the table."""
+    # The same threads per task as the workers' (1) is what a parallel run equals bit for
+    # bit; the 2-thread run shows what another thread count changes.
+    pairs = [("sequential-2t", "sequential-1t"), ("workers-2", "sequential-1t"),
+             ("workers-2-killed", "sequential-1t"), ("workers-2", "sequential-2t")]
+    rows = []
+    for kind, reference in pairs:
+        checks = []
+        for repeat in range(len(results[kind])):
+            here, there = args.out / f"{repeat}" / kind, args.out / f"{repeat}" / reference
+            check = compare(here / "run" / "model", there / "run" / "model", tasks,
+                            args.check_texts)
+            check["report_equal"] = stripped(json.loads((here / "run" / "report.json").read_text())) \
+                == stripped(json.loads((there / "run" / "report.json").read_text()))
+            checks.append(check)
+        rows.append((kind, reference, checks))
+    median = {kind: statistics.median(r["seconds"] for r in results[kind]) for kind in RUNS}
+    base1, base2 = median["sequential-1t"], median["sequential-2t"]
+    print(f"{'run':<18} {'wall s':>7} {'/ seq 1t':>9} {'/ seq 2t':>9} {'learning s':>11}")
+    for kind in RUNS:
+        learning = statistics.median(r["train_s"] for r in results[kind])
+        print(f"{kind:<18} {median[kind]:>7.1f} {median[kind] / base1:>8.2f}x "
+              f"{median[kind] / base2:>8.2f}x {learning:>11.1f}")
+    print()
+    for kind, reference, checks in rows:
+        first = checks[0]
+        same = all(not c["differing"] for c in checks)
+        differing = sorted({name.split("/")[-1] for c in checks for name in c["differing"]})
+        print(f"{kind} against {reference}: bit-identical {'yes' if same else 'no'} "
+              f"({max(len(c['differing']) for c in checks)} of {first['tensors']} tensors differ"
+              f"{' (' + ', '.join(differing) + ')' if differing else ''}; max abs diff "
+              f"{max(c['max_abs_diff'] for c in checks):.3g}); predictions "
+              f"{'equal' if all(c['predictions_equal'] for c in checks) else 'differ'} on "
+              f"{first['texts']} (labels and tasks "
+              f"{'equal' if all(c['labels_equal'] for c in checks) else 'differ'}); report "
+              f"{'equal' if all(c['report_equal'] for c in checks) else 'differs'} but for times")
+    for result in results["workers-2-killed"]:
+        victim = tasks[args.kill_task].name
+        entry = next(h for h in result["history"] if h["task"] == victim)
+        print(f"killed: the worker (pid {result['killed_pid']}) learning {victim!r} at step "
+              f"{args.kill_step}; learned again by pid {entry['pid']} (restarted by Ray: "
+              f"{entry['restarted']})")
+    pids = {h["pid"] for r in results["workers-2"] for h in r["history"]}
+    print(f"workers-2: tasks learned by {len(pids)} worker processes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/ray-workers"))
+    parser.add_argument("--max-train", type=int, default=240, help="training texts per task at most")
+    parser.add_argument("--max-test", type=int, default=80, help="test texts per task at most")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--kill-task", type=int, default=3, help="index of the task whose worker is killed")
+    parser.add_argument("--kill-step", type=int, default=10)
+    parser.add_argument("--check-texts", type=int, default=40, help="test texts per task predicted")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only compare and print the runs already in --out")
+    parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.child_out, args)
+    sys.path.insert(0, str(ROOT / "src"))
+    tasks = stream(args.max_train, args.max_test)
+    if args.compare_only:
+        return summarise(args, tasks, json.loads((args.out / "results.json").read_text()))
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists; give a new --out")
+    print(f"stream: {len(tasks)} tasks, {sum(len(t.train) for t in tasks)} training texts, "
+          f"{sum(len(t.test) for t in tasks)} test texts; epochs {args.epochs}; "
+          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at the start")
+    results: dict[str, list[dict]] = {kind: [] for kind in RUNS}
+    for repeat in range(args.repeats):
+        for kind in RUNS:
+            result = run_child(kind, args.out / f"{repeat}" / kind, args)
+            results[kind].append(result)
+            print(f"round {repeat + 1} {kind}: {result['seconds']:.1f} s "
+                  f"(learning {result['train_s']:.1f} s summed over tasks)", flush=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"load average {os.getloadavg()[0]:.2f} at the end\n")
+    summarise(args, tasks, results)
+
+
+if __name__ == "__main__":
+    main()
