@@ -103,7 +103,9 @@ def test_a_solved_router_is_saved_and_loaded_instead_of_solved_again(ia3, tasks,
     texts = [e.text for t in tasks for e in t.test]
     before = ia3.predict(texts)  # routes: the router is solved
     solved = ia3.router.classifier.solution()
-    ia3.save(tmp_path / "m")
+    ia3.save(tmp_path / "plain")  # a run's save: statistics only
+    assert not ContinualLearner.load(tmp_path / "plain", device="cpu").router.classifier.solved
+    ia3.save(tmp_path / "m", router_solution=True)  # a server's save
     loaded = ContinualLearner.load(tmp_path / "m", device="cpu")
     assert loaded.router.classifier.solved  # before any prediction
     assert all(torch.equal(a, b) for a, b in zip(loaded.router.classifier.solution(), solved))
@@ -119,7 +121,7 @@ def test_a_solved_router_is_saved_and_loaded_instead_of_solved_again(ia3, tasks,
         tensors = {k: file.get_tensor(k) for k in file.keys()}
     assert sorted(tensors) == ["router.gram_upper", "router.solution.alpha",
                                "router.solution.coef", "router.solution.intercept"]
-    saved = loaded.state()
+    saved = loaded.state(router_solution=True)
     saved.shared_tensors["router.solution.coef"] = saved.shared_tensors["router.solution.coef"][:, :1]
     with pytest.raises(CheckpointError, match="solution 'coef' is .* expected \\(256, 2\\) float64 for 2 classes"):
         ContinualLearner.from_state(saved, "cpu")

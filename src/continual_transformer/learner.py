@@ -512,15 +512,16 @@ class ContinualLearner:
             hyperparameters=self.method.hyperparameters(),
             router=self.router.hyperparameters() if self.router is not None else None)
 
-    def state(self) -> SavedModel:
-        """Everything learned, as plain data (the checkpoint format writes it)."""
+    def state(self, router_solution: bool = False) -> SavedModel:
+        """Everything learned, as plain data (the checkpoint format writes it); with
+        `router_solution`, also the solved router (see `_router_solution`)."""
         return SavedModel(
             backbone={**self.backbone.ref.to_dict(), "config": self.backbone.config.to_dict(),
                       "parameters": self.backbone_parameters},
             method={"name": self.method.name, "hyperparameters": self.method.hyperparameters()},
             router=self.router.hyperparameters() if self.router is not None else None,
             tasks=[SavedTask(record, self.task_tensors(name)) for name, record in self.tasks.items()],
-            shared_tensors={**self.shared_tensors(), **self._router_solution()},
+            shared_tensors={**self.shared_tensors(), **(self._router_solution() if router_solution else {})},
             shared_json=self.method.shared_json(self.model),
         )
 
@@ -560,10 +561,13 @@ class ContinualLearner:
         self._install(saved)
 
     def _router_solution(self) -> dict[str, torch.Tensor]:
-        """The solved router, when it is solved already, saved so that a loaded model (a
-        reader replica, a restart) need not solve it again. Its columns follow the router's
-        task order, which is the saved tasks' order, so a load gives it back exactly; if they
-        ever differ it is left out (and the loaded model solves it itself)."""
+        """The solved router (solved now if need be), saved so that a loaded model (a reader
+        replica, a restart) need not solve it again and routes exactly as the saver does. It is
+        derived data, and its last bits depend on the solving process's thread count, so only
+        a server saves it (its replicas must agree with it); `ctt run` leaves it out, so that a
+        run's files depend only on what it learned. Its columns follow the router's task order,
+        which is the saved tasks' order; if they ever differ it is left out (and the loaded
+        model solves it itself)."""
         if self.router is None or self.router.tasks != list(self.tasks):
             return {}
         return self.router.solution_tensors()
@@ -592,11 +596,12 @@ class ContinualLearner:
         except ValueError as exc:
             raise CheckpointError(f"{saved.where(saved.files.get('shared'))}: {exc}") from None
 
-    def save(self, directory: str | Path, keep_versions: int | None = None) -> Path:
+    def save(self, directory: str | Path, keep_versions: int | None = None, *,
+             router_solution: bool = False) -> Path:
         """Write the model to `directory` (see `io/checkpoint.py`) as a new version; old
         versions' files stay, or, with `keep_versions`, only the newest that many versions
-        (`io/versions.prune`)."""
-        written = checkpoint.write(Path(directory), self.state())
+        (`io/versions.prune`). `router_solution`: save the solved router too (`state`)."""
+        written = checkpoint.write(Path(directory), self.state(router_solution))
         if keep_versions is not None:
             from .io.versions import prune
 

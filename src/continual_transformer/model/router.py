@@ -70,10 +70,9 @@ class Router:
             self.classifier.solution()
 
     def solution_tensors(self) -> dict[str, torch.Tensor]:
-        """The solved router, to save beside its statistics: a model loaded with it routes at
-        once and exactly as the one that saved it. Empty unless it is solved already (it is
-        once the router has routed, or after `prepare`): saving never pays for a solve."""
-        if len(self.classifier.classes_) < 2 or not self.classifier.solved:
+        """The solved router (solved now if need be), to save beside its statistics: a model
+        loaded with it routes at once and exactly as the one that saved it."""
+        if len(self.classifier.classes_) < 2:
             return {}
         return {SOLUTION + k: v for k, v in self.classifier.solution_state().items()}
 

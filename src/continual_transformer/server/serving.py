@@ -120,6 +120,7 @@ class ModelService:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        self._prepare(self.learner)  # the first routed request does not pay for the solve
         self._thread.start()
         if self.follow_interval_s is not None:
             self._follower.start()
@@ -319,8 +320,8 @@ class ModelService:
             with self._model_lock:  # new entries, plus one addition to the router's statistics
                 self.learner.import_task(record, tensors, shared_increment)
             try:
-                self._prepare(self.learner)  # saved with the model: readers need not solve it
-                self.learner.save(self.model_dir, self.keep_versions)
+                self._prepare(self.learner)  # outside the model lock; saved for the readers
+                self.learner.save(self.model_dir, self.keep_versions, router_solution=True)
             except BaseException as exc:
                 with self._model_lock:
                     self.learner.delete(record.name)
@@ -340,8 +341,8 @@ class ModelService:
             with self._model_lock:
                 self.learner.delete(name)
             try:
-                self._prepare(self.learner)
-                self.learner.save(self.model_dir, self.keep_versions)
+                self._prepare(self.learner)  # outside the model lock; saved for the readers
+                self.learner.save(self.model_dir, self.keep_versions, router_solution=True)
             except BaseException:
                 with self._model_lock:
                     self.learner.import_task(record, tensors)
