@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-federated"))
     parser.add_argument("--faults-only", action="store_true",
                         help="only part 3, on the shards part 1 wrote to --out before")
+    parser.add_argument("--analytic-only", action="store_true", help="only part 2")
     args = parser.parse_args()
     if args.faults_only:
         return faults(args, default_stream_path())
@@ -59,6 +60,8 @@ def main() -> None:
     task = {t.name: t for t in load_tasks(stream)}[args.task]
     union = task.subsample_train(args.max_train, 0)
     backbone = BackboneConfig("default")
+    if args.analytic_only:
+        return analytic(args, stream, task, union, backbone)
 
     # -- 1. ia3 ----------------------------------------------------------------------------
     config = FederatedConfig(task=args.task, rounds=args.rounds, epochs=args.epochs, min_clients=2)
@@ -90,7 +93,12 @@ def main() -> None:
           f"(difference {100 * (final - central_accuracy):+.2f} points); within 2 points after "
           f"round {needed}; federated run {fed_seconds:.1f} s")
 
-    # -- 2. analytic -------------------------------------------------------------------------
+    analytic(args, stream, task, union, backbone)
+    faults(args, stream)
+
+
+def analytic(args, stream, task, union, backbone) -> None:
+    """Part 2: analytic in one round against centralised, statistics, logits, probabilities."""
     config = FederatedConfig(task=args.task, method="analytic", min_clients=2)
     simulate_stream(stream, config, args.clients, args.out / "analytic", alpha=args.alpha,
                     union_max_train=args.max_train)
@@ -107,10 +115,11 @@ def main() -> None:
            [p.label for p in central.predict(texts, task=args.task, precision="fp32")]
     print(f"\n== analytic, one round, {args.clients} clients: largest difference from centralised: "
           f"class statistics {stats:.3g}, Gram matrix {gram:.3g}, logits on {len(texts)} test texts "
-          f"{float((ours - reference).abs().max()):.3g}; identical labels: {same}; accuracy "
+          f"{float((ours - reference).abs().max()):.3g} (relative to the largest logit "
+          f"{float((ours - reference).abs().max() / reference.abs().max()):.3g}), predicted "
+          f"probabilities {float((ours.softmax(-1) - reference.softmax(-1)).abs().max()):.3g}; "
+          f"identical labels: {same}; accuracy "
           f"{100 * federated.evaluate(task):.2f} % (centralised {100 * central.evaluate(task):.2f} %)")
-
-    faults(args, stream)
 
 
 def faults(args, stream) -> None:
