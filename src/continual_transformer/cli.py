@@ -148,6 +148,7 @@ def run(
     lexical: Optional[bool] = typer.Option(None, "--lexical/--no-lexical", help="ia3: learn a lexical branch per task, weighed on a validation split held out from training [default: on]."),
     search: Optional[int] = typer.Option(None, help="ia3: per task, an Optuna study of N trials over rates, epochs and adapted layers, scored on the validation split (extra: search) [default: off]."),
     search_budget: Optional[float] = typer.Option(None, help="ia3 with --search: stop a task's study after this many seconds [default: 4x its first trial, which runs the defaults]."),
+    pool_size: Optional[int] = typer.Option(None, min=1, help="ia3: tasks share at most P scale entries; a full pool reuses or merges (docs/pool.md) [default: one entry per task]."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same numbers [default: 0]."),
     backbone: Optional[str] = typer.Option(None, help="'default' (MiniLM-L6), a model folder or a hub id [default: default]."),
@@ -218,6 +219,9 @@ def run(
         searched = {k: v for k, v in {"search": given(search, "search", None),
                                       "search_budget": given(search_budget, "search_budget", None)}.items()
                     if v is not None}
+        pooled = {"pool_size": p} if (p := given(pool_size, "pool_size", None)) is not None else {}
+        if pooled and method != "ia3":
+            raise ValueError(f"--pool-size applies to method 'ia3', not {method!r}")
         if searched and method != "ia3":
             raise ValueError(f"--search applies to method 'ia3', not {method!r}")
         if workers is None and (worker_threads is not None or ray_address is not None):
@@ -233,7 +237,7 @@ def run(
             train = TrainConfig.from_dict({**(saved.get("train") or {}), **overrides, "seed": seed})
             spec = LearnerSpec(config, method, {"train": train.to_dict(), "adapt_layers": adapt_layers,
                                                 **({"lexical": lexical} if lexical is not None else {}),
-                                                **searched})
+                                                **searched, **pooled})
         learner = ContinualLearner.from_spec(spec, device=device)
     except _user_errors() as exc:
         _fail(str(exc))
@@ -248,7 +252,7 @@ def run(
                   "method": method, "seed": seed,
                   "adapt_layers": adapt_layers,
                   **({"lexical": lexical} if lexical is not None else {}),  # runs saved before it resume
-                  **searched,
+                  **searched, **pooled,
                   "max_train": max_train, "train": train.to_dict() if train else None,
                   "backbone": backbone, "max_length": max_length, "device": device,
                   "save_every": save_every, "stream_summary": describe(tasks),
@@ -325,6 +329,21 @@ def _percent(value: float | None, spec: str = "{:.2f}") -> str:
     return "n/a" if value is None else spec.format(100 * value)
 
 
+def _print_pool(rows: list[dict]) -> None:
+    table = Table(title="pool: each task's entry and what it cost earlier tasks (docs/pool.md)",
+                  title_justify="left")
+    for column in ("task", "entry", "decision", "start", "TransRate gain", "LEEP gain",
+                   "entries", "scale numbers", "worst old-task change (points)"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        gain, leep = r["transrate_gain"], r["leep_gain"]
+        table.add_row(r["task"], r["entry"], r["decision"], r["start"] or "-",
+                      "-" if gain is None else f"{gain:+.3f}", "-" if leep is None else f"{leep:+.3f}",
+                      str(r["entries"]), f"{r['scale_numbers']:,}",
+                      f"{100 * r['worst_old_change']:+.2f}")
+    console.print(table)
+
+
 def _print_summary(report: dict, out: Path) -> None:
     m = report["metrics"]
     names = report["tasks"]
@@ -349,6 +368,8 @@ def _print_summary(report: dict, out: Path) -> None:
     for name, row in zip(names, report["routing"]["confusion"]):
         confusion.add_row(name, *[str(v) for v in row])
     console.print(confusion)
+    if report.get("pool"):
+        _print_pool(report["pool"])
     compared = report.get("precision")
     if compared and compared["prediction"] != "fp32":
         used = compared["prediction"]
@@ -572,8 +593,10 @@ def tasks(model: Path = typer.Argument(..., help="Model directory.")):
         _fail(str(exc))
     table = Table(title=f"{model}: method {manifest['method']['name']}, backbone {manifest['backbone']['name']}")
     searched = any("search" in (t.get("stats") or {}) for t in manifest["tasks"])
-    columns = ("task", "labels", "scale params", "head params", "lexical mix",
-               *(["searched choice"] if searched else []), "bytes", "learned at")
+    pooled = any("pool" in (t.get("stats") or {}) for t in manifest["tasks"])
+    columns = ("task", "labels", *(["pool entry"] if pooled else []), "scale params",
+               "head params", "lexical mix", *(["searched choice"] if searched else []),
+               "bytes", "learned at")
     for column in columns:
         table.add_column(column)
     for t in manifest["tasks"]:
@@ -581,10 +604,16 @@ def tasks(model: Path = typer.Argument(..., help="Model directory.")):
         lexical = stats.get("lexical")
         mix = "-" if not lexical else f"{lexical['mix']:g}"
         choice = [_search_choice(stats.get("search"))] if searched else []
-        table.add_row(t["name"], ", ".join(t["labels"]), f"{t['adapter_parameters']:,}",
+        pool = [_pool_entry(stats["pool"]) if "pool" in stats else "-"] if pooled else []
+        table.add_row(t["name"], ", ".join(t["labels"]), *pool, f"{t['adapter_parameters']:,}",
                       f"{t['head_parameters']:,}", mix, *choice, f"{t['bytes_added']:,}",
                       t["learned_at"])
     console.print(table)
+
+
+def _pool_entry(pool: dict) -> str:
+    """A task's pool entry and how it got it: "entry1 (merge)"."""
+    return f"{pool['entry']} ({pool['decision']})"
 
 
 @app.command()

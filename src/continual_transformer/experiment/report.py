@@ -19,6 +19,7 @@ from ..io.runstate import RunState
 from ..learner import ContinualLearner
 from ..model.backbone import Backbone
 from . import metrics
+from .pool_report import pool_summary
 
 # Report fields that measure time or memory: they differ between any two runs.
 TIMING_FIELDS = frozenset({"train_seconds", "eval_seconds", "peak_rss_mb", "task_peak_rss_mb", "total_seconds",
@@ -110,6 +111,8 @@ def stream_report(state: RunState, learner: ContinualLearner, names: list[str], 
         "fwt_reference": reference_text,
         "reference_accuracy": None if reference is None else [float(v) for v in reference],
         "per_task": [done["entry"] for done in state.completed],
+        **({"pool": pool} if (pool := pool_summary([d["entry"] for d in state.completed], R, names))
+           else {}),
         **_model_fields(learner),
         "config": state.config,
         "versions": library_versions(),

@@ -10,6 +10,7 @@ from .finetune import FinetuneMethod
 from .ia3 import IA3Method
 from .joint import JointMethod
 from .lwf import LwFMethod
+from .pool import PooledIA3Method
 from .replay import ReplayMethod
 
 METHODS: dict[str, type[Method]] = {
@@ -30,6 +31,10 @@ def make_method(name: str, hyperparameters: dict | None = None) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     cls = METHODS[name]
     hyperparameters = dict(hyperparameters or {})
+    if name == "ia3" and hyperparameters.get("pool_size") is not None:
+        cls = PooledIA3Method  # the same method with a bounded pool of entries (methods/pool.py)
+    elif hyperparameters.get("pool_size", 0) is None:
+        del hyperparameters["pool_size"]  # unset: one entry per task, as without the option
     if "train" in hyperparameters:
         if not issubclass(cls, GradientMethod):
             raise ValueError(f"method {name!r} is not trained by gradient; training options do not apply")

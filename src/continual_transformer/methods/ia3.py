@@ -158,7 +158,7 @@ class IA3Method(GradientMethod):
         are (with the training passes' attention kernels: equal up to rounding)."""
         out = torch.empty(len(states), model.heads.heads[task].out_features)
         for rows in length_batches(states.lengths, max_tokens=model.pass_tokens):
-            pooled = model.top_pooled(states.batch(rows), [task] * len(rows))
+            pooled = model.top_pooled(states.batch(rows), [self.adapter_key(task)] * len(rows))
             out[rows] = torch.stack(self.head_logits(model, pooled, [task] * len(rows))).float().cpu()
         return out
 

@@ -122,8 +122,9 @@ class JobRunner:
                 # A task is learned apart and imported alone; these methods' tasks change
                 # state that every task shares, so a task cannot be added that way.
                 raise JobRejected(409, f"this model's method {method.name!r} shares state between "
-                                       "tasks; the server learns new tasks only for methods whose "
-                                       "tasks own their state (ia3). Learn it with `ctt run`")
+                                       f"tasks ({method.shares}); the server learns new tasks only "
+                                       "for methods whose tasks own their state (ia3 without a "
+                                       "pool). Learn it with `ctt run`")
             if task.name in self.service.task_names():
                 raise JobRejected(409, f"task {task.name!r} is already learned; delete it first")
             active = [j for j in self._jobs.values() if j.state in ("queued", "running")]

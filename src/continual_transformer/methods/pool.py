@@ -1,0 +1,282 @@
+"""`ia3` with a bounded pool of scale entries (`pool_size`): at most P entries, shared by tasks.
+
+Each task keeps its own head (and lexical branch) and records the entry its rows use. Before a
+task is learned every entry is scored on its training texts, with no training
+(methods/transfer.py): TransRate of the entry's pooled top-layer features, relative to
+TransRate of the plain backbone's (an entry of all ones): `gain = TrR(entry) / TrR(ones) - 1`.
+The best entry is the one with the highest TransRate; LEEP of its tasks' heads is reported.
+
+The rule, with `best` the best entry and `gain` its gain:
+- the pool has room: a new entry, started from `best` when `gain > transfer_margin`, else
+  from all ones; it and the head are trained ("new");
+- the pool is full and `gain > reuse_margin`: the task reads `best` as it is and trains its
+  head only ("reuse"); no old task's model changes;
+- the pool is full otherwise: a new entry is trained from all ones, then merged into `best` by
+  distillation on the task's texts (methods/merge.py) ("merge"). If afterwards an old task's
+  head agrees with its former predictions on fewer than `merge_agreement` of those texts, the
+  merge is undone and the task reuses `best` instead ("merge refused: reuse").
+
+A merge changes what old tasks read: with a pool, BWT is measured, not zero by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..types import Task
+from . import merge
+from ..model.lexical import LexicalBranch
+from .ia3 import ADAPTER, HEAD, IA3Method, load_head
+from .transfer import heads_probs, label_entropy, leep, pooled_features, transrate
+
+POOL = "pool."  # shared tensors: "pool.<entry>.<layer key>"
+MERGING = "merging"  # the entry a task trains before it is merged (never saved)
+DEFAULT_TRANSFER_MARGIN = 0.0
+DEFAULT_REUSE_MARGIN = 0.05
+DEFAULT_MERGE_AGREEMENT = 0.9
+
+
+@dataclass
+class _Before:
+    """What a task's `learn` may change, as it was: put back if the learn fails."""
+
+    task: str
+    added: list[str] = field(default_factory=list)  # entries the learn created
+    merged: tuple[str, dict[str, torch.Tensor]] | None = None  # an old entry and its tensors
+
+
+class PooledIA3Method(IA3Method):
+    """`ia3` whose tasks share at most `pool_size` scale entries (see the module's rule)."""
+
+    shares_state = True
+
+    def __init__(self, train=None, adapt_layers=None, lexical: bool = True, search: int = 0,
+                 search_budget=None, *, pool_size: int,
+                 transfer_margin: float = DEFAULT_TRANSFER_MARGIN,
+                 reuse_margin: float = DEFAULT_REUSE_MARGIN,
+                 merge_agreement: float = DEFAULT_MERGE_AGREEMENT):
+        super().__init__(train, adapt_layers, lexical, search, search_budget)
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ValueError(f"pool_size must be a whole number >= 1, got {pool_size!r}")
+        if search:
+            raise ValueError("pool_size does not combine with search: a searched trial would "
+                             "train a shared entry")
+        for name, value in (("transfer_margin", transfer_margin), ("reuse_margin", reuse_margin)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not 0 <= merge_agreement <= 1:
+            raise ValueError(f"merge_agreement must be in [0, 1], got {merge_agreement!r}")
+        self.pool_size = pool_size
+        self.transfer_margin, self.reuse_margin = float(transfer_margin), float(reuse_margin)
+        self.merge_agreement = float(merge_agreement)
+        self.shares = (f"its tasks share a pool of at most {pool_size} scale entries, and a "
+                       "full pool merges a new task's entry into an old one")
+        self.assignment: dict[str, str] = {}  # task -> the pool entry its rows use
+        self._before: _Before | None = None
+        self._head_only = False
+
+    def hyperparameters(self) -> dict:
+        return {**super().hyperparameters(), "pool_size": self.pool_size,
+                "transfer_margin": self.transfer_margin, "reuse_margin": self.reuse_margin,
+                "merge_agreement": self.merge_agreement}
+
+    def adapter_key(self, task: str) -> str:
+        return self.assignment.get(task, task)  # an unassigned name (a probe) has no entry
+
+    def entries(self, model) -> list[str]:
+        return [e for e in model.adapter.entries() if e != MERGING]
+
+    def tasks_of(self, entry: str) -> list[str]:
+        return [t for t, e in self.assignment.items() if e == entry]
+
+    # -- learning ------------------------------------------------------------------------------
+    def learn(self, model, task: Task, states, progress=None, checkpointing=None) -> dict:
+        self._before = None  # nothing of this task to put back until it changes the pool
+        index = task.label_index()
+        labels = torch.tensor([index[e.label] for e in task.train])
+        scores, ones = self.scores(model, task, states, labels)
+        best = max(scores, key=lambda e: scores[e]["transrate"]) if scores else None
+        gain = scores[best]["gain"] if best is not None else None
+        self._before = before = _Before(task.name)
+        pool = {"scores": scores, "ones_transrate": ones, "best": best}
+        if len(scores) < self.pool_size:
+            entry = next(f"entry{k}" for k in range(self.pool_size + 1)
+                         if f"entry{k}" not in scores)
+            start = best if gain is not None and gain > self.transfer_margin else None
+            self._add_entry(model, entry, start, before)
+            stats = self._train(model, task, states, entry, progress, checkpointing)
+            pool.update(decision="new", entry=entry, start=start or "ones")
+        elif gain > self.reuse_margin:
+            stats = self._reuse(model, task, states, best, progress, checkpointing)
+            pool.update(decision="reuse", entry=best)
+        else:
+            stats, outcome = self._merge(model, task, states, labels, best, progress, checkpointing)
+            pool.update(outcome)
+        # The pool after the task: entries and scale numbers (constant once it is full).
+        pool.update(entries=len(self.entries(model)), scale_numbers=self.shared_numbers(model))
+        stats["pool"] = pool
+        return stats
+
+    def scores(self, model, task: Task, states, labels: torch.Tensor) -> tuple[dict, float]:
+        """Per entry: TransRate, its gain over all ones, and LEEP (and LEEP's gain over a
+        source that knows nothing) of the heads reading it, on the task's training texts;
+        and the plain backbone's TransRate."""
+        ones = transrate(pooled_features(model, states, None), labels)
+        entropy = label_entropy(labels, len(task.labels))
+        out = {}
+        for entry in self.entries(model):
+            features = pooled_features(model, states, entry)  # (N, H)
+            rate = transrate(features, labels)
+            readers = self.tasks_of(entry)
+            value = leep(heads_probs(model, readers, features), labels, len(task.labels)) \
+                if readers else None
+            out[entry] = {"transrate": rate, "gain": rate / ones - 1 if ones > 0 else 0.0,
+                          "leep": value, "leep_gain": None if value is None else value + entropy,
+                          "tasks": readers}
+        return out, ones
+
+    def _add_entry(self, model, entry: str, start: str | None, before: _Before) -> None:
+        model.adapter.add(entry)
+        before.added.append(entry)
+        if start is not None:
+            model.adapter.load_state_of(entry, model.adapter.state_of(start))
+
+    def _train(self, model, task, states, entry, progress, checkpointing) -> dict:
+        self.assignment[task.name] = entry
+        return super().learn(model, task, states, progress, checkpointing)
+
+    def _reuse(self, model, task, states, entry, progress, checkpointing) -> dict:
+        """Learn the task's head (and lexical branch) on `entry` as it is."""
+        frozen = model.adapter.parameters_of(entry)
+        self._head_only = True
+        for p in frozen:  # no gradient flows into the shared entry, nor through its layers
+            p.requires_grad_(False)
+        try:
+            return self._train(model, task, states, entry, progress, checkpointing)
+        finally:
+            self._head_only = False
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _merge(self, model, task, states, labels, target, progress, checkpointing):
+        before = self._before
+        before.merged = (target, {k: v.clone() for k, v in model.adapter.state_of(target).items()})
+        self._add_entry(model, MERGING, None, before)
+        stats = self._train(model, task, states, MERGING, progress, checkpointing)
+        old_tasks = self.tasks_of(target)
+        result = merge.distill_into(model, task, states, labels.to(model.device), target, MERGING,
+                                    old_tasks, self.train, progress)
+        model.adapter.remove(MERGING)
+        before.added.remove(MERGING)
+        outcome = {"entry": target, "start": "ones", "merge": {
+            "old_tasks": old_tasks, "old_agreement": result.old_agreement,
+            "new_train_accuracy": result.new_train_accuracy, "distillation": result.stats,
+            "trained_entry": stats}}
+        worst = min(result.old_agreement.values(), default=1.0)
+        if worst >= self.merge_agreement:
+            self.assignment[task.name] = target
+            return stats, {**outcome, "decision": "merge"}
+        # Undone: the old entry as it was, and the task learns its head on it afresh.
+        model.adapter.load_state_of(target, before.merged[1])
+        self._drop_task(model, task.name)
+        stats = self._reuse(model, task, states, target, progress, None)
+        return stats, {**outcome, "decision": "merge refused: reuse"}
+
+    def begin_task(self, model, task: Task, states) -> None:
+        super(IA3Method, self).begin_task(model, task, states)  # the head only: entries are the pool's
+
+    def param_groups(self, model, task: Task, train, top_layers=None) -> list[dict]:
+        head = {"params": list(model.heads.heads[task.name].parameters()), "lr": train.head_lr}
+        if self._head_only:
+            return [head]
+        return [{"params": model.adapter.parameters_of(self.adapter_key(task.name), top_layers),
+                 "lr": train.lr}, head]
+
+    # -- undo and delete -----------------------------------------------------------------------
+    def _drop_task(self, model, task: str) -> None:
+        if task in model.heads:
+            model.heads.remove(task)
+        model.lexical.pop(task, None)
+        self.assignment.pop(task, None)
+
+    def rollback(self, model, task: str) -> None:
+        before = self._before
+        if before is None or before.task != task:
+            self.delete(model, task)
+            return
+        self._before = None
+        self._drop_task(model, task)
+        for entry in before.added:
+            if entry in model.adapter.entries():
+                model.adapter.remove(entry)
+        if before.merged is not None:
+            model.adapter.load_state_of(*before.merged)
+
+    def delete(self, model, task: str) -> None:
+        """Remove the task's head, branch and place in the pool; its entry goes only with the
+        last task that reads it (what the task taught a shared entry stays)."""
+        if self._before is not None and self._before.task == task:
+            self._before = None
+        entry = self.assignment.get(task)
+        self._drop_task(model, task)
+        if entry is not None and not self.tasks_of(entry) and entry in model.adapter.entries():
+            model.adapter.remove(entry)
+
+    # -- footprint and checkpoint --------------------------------------------------------------
+    def footprint(self, model, task: str) -> tuple[int, int]:
+        return 0, model.heads.num_parameters(task)  # the entries: `shared_numbers`
+
+    def shared_numbers(self, model) -> int:
+        return sum(model.adapter.num_parameters(e) for e in self.entries(model))
+
+    def task_tensors(self, model, task: str) -> dict[str, torch.Tensor]:
+        head = model.heads.heads[task]
+        tensors = {HEAD + "weight": head.weight.detach().cpu(), HEAD + "bias": head.bias.detach().cpu()}
+        if task in model.lexical:
+            tensors.update(model.lexical[task].tensors())
+        return tensors
+
+    def load_task_tensors(self, model, task: str, labels, tensors) -> None:
+        if task not in self.assignment:
+            raise ValueError(f"task {task!r} has no pool entry in the saved assignment "
+                             f"{sorted(self.assignment)}")
+        if any(k.startswith(ADAPTER) for k in tensors):
+            raise ValueError(f"task {task!r}: scale tensors in a task file of a pool model "
+                             "(its entry is saved with the pool)")
+        load_head(model, task, labels, tensors)
+        branch = LexicalBranch.from_tensors(tensors)
+        if branch is not None:
+            model.lexical[task] = branch
+
+    def shared_tensors(self, model) -> dict[str, torch.Tensor]:
+        return {f"{POOL}{entry}.{layer}": value for entry in self.entries(model)
+                for layer, value in model.adapter.state_of(entry).items()}
+
+    def load_shared_tensors(self, model, tensors: dict[str, torch.Tensor]) -> None:
+        entries: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if not key.startswith(POOL) or key.count(".") != 2:
+                raise ValueError(f"method 'ia3' with a pool: unexpected shared tensor {key!r}")
+            _, entry, layer = key.split(".")
+            entries.setdefault(entry, {})[layer] = value
+        if len(entries) > self.pool_size:
+            raise ValueError(f"{len(entries)} pool entries saved, more than pool_size "
+                             f"{self.pool_size}")
+        for entry, layers in entries.items():
+            model.adapter.load_state_of(entry, layers)
+
+    def shared_json(self, model) -> dict:
+        return {"assignment": dict(self.assignment)}
+
+    def load_shared_json(self, model, data: dict) -> None:
+        assignment = data.get("assignment")
+        if not isinstance(assignment, dict) or set(data) != {"assignment"}:
+            raise ValueError(f"pool state must be {{'assignment': {{task: entry}}}}, got keys "
+                             f"{sorted(data)}")
+        unknown = sorted(set(assignment.values()) - set(self.entries(model)))
+        if unknown:
+            raise ValueError(f"tasks assigned to pool entries {unknown} that were not saved; "
+                             f"saved: {self.entries(model)}")
+        self.assignment = dict(assignment)
