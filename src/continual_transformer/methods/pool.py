@@ -173,7 +173,7 @@ class PooledIA3Method(IA3Method):
         outcome = {"entry": target, "start": "ones", "merge": {
             "old_tasks": old_tasks, "old_agreement": result.old_agreement,
             "new_train_accuracy": result.new_train_accuracy, "distillation": result.stats,
-            "trained_entry": stats}}
+            "trained_entry": dict(stats)}}
         worst = min(result.old_agreement.values(), default=1.0)
         if worst >= self.merge_agreement:
             self.assignment[task.name] = target
