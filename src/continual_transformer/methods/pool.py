@@ -28,6 +28,7 @@ import torch
 from ..types import Task
 from . import merge
 from ..model.lexical import LexicalBranch
+from .base import task_seed
 from .ia3 import ADAPTER, HEAD, IA3Method, load_head
 from .transfer import heads_probs, label_entropy, leep, pooled_features, transrate
 
@@ -36,6 +37,7 @@ MERGING = "merging"  # the entry a task trains before it is merged (never saved)
 DEFAULT_TRANSFER_MARGIN = 0.0
 DEFAULT_REUSE_MARGIN = 0.05
 DEFAULT_MERGE_AGREEMENT = 0.9
+SCORE_TEXTS = 512  # at most this many of a task's training texts are scored on
 
 
 @dataclass
@@ -122,7 +124,11 @@ class PooledIA3Method(IA3Method):
     def scores(self, model, task: Task, states, labels: torch.Tensor) -> tuple[dict, float]:
         """Per entry: TransRate, its gain over all ones, and LEEP (and LEEP's gain over a
         source that knows nothing) of the heads reading it, on the task's training texts;
-        and the plain backbone's TransRate."""
+        and the plain backbone's TransRate. On at most `SCORE_TEXTS` of the texts."""
+        if len(labels) > SCORE_TEXTS:  # a seeded sample: scoring costs P + 1 forward passes
+            generator = torch.Generator().manual_seed(task_seed(self.train.seed, task.name))
+            rows = sorted(torch.randperm(len(labels), generator=generator)[:SCORE_TEXTS].tolist())
+            states, labels = states.subset(rows), labels[rows]
         ones = transrate(pooled_features(model, states, None), labels)
         entropy = label_entropy(labels, len(task.labels))
         out = {}
