@@ -71,7 +71,10 @@ def test_scores_see_separated_labels():
     assert leep(torch.full((40, 2), 0.5), labels, 2) == pytest.approx(-0.6931, abs=1e-3)
 
 
-def test_full_pool_never_grows(tiny_config):
+def test_full_pool_never_grows(tiny_config, monkeypatch):
+    from continual_transformer.methods import pool
+
+    monkeypatch.setattr(pool, "SCORE_TEXTS", 16)  # scored on a sample, as large tasks are
     learner = _learner(tiny_config, pool_size=2, merge_agreement=0.0)
     sizes = []
     for name in PAIRS:
