@@ -95,6 +95,9 @@ class StreamEvaluation:
         self._features: dict[str, torch.Tensor] = {}  # router input per test text
         self._inferred: dict[str, list[str]] = {}  # methods without a router: the task they name
         self._routed: dict[str, list[str]] = {}
+        # Isolated tasks' float32 task-given accuracy, taken as each task is learned (it cannot
+        # change later): the run's closing precision comparison then has no pass left to make.
+        self.fp32: dict[str, float] = {}
 
     def restore(self, done: int, routes: list[int] | None = None) -> None:
         """Rebuild what `after_task` keeps after the first `done` tasks (a resumed run): one
@@ -126,6 +129,8 @@ class StreamEvaluation:
         passes = [seen[-1]] if self.isolated else seen
         for task in passes:
             self._record(task)
+        if self.isolated and self.learner.prediction_precision() != "fp32":
+            self.fp32[seen[-1].name] = self.learner.evaluate(seen[-1], precision="fp32")
         changed = self._route(seen)
         T = len(self.tasks)
         confusion = np.zeros((T, T), dtype=int)
@@ -172,11 +177,15 @@ class StreamEvaluation:
         return changed
 
 
-def precision_comparison(learner: ContinualLearner, tasks: list[Task], final: list[float]) -> dict:
+def precision_comparison(learner: ContinualLearner, tasks: list[Task], final: list[float],
+                         known_fp32: dict[str, float] | None = None) -> dict:
     """Each task's final task-given accuracy at the precision the run predicted in (`final`)
-    and in float32: what the faster path costs, per task. In float32 they are the same."""
+    and in float32: what the faster path costs, per task. In float32 they are the same.
+    `known_fp32`: float32 accuracies already taken (`StreamEvaluation.fp32`), not taken again."""
     used = learner.prediction_precision()
-    fp32 = list(final) if used == "fp32" else [learner.evaluate(t, precision="fp32") for t in tasks]
+    known = known_fp32 or {}
+    fp32 = list(final) if used == "fp32" else [
+        known[t.name] if t.name in known else learner.evaluate(t, precision="fp32") for t in tasks]
     per_task = {t.name: {used: float(a), "fp32": float(b)} for t, a, b in zip(tasks, final, fp32)}
     return {"prediction": used, "per_task": per_task,
             "largest_difference": max((abs(a - b) for a, b in zip(final, fp32)), default=0.0)}

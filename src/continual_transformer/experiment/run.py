@@ -181,7 +181,7 @@ def run_stream(
         R, _, _ = matrices(state.completed, T)
         events.task_finished(i, record, R[: i + 1, : i + 1], names[: i + 1])
     R, _, _ = matrices(state.completed, T)
-    compared = precision_comparison(learner, tasks, list(R[-1])) if T else None
+    compared = precision_comparison(learner, tasks, list(R[-1]), evaluation.fp32) if T else None
     report = stream_report(state, learner, names, time.perf_counter() - session_start + seconds_before)
     report["precision"] = compared
     if out is not None:
