@@ -30,6 +30,7 @@ from .model.router import SOLUTION as ROUTER_SOLUTION
 from .model.router import Router
 from .model.memory import release_freed_memory, release_freed_memory_at_most_every
 from .model.trunk import TrunkStates
+from .task_free import TaskFreeAnswer
 from .training import distributed
 from .training.loop import Checkpointing, Progress
 from .training.precision import resolved
@@ -303,11 +304,12 @@ class ContinualLearner:
 
     def row_logits(
         self, batch: dict[str, torch.Tensor], tasks: Sequence[str | None],
-        among: Sequence[Collection[str] | None] | None = None,
-    ) -> tuple[list[str], list[torch.Tensor], list[float | None]]:
+        among: Sequence[Collection[str] | None] | None = None, top_k: int = 1,
+    ) -> tuple[list[str], list[torch.Tensor], list[list[tuple[str, float]] | None]]:
         """Logits per row in one pass, each row under its own task: the trunk runs once for
         all rows, then the top with each row's own scales. Returns each row's task, logits and,
-        for a routed row, the probability of the task it was routed to (None: task given).
+        for a routed row, its `top_k` candidate tasks with their probabilities, the task it was
+        routed to first (None: task given).
 
         Rows whose task is None are routed: the router reads the trunk's pooled output inside
         this pass, before any task-specific layer runs (methods that classify over all tasks'
@@ -316,7 +318,7 @@ class ContinualLearner:
         precision the layers run in (`AdaptedModel.inference`).
         """
         tasks = list(tasks)
-        chances: list[float | None] = [None] * len(tasks)
+        ranked: list[list[tuple[str, float]] | None] = [None] * len(tasks)
         missing = [i for i, t in enumerate(tasks) if t is None]
         if missing and not self.tasks:
             raise ValueError("no task given and no task learned yet")
@@ -326,15 +328,15 @@ class ContinualLearner:
             pooled = self.model.top_pooled(inputs, [None] * len(tasks), torch.float32)  # (B, H)
             if missing:
                 for i, (name, chance) in zip(missing, self.method.infer_tasks(self.model, pooled[missing], limits)):
-                    tasks[i], chances[i] = name, chance
+                    tasks[i], ranked[i] = name, [(name, chance)]
         else:
             if missing:
                 features = masked_mean(inputs.hidden.float(), inputs.attention_mask)[missing]  # (M, H)
-                for i, (name, chance) in zip(missing, self.router.choose(features, limits)):
-                    tasks[i], chances[i] = name, chance
+                for i, candidates in zip(missing, self.router.rank(features, limits, top_k)):
+                    tasks[i], ranked[i] = candidates[0][0], candidates
             pooled = self.model.top_pooled(inputs, [self.method.adapter_key(t) for t in tasks],
                                            torch.float32)
-        return tasks, self.head_logits(pooled, tasks), chances
+        return tasks, self.head_logits(pooled, tasks), ranked
 
     def head_logits(self, pooled: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         """The method's head logits for pooled rows (B, H), each under its task, in float32
@@ -344,14 +346,16 @@ class ContinualLearner:
 
     def _run(self, ids: Sequence[Sequence[int]], row_tasks: list[str | None],
              among: Sequence[Collection[str] | None] | None = None, precision: str | None = None,
-             ) -> tuple[list[str], list[torch.Tensor], list[float | None]]:
+             top_k: int = 1,
+             ) -> tuple[list[str], list[torch.Tensor], list[list[tuple[str, float]] | None]]:
         tasks: list[str | None] = list(row_tasks)
         out: list[torch.Tensor | None] = [None] * len(ids)
-        chances: list[float | None] = [None] * len(ids)
+        chances: list[list[tuple[str, float]] | None] = [None] * len(ids)
         with self.model.inference(self.prediction_precision(precision)):
             for rows, batch in collated(self.backbone, ids):
                 resolved, logits, routed = self.row_logits(
-                    batch, [row_tasks[i] for i in rows], None if among is None else [among[i] for i in rows])
+                    batch, [row_tasks[i] for i in rows], None if among is None else [among[i] for i in rows],
+                    top_k)
                 logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
                 for i, name, row, chance in zip(rows, resolved, logits, routed):
                     tasks[i], out[i], chances[i] = name, row.float().cpu(), chance
@@ -368,34 +372,37 @@ class ContinualLearner:
     def predict(
         self, texts: Sequence[str], task: str | Sequence[str | None] | None = None,
         among: Collection[str] | Sequence[Collection[str] | None] | None = None,
-        precision: str | None = None,
+        precision: str | None = None, *, top_k: int = 1, min_task_confidence: float | None = None,
     ) -> list[Prediction]:
         """Label and label probabilities for each text.
 
         `task` is one task name for all texts, one name (or None) per text, or None: texts
         without a task are routed to the task the model predicts for them (the prediction
-        gives that task's probability). `among` limits routing to some tasks: one collection
-        of task names for all texts, or one (or None: any task) per text; it never changes a
-        row whose task is given. `precision` ("auto", "fp32", "bf16"; default: the learner's
-        `precision`) is what the encoder computes in.
+        gives that task's probability, and its `top_k` candidate tasks with theirs). `among`
+        limits routing to some tasks: one collection of task names for all texts, or one (or
+        None: any task) per text; it never changes a row whose task is given. A routed row
+        whose task probability is below `min_task_confidence` is answered with status
+        "ambiguous" and its candidate tasks (at least 2), no task and no label.
+        `precision` ("auto", "fp32", "bf16"; default: the learner's `precision`) is what the
+        encoder computes in.
         """
         row_tasks = self._row_tasks(texts, task)
-        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks, among, precision)
+        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks, among, precision,
+                                top_k=top_k, min_task_confidence=min_task_confidence)
 
     def predict_ids(
         self, ids: Sequence[Sequence[int]], task: str | Sequence[str | None] | None = None,
         among: Collection[str] | Sequence[Collection[str] | None] | None = None,
-        precision: str | None = None,
+        precision: str | None = None, *, top_k: int = 1, min_task_confidence: float | None = None,
     ) -> list[Prediction]:
         """`predict` for texts already tokenised by `backbone.tokenize` (the server tokenises
         a request once, to batch it, and predicts from those ids)."""
         row_tasks = self._row_tasks(ids, task)
-        tasks, logits, chances = self._run(ids, row_tasks, self._row_among(row_tasks, among), precision)
-        predictions = []
-        for name, row, chance in zip(tasks, logits, chances):
-            labels = self.tasks[name].labels
-            probs = torch.softmax(row, dim=-1).tolist()
-            predictions.append(Prediction(name, labels[int(row.argmax())], dict(zip(labels, probs)), chance))
+        answer = TaskFreeAnswer(top_k, min_task_confidence)
+        tasks, logits, ranked = self._run(ids, row_tasks, self._row_among(row_tasks, among), precision,
+                                          answer.candidates_needed)
+        predictions = [answer.prediction(name, self.tasks[name].labels, row, candidates)
+                       for name, row, candidates in zip(tasks, logits, ranked)]
         release_freed_memory_at_most_every(RELEASE_SECONDS)  # a serving process stays flat
         return predictions
 
@@ -621,7 +628,7 @@ class ContinualLearner:
         """A task's own state as stored: float32 scales, the method's head numbers, and the
         router's float64 per-task statistics."""
         return (4 * adapter_parameters + self.method.head_number_bytes * head_parameters
-                + (8 * self.router.state_numbers()["per_class"] if self.router is not None else 0))
+                + (self.router.task_bytes if self.router is not None else 0))
 
     def _check_isolated(self) -> None:
         """Tasks move between learners only for methods whose tasks own all they learn."""
