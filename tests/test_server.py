@@ -419,11 +419,21 @@ def test_mixed_task_request_and_dynamic_batching(model_dir):
         unknown = served.predict({"items": [{"text": "cat", "task": "spam"}]})
         assert unknown.json()["detail"] == "unknown task 'spam'; known: ['kinds', 'topics']"
 
-        # candidate tasks and "ambiguous": requests asking differently, served in one pass
-        texts = ["cat and dog", "red and blue"]
-        bodies = [{"items": [{"text": t} for t in texts], "top_k": 2},
-                  {"items": [{"text": t} for t in texts], "min_task_confidence": 1.0},
-                  {"items": [{"text": t} for t in texts]}]
+
+def test_candidate_tasks_and_ambiguous_answers(model_dir):
+    # A model whose router is unsure of everything (a huge temperature, saved with its
+    # solution as a server saves it): every routed answer is below 0.9.
+    unsure = ContinualLearner.load(model_dir, device="cpu")
+    unsure.router._temperature = 1e6
+    unsure.save(model_dir, router_solution=True)
+    learner = ContinualLearner.load(model_dir, device="cpu")
+    assert learner.router.temperature == 1e6
+    texts = ["cat and dog", "red and blue"]
+    bodies = [{"items": [{"text": t} for t in texts], "top_k": 2},
+              {"items": [{"text": t} for t in texts], "min_task_confidence": 0.9},
+              {"items": [{"text": t} for t in texts]}]
+    with serving(model_dir, batch_max_wait_ms=200) as served:
+        # requests asking differently, served in one pass
         with ThreadPoolExecutor(3) as pool:
             ranked, strict, plain = [a.json()["predictions"] for a in pool.map(served.predict, bodies)]
         local = learner.predict(texts, top_k=2)
@@ -433,7 +443,7 @@ def test_mixed_task_request_and_dynamic_batching(model_dir):
             # other requests' texts may share the pass (padding): equal up to rounding
             assert [c["probability"] for c in answer["candidates"]] == pytest.approx(
                 [q for _, q in p.candidates], abs=1e-5)
-        assert all(len(a["candidates"]) == 1 for a in plain)
+        assert all(len(a["candidates"]) == 1 and a["status"] == "ok" for a in plain)
         for answer, p in zip(strict, local):
             assert answer["status"] == "ambiguous" and answer["task"] is None and answer["label"] is None
             assert [c["task"] for c in answer["candidates"]] == [t for t, _ in p.candidates]

@@ -21,6 +21,7 @@ from .config import BackboneConfig, LearnerSpec, TrainConfig
 from .io import checkpoint
 from .io.checkpoint import SavedModel, SavedTask
 from .io.store import CheckpointError
+from .joint import joint_logits
 from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
 from .model.adapted import AdaptedModel
@@ -147,7 +148,7 @@ class ContinualLearner:
             train_seconds=round(time.perf_counter() - start, 3),
             adapter_parameters=adapter_parameters,
             head_parameters=head_parameters,
-            bytes_added=self.task_bytes(adapter_parameters, head_parameters)
+            bytes_added=self.task_bytes(adapter_parameters, head_parameters, task.name)
             + (branch.nbytes() if branch is not None else 0),
             stats=stats,
         )
@@ -196,7 +197,7 @@ class ContinualLearner:
                 train_examples=len(task.train),
                 train_seconds=round(seconds * len(task.train) / total, 3),
                 adapter_parameters=adapter_parameters, head_parameters=head_parameters,
-                bytes_added=self.task_bytes(adapter_parameters, head_parameters),
+                bytes_added=self.task_bytes(adapter_parameters, head_parameters, task.name),
                 stats={**stats, "joint_train_seconds": round(seconds, 3)},
             )
         return [self.tasks[name] for name in names]
@@ -271,7 +272,9 @@ class ContinualLearner:
         increment = self.shared_tensors()
         self.delete(task)
         if self.router is not None:  # deleting keeps a task's examples in the shared statistics
+            hold_out = self.router.hold_out
             self.router = Router(self.backbone.hidden_size, **self.router.hyperparameters())
+            self.router.hold_out = hold_out
         return record, tensors, increment
 
     # -- the trunk ---------------------------------------------------------------------------
@@ -346,17 +349,21 @@ class ContinualLearner:
 
     def _run(self, ids: Sequence[Sequence[int]], row_tasks: list[str | None],
              among: Sequence[Collection[str] | None] | None = None, precision: str | None = None,
-             top_k: int = 1,
+             top_k: int = 1, joint_k: int = 1,
              ) -> tuple[list[str], list[torch.Tensor], list[list[tuple[str, float]] | None]]:
         tasks: list[str | None] = list(row_tasks)
         out: list[torch.Tensor | None] = [None] * len(ids)
         chances: list[list[tuple[str, float]] | None] = [None] * len(ids)
         with self.model.inference(self.prediction_precision(precision)):
             for rows, batch in collated(self.backbone, ids):
-                resolved, logits, routed = self.row_logits(
-                    batch, [row_tasks[i] for i in rows], None if among is None else [among[i] for i in rows],
-                    top_k)
-                logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
+                given = [row_tasks[i] for i in rows]
+                limits = None if among is None else [among[i] for i in rows]
+                if joint_k > 1 and None in given:  # candidates weighed by their heads (joint.py)
+                    resolved, logits, routed = joint_logits(
+                        self, batch, [ids[i] for i in rows], given, limits, joint_k, top_k)
+                else:
+                    resolved, logits, routed = self.row_logits(batch, given, limits, top_k)
+                    logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
                 for i, name, row, chance in zip(rows, resolved, logits, routed):
                     tasks[i], out[i], chances[i] = name, row.float().cpu(), chance
         return tasks, out, chances  # type: ignore[return-value]
@@ -373,6 +380,7 @@ class ContinualLearner:
         self, texts: Sequence[str], task: str | Sequence[str | None] | None = None,
         among: Collection[str] | Sequence[Collection[str] | None] | None = None,
         precision: str | None = None, *, top_k: int = 1, min_task_confidence: float | None = None,
+        joint_k: int = 1,
     ) -> list[Prediction]:
         """Label and label probabilities for each text.
 
@@ -382,25 +390,30 @@ class ContinualLearner:
         limits routing to some tasks: one collection of task names for all texts, or one (or
         None: any task) per text; it never changes a row whose task is given. A routed row
         whose task probability is below `min_task_confidence` is answered with status
-        "ambiguous" and its candidate tasks (at least 2), no task and no label.
-        `precision` ("auto", "fp32", "bf16"; default: the learner's `precision`) is what the
+        "ambiguous" and its candidate tasks (at least 2), no task and no label. With `joint_k`
+        > 1, a routed row's `joint_k` most likely tasks each answer it and the row goes to the
+        one with the highest router probability x head confidence (`joint.py`; then the chosen
+        task is the first candidate). `precision` ("auto", "fp32", "bf16"; default: the learner's `precision`) is what the
         encoder computes in.
         """
         row_tasks = self._row_tasks(texts, task)
         return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks, among, precision,
-                                top_k=top_k, min_task_confidence=min_task_confidence)
+                                top_k=top_k, min_task_confidence=min_task_confidence, joint_k=joint_k)
 
     def predict_ids(
         self, ids: Sequence[Sequence[int]], task: str | Sequence[str | None] | None = None,
         among: Collection[str] | Sequence[Collection[str] | None] | None = None,
         precision: str | None = None, *, top_k: int = 1, min_task_confidence: float | None = None,
+        joint_k: int = 1,
     ) -> list[Prediction]:
         """`predict` for texts already tokenised by `backbone.tokenize` (the server tokenises
         a request once, to batch it, and predicts from those ids)."""
         row_tasks = self._row_tasks(ids, task)
         answer = TaskFreeAnswer(top_k, min_task_confidence)
+        if isinstance(joint_k, bool) or not isinstance(joint_k, int) or joint_k < 1:
+            raise ValueError(f"joint_k must be a whole number >= 1, got {joint_k!r}")
         tasks, logits, ranked = self._run(ids, row_tasks, self._row_among(row_tasks, among), precision,
-                                          answer.candidates_needed)
+                                          answer.candidates_needed, joint_k)
         predictions = [answer.prediction(name, self.tasks[name].labels, row, candidates)
                        for name, row, candidates in zip(tasks, logits, ranked)]
         release_freed_memory_at_most_every(RELEASE_SECONDS)  # a serving process stays flat
@@ -463,6 +476,7 @@ class ContinualLearner:
             "adapter_parameters": adapter,
             "head_parameters": head,
             "router_numbers": router,
+            "router_bytes": self.router.task_bytes(task) if self.router is not None else 0,
             "lexical_bytes": (self.model.lexical[task].nbytes() if task in self.model.lexical else 0),
             "bytes_added": record.bytes_added,
             "adapter_percent_of_backbone": 100.0 * adapter / self.backbone_parameters,
@@ -624,11 +638,11 @@ class ContinualLearner:
         return learner
 
     # -- helpers -----------------------------------------------------------------------------
-    def task_bytes(self, adapter_parameters: int, head_parameters: int) -> int:
+    def task_bytes(self, adapter_parameters: int, head_parameters: int, task: str | None = None) -> int:
         """A task's own state as stored: float32 scales, the method's head numbers, and the
-        router's float64 per-task statistics."""
+        router's per-task statistics (float64) and calibration sample (float32)."""
         return (4 * adapter_parameters + self.method.head_number_bytes * head_parameters
-                + (self.router.task_bytes if self.router is not None else 0))
+                + (self.router.task_bytes(task) if self.router is not None else 0))
 
     def _check_isolated(self) -> None:
         """Tasks move between learners only for methods whose tasks own all they learn."""

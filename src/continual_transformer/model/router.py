@@ -55,6 +55,9 @@ class Router:
         self.classifier = AnalyticClassifier(in_dim=in_dim, n_features=n_features, solver=solver,
                                              shrinkage=shrinkage, seed=seed)
         self.samples_: dict[str, torch.Tensor] = {}  # task -> held-out features (m, H) float32
+        # A federated client sets this False: its texts' features stay on the client, and its
+        # statistics then sum with other clients' to those of all their texts.
+        self.hold_out = True
         self._temperature: float | None = None  # fitted when first needed after a change
 
     def hyperparameters(self) -> dict:
@@ -69,7 +72,7 @@ class Router:
     def partial_fit(self, features: torch.Tensor, task: str) -> None:
         """Add one task's training features (n, H): most to the statistics, a few (see
         `calibration_rows`) kept as its calibration sample."""
-        held = calibration_rows(len(features))
+        held = calibration_rows(len(features)) if self.hold_out else []
         keep = sorted(set(range(len(features))) - set(held))
         self.classifier.partial_fit(features[keep], [task] * len(keep))
         if held:
@@ -126,11 +129,12 @@ class Router:
                 features[start : start + PREDICT_ROWS],
                 None if among is None else among[start : start + PREDICT_ROWS])  # (n, K)
             probs = torch.softmax(scores / self.temperature, dim=1)  # -inf: probability 0
-            # The argmax of the scores, not of the probabilities: dividing by T cannot move it,
-            # and this keeps routes exactly those of the uncalibrated classifier.
-            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+            # Ordered by the scores, not the probabilities: dividing by T cannot reorder them,
+            # and a stable sort breaks ties as argmax does, so the first task is exactly the
+            # uncalibrated classifier's route.
+            top = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]  # (n, k)
             allowed = torch.isfinite(scores).sum(1).tolist()
-            for row, (indices, n_allowed) in enumerate(zip(top.indices.tolist(), allowed)):
+            for row, (indices, n_allowed) in enumerate(zip(top.tolist(), allowed)):
                 out.append([(self.classifier.classes_[i], float(probs[row, i]))
                             for i in indices[:n_allowed]])
         return out
@@ -140,7 +144,7 @@ class Router:
         features), e.g. before a server swaps this router in."""
         if len(self.classifier.classes_) > 1:
             self.classifier.solution()
-            self.temperature
+            self._temperature = self.temperature  # fitted now too, not in the first request
 
     def solution_tensors(self) -> dict[str, torch.Tensor]:
         """The solved router (solved now if need be), to save beside its statistics: a model
@@ -215,10 +219,12 @@ class Router:
         besides which a task holds at most `CALIBRATION_ROWS` x H float32 sample numbers."""
         return self.classifier.state_numbers()
 
-    @property
-    def task_bytes(self) -> int:
-        """Bytes a task adds at most: statistics (float64) and a full sample (float32)."""
-        return 8 * self.classifier.state_numbers()["per_class"] + 4 * CALIBRATION_ROWS * self.classifier.in_dim
+    def task_bytes(self, task: str | None = None) -> int:
+        """Bytes `task` holds here: statistics (float64) and its sample (float32); without a
+        task (or one not held), the most a task can hold."""
+        sample = (self.samples_[task].numel() if task in self.samples_ else
+                  0 if task in self.classifier.classes_ else CALIBRATION_ROWS * self.classifier.in_dim)
+        return 8 * self.classifier.state_numbers()["per_class"] + 4 * sample
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held now: shared, and per task (statistics float64, sample float32)."""
