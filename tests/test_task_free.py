@@ -106,7 +106,7 @@ def test_router_state_does_not_grow_with_the_examples():
         router = Router(8, n_features=64)
         for task in ("a", "b"):
             router.partial_fit(torch.randn(n, 8) + (task == "b"), task)
-        sizes.append((router.state_numbers(), router.nbytes(), router.task_bytes,
+        sizes.append((router.state_numbers(), router.nbytes(), router.task_bytes("a"),
                       {k: tuple(v.shape) for k, v in router.task_tensors("a").items()},
                       {k: tuple(v.shape) for k, v in router.shared_tensors().items()}))
     assert sizes[0] == sizes[1]
