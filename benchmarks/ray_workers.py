@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -136,6 +137,11 @@ def run_child(kind: str, out: Path, args) -> dict:
                           text=True)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stdout[-4000:]}")
+    return finished(kind, out)
+
+
+def finished(kind: str, out: Path) -> dict:
+    """A finished run's figures, from its folder."""
     timing = json.loads((out / "timing.json").read_text())
     report = json.loads((out / "run" / "report.json").read_text())
     return {"seconds": timing["seconds"], "history": timing["history"],
@@ -191,6 +197,8 @@ def summarise(args, tasks, results: dict[str, list[dict]]) -> None:
     # bit; the 2-thread run shows what another thread count changes.
     pairs = [("sequential-2t", "sequential-1t"), ("workers-2", "sequential-1t"),
              ("workers-2-killed", "sequential-1t"), ("workers-2", "sequential-2t")]
+    pairs = [(kind, reference) for kind, reference in pairs
+             if results.get(kind) and results.get(reference)]
     rows = []
     for kind, reference in pairs:
         checks = []
@@ -202,13 +210,17 @@ def summarise(args, tasks, results: dict[str, list[dict]]) -> None:
                 == stripped(json.loads((there / "run" / "report.json").read_text()))
             checks.append(check)
         rows.append((kind, reference, checks))
-    median = {kind: statistics.median(r["seconds"] for r in results[kind]) for kind in RUNS}
-    base1, base2 = median["sequential-1t"], median["sequential-2t"]
+    ran = [kind for kind in RUNS if results.get(kind)]
+    median = {kind: statistics.median(r["seconds"] for r in results[kind]) for kind in ran}
+
+    def ratio(kind, base):
+        return f"{median[kind] / median[base]:>8.2f}x" if base in median else f"{'-':>9}"
+
     print(f"{'run':<18} {'wall s':>7} {'/ seq 1t':>9} {'/ seq 2t':>9} {'learning s':>11}")
-    for kind in RUNS:
+    for kind in ran:
         learning = statistics.median(r["train_s"] for r in results[kind])
-        print(f"{kind:<18} {median[kind]:>7.1f} {median[kind] / base1:>8.2f}x "
-              f"{median[kind] / base2:>8.2f}x {learning:>11.1f}")
+        print(f"{kind:<18} {median[kind]:>7.1f} {ratio(kind, 'sequential-1t')} "
+              f"{ratio(kind, 'sequential-2t')} {learning:>11.1f}")
     print()
     for kind, reference, checks in rows:
         first = checks[0]
@@ -222,14 +234,15 @@ def summarise(args, tasks, results: dict[str, list[dict]]) -> None:
               f"{first['texts']} (labels and tasks "
               f"{'equal' if all(c['labels_equal'] for c in checks) else 'differ'}); report "
               f"{'equal' if all(c['report_equal'] for c in checks) else 'differs'} but for times")
-    for result in results["workers-2-killed"]:
+    for result in results.get("workers-2-killed", []):
         victim = tasks[args.kill_task].name
         entry = next(h for h in result["history"] if h["task"] == victim)
         print(f"killed: the worker (pid {result['killed_pid']}) learning {victim!r} at step "
               f"{args.kill_step}; learned again by pid {entry['pid']} (restarted by Ray: "
               f"{entry['restarted']})")
-    pids = {h["pid"] for r in results["workers-2"] for h in r["history"]}
-    print(f"workers-2: tasks learned by {len(pids)} worker processes")
+    if results.get("workers-2"):
+        pids = {h["pid"] for r in results["workers-2"] for h in r["history"]}
+        print(f"workers-2: tasks learned by {len(pids)} worker processes")
 
 
 def main() -> None:
@@ -239,6 +252,8 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=80, help="test texts per task at most")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help="which runs, comma-separated; runs already finished in --out are kept")
     parser.add_argument("--kill-task", type=int, default=3, help="index of the task whose worker is killed")
     parser.add_argument("--kill-step", type=int, default=10)
     parser.add_argument("--check-texts", type=int, default=40, help="test texts per task predicted")
@@ -253,15 +268,24 @@ def main() -> None:
     tasks = stream(args.max_train, args.max_test)
     if args.compare_only:
         return summarise(args, tasks, json.loads((args.out / "results.json").read_text()))
-    if args.out.exists():
-        raise SystemExit(f"{args.out} exists; give a new --out")
+    runs = [kind for kind in RUNS if kind in args.runs.split(",")]
+    if not runs:
+        raise SystemExit(f"--runs names none of {', '.join(RUNS)}: {args.runs!r}")
     print(f"stream: {len(tasks)} tasks, {sum(len(t.train) for t in tasks)} training texts, "
           f"{sum(len(t.test) for t in tasks)} test texts; epochs {args.epochs}; "
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at the start")
-    results: dict[str, list[dict]] = {kind: [] for kind in RUNS}
+    results: dict[str, list[dict]] = {kind: [] for kind in runs}
     for repeat in range(args.repeats):
-        for kind in RUNS:
-            result = run_child(kind, args.out / f"{repeat}" / kind, args)
+        for kind in runs:
+            out = args.out / f"{repeat}" / kind
+            if (out / "timing.json").exists():  # finished by an earlier invocation: kept
+                result = finished(kind, out)
+                results[kind].append(result)
+                print(f"round {repeat + 1} {kind}: {result['seconds']:.1f} s, kept from {out}")
+                continue
+            if out.exists():  # an unfinished run: learned again from the start
+                shutil.rmtree(out)
+            result = run_child(kind, out, args)
             results[kind].append(result)
             print(f"round {repeat + 1} {kind}: {result['seconds']:.1f} s "
                   f"(learning {result['train_s']:.1f} s summed over tasks)", flush=True)

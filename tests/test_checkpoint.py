@@ -220,8 +220,9 @@ def test_a_listed_file_that_is_not_safetensors_is_refused(saved):
     directory, manifest = saved
     data = b"\x80\x04\x95 not safetensors, perhaps a pickle"
     name = f"tasks/kinds-{sha256_bytes(data)[:12]}.safetensors"
+    real = _task_file(directory)  # found before the foreign file joins it in the folder
     (directory / name).write_bytes(data)
-    _task_file(directory).unlink()
+    real.unlink()
     old = manifest["tasks"][0]["file"]
     manifest["files"][name] = {"size": len(data), "sha256": sha256_bytes(data)}
     del manifest["files"][old]

@@ -147,6 +147,25 @@ def test_parallel_run_is_the_sequential_run_bit_for_bit(tiny_config, tasks, clus
     assert len(pids) == 2 and os.getpid() not in pids
 
 
+def test_tasks_go_out_in_stream_order_and_the_run_keeps_to_the_cpus_the_workers_leave(
+        tiny_config, tasks, cluster):
+    model = learner(tiny_config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with RayTaskPool(model, 1, threads=1) as pool:  # one worker: it learns in dispatch order
+            pool.submit(list(tasks))
+            assert torch.get_num_threads() == 1  # 2 CPUs, 1 for the worker, while it learns
+            for task in tasks:
+                pool.learned(task.name)
+            assert torch.get_num_threads() == 2  # nothing left to learn: the threads come back
+            order = [h["task"] for h in pool.history]
+    finally:
+        torch.set_num_threads(threads)
+    # the order the run imports and evaluates them in, so evaluating overlaps learning
+    assert order == [t.name for t in tasks]
+
+
 def learn_but_die_once(learner, task, *, victim: str, at_step: int, marker: str):
     """Learn the task; on the first attempt at `victim`, the worker process is killed (SIGKILL)
     at training step `at_step` (a marker file records that it happened)."""

@@ -38,13 +38,13 @@ def test_router_reads_the_trunk_output_of_the_prediction_pass(ia3, tasks):
     texts = [e.text for e in tasks[0].test]
     batch = backbone.collate(backbone.tokenize(texts))
     seen = []
-    choose = ia3.router.choose
-    ia3.router.choose = lambda features, among=None: seen.append(features) or choose(features, among)
+    rank = ia3.router.rank
+    ia3.router.rank = lambda features, among=None, k=1: seen.append(features) or rank(features, among, k)
     try:
         with torch.inference_mode():
             ia3.row_logits(batch, [None] * len(texts))
     finally:
-        del ia3.router.choose
+        del ia3.router.rank
     assert len(seen) == 1  # once per pass, from inside it
     with torch.inference_mode():
         embedded = backbone.encoder.embeddings(input_ids=batch["input_ids"])
@@ -120,7 +120,8 @@ def test_a_solved_router_is_saved_and_loaded_instead_of_solved_again(ia3, tasks,
     with safe_open(shared, "pt") as file:
         tensors = {k: file.get_tensor(k) for k in file.keys()}
     assert sorted(tensors) == ["router.gram_upper", "router.solution.alpha",
-                               "router.solution.coef", "router.solution.intercept"]
+                               "router.solution.coef", "router.solution.intercept",
+                               "router.solution.temperature"]
     saved = loaded.state(router_solution=True)
     saved.shared_tensors["router.solution.coef"] = saved.shared_tensors["router.solution.coef"][:, :1]
     with pytest.raises(CheckpointError, match="solution 'coef' is .* expected \\(256, 2\\) float64 for 2 classes"):

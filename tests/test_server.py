@@ -420,6 +420,37 @@ def test_mixed_task_request_and_dynamic_batching(model_dir):
         assert unknown.json()["detail"] == "unknown task 'spam'; known: ['kinds', 'topics']"
 
 
+def test_candidate_tasks_and_ambiguous_answers(model_dir):
+    # A model whose router is unsure of everything (a huge temperature, saved with its
+    # solution as a server saves it): every routed answer is below 0.9.
+    unsure = ContinualLearner.load(model_dir, device="cpu")
+    unsure.router._temperature = 1e15  # toy decision scores are huge: a huge T
+    unsure.save(model_dir, router_solution=True)
+    learner = ContinualLearner.load(model_dir, device="cpu")
+    assert learner.router.temperature == 1e15
+    texts = ["cat and dog", "red and blue"]
+    bodies = [{"items": [{"text": t} for t in texts], "top_k": 2},
+              {"items": [{"text": t} for t in texts], "min_task_confidence": 0.9},
+              {"items": [{"text": t} for t in texts]}]
+    with serving(model_dir, batch_max_wait_ms=200) as served:
+        # requests asking differently, served in one pass
+        with ThreadPoolExecutor(3) as pool:
+            ranked, strict, plain = [a.json()["predictions"] for a in pool.map(served.predict, bodies)]
+        local = learner.predict(texts, top_k=2)
+        for answer, p in zip(ranked, local):
+            assert answer["status"] == "ok" and answer["task"] == p.task
+            assert [c["task"] for c in answer["candidates"]] == [t for t, _ in p.candidates]
+            # other requests' texts may share the pass (padding): equal up to rounding
+            assert [c["probability"] for c in answer["candidates"]] == pytest.approx(
+                [q for _, q in p.candidates], abs=1e-5)
+        assert all(len(a["candidates"]) == 1 and a["status"] == "ok" for a in plain)
+        for answer, p in zip(strict, local):
+            assert answer["status"] == "ambiguous" and answer["task"] is None and answer["label"] is None, (answer["task_probability"], answer["candidates"], [r["task_probability"] for r in ranked])
+            assert [c["task"] for c in answer["candidates"]] == [t for t, _ in p.candidates]
+        bad = served.predict({"items": [{"text": "cat"}], "top_k": 0})
+        assert bad.status_code == 422 and "top_k" in bad.text
+
+
 @pytest.mark.parametrize("max_items, batches", [
     (5, [2, 5, 5, 1]),  # the probe's 4 rows + 1 single; 5 singles; 5 singles; the last single
     (64, [13]),  # everything waiting fits in one batch

@@ -370,6 +370,7 @@ def _print_summary(report: dict, out: Path) -> None:
     console.print(confusion)
     if report.get("pool"):
         _print_pool(report["pool"])
+    _print_confused(report["routing"])
     compared = report.get("precision")
     if compared and compared["prediction"] != "fp32":
         used = compared["prediction"]
@@ -532,6 +533,10 @@ def predict(
     input_format: Optional[str] = typer.Option(None, "--format", help="Format of --input: text, jsonl, csv, tsv or parquet [default: from the name]."),
     skip_bad_rows: bool = typer.Option(False, help="With --input: leave out rows without a text or with an unknown task, and count them."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    top_k: int = typer.Option(1, "--top-k", min=1, help="Without --task: name each text's K most likely tasks with their probabilities."),
+    min_task_confidence: Optional[float] = typer.Option(
+        None, "--min-task-confidence", min=0.0, max=1.0,
+        help="Without --task: below this probability of the routed task, answer 'ambiguous' with the candidate tasks instead of a label."),
 ):
     """Predict labels for texts, or for every row of a file (--input), with a saved model."""
     from .learner import ContinualLearner
@@ -544,21 +549,26 @@ def predict(
             _score(learner, input_file, output, task, text_column, task_column, input_format,
                    skip_bad_rows)
             return
-        predictions = learner.predict(texts, task=task)
+        predictions = learner.predict(texts, task=task, top_k=top_k,
+                                      min_task_confidence=min_task_confidence)
     except _user_errors() as exc:
         _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
     if as_json:
         for text, p in zip(texts, predictions):
-            print(json.dumps({"text": text, "task": p.task, "label": p.label,
+            print(json.dumps({"text": text, "status": p.status, "task": p.task, "label": p.label,
                               "probabilities": p.probabilities,
-                              "task_probability": p.task_probability}))
+                              "task_probability": p.task_probability,
+                              "candidates": [{"task": t, "probability": q} for t, q in p.candidates]}))
         return
     table = Table()
-    for column in ("text", "task", "task p", "label", "p"):
+    ranked = task is None and (top_k > 1 or min_task_confidence is not None)
+    for column in ("text", "task", "task p", "label", "p", *(["candidate tasks"] if ranked else [])):
         table.add_column(column)
     for text, p in zip(texts, predictions):
         routed = "given" if p.task_probability is None else f"{p.task_probability:.3f}"
-        table.add_row(text[:60], p.task, routed, p.label, f"{p.probabilities[p.label]:.3f}")
+        label = (p.label, f"{p.probabilities[p.label]:.3f}") if p.label is not None else ("-", "-")
+        candidates = [", ".join(f"{t} {q:.3f}" for t, q in p.candidates)] if ranked else []
+        table.add_row(text[:60], p.task or p.status, routed, *label, *candidates)
     console.print(table)
 
 
@@ -609,6 +619,29 @@ def tasks(model: Path = typer.Argument(..., help="Model directory.")):
                       f"{t['head_parameters']:,}", mix, *choice, f"{t['bytes_added']:,}",
                       t["learned_at"])
     console.print(table)
+    # A model written by `ctt run` has the run's report beside it (DIR/model, DIR/report.json).
+    report = model.parent / "report.json"
+    if report.is_file():
+        routing = json.loads(report.read_text()).get("routing") or {}
+        console.print(f"routing, from {report}:")
+        _print_confused(routing)
+
+
+def _print_confused(routing: dict) -> None:
+    """The task pairs the router confuses and its calibration error, from a run's report."""
+    if routing.get("ece") is not None:
+        console.print(f"router calibration error (ECE) {routing['ece']:.4f}")
+    pairs = routing.get("confused_pairs")
+    if pairs is None:
+        return
+    share = 100 * routing.get("confused_share", 0.1)
+    if not pairs:
+        console.print(f"no task sends {share:.0f} % or more of its test inputs to another task")
+        return
+    console.print(f"tasks the router confuses (>= {share:.0f} % of one task's test inputs routed to "
+                  "the other; pass the task name for these):")
+    for pair in pairs:
+        console.print(f"  {pair['task']} -> {pair['routed_to']}: {100 * pair['share']:.1f} %")
 
 
 def _pool_entry(pool: dict) -> str:

@@ -21,6 +21,7 @@ from .config import BackboneConfig, LearnerSpec, TrainConfig
 from .io import checkpoint
 from .io.checkpoint import SavedModel, SavedTask
 from .io.store import CheckpointError
+from .joint import joint_logits
 from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
 from .model.adapted import AdaptedModel
@@ -30,6 +31,7 @@ from .model.router import SOLUTION as ROUTER_SOLUTION
 from .model.router import Router
 from .model.memory import release_freed_memory, release_freed_memory_at_most_every
 from .model.trunk import TrunkStates
+from .task_free import TaskFreeAnswer
 from .training import distributed
 from .training.loop import Checkpointing, Progress
 from .training.precision import resolved
@@ -146,7 +148,7 @@ class ContinualLearner:
             train_seconds=round(time.perf_counter() - start, 3),
             adapter_parameters=adapter_parameters,
             head_parameters=head_parameters,
-            bytes_added=self.task_bytes(adapter_parameters, head_parameters)
+            bytes_added=self.task_bytes(adapter_parameters, head_parameters, task.name)
             + (branch.nbytes() if branch is not None else 0),
             stats=stats,
         )
@@ -195,7 +197,7 @@ class ContinualLearner:
                 train_examples=len(task.train),
                 train_seconds=round(seconds * len(task.train) / total, 3),
                 adapter_parameters=adapter_parameters, head_parameters=head_parameters,
-                bytes_added=self.task_bytes(adapter_parameters, head_parameters),
+                bytes_added=self.task_bytes(adapter_parameters, head_parameters, task.name),
                 stats={**stats, "joint_train_seconds": round(seconds, 3)},
             )
         return [self.tasks[name] for name in names]
@@ -270,7 +272,9 @@ class ContinualLearner:
         increment = self.shared_tensors()
         self.delete(task)
         if self.router is not None:  # deleting keeps a task's examples in the shared statistics
+            hold_out = self.router.hold_out
             self.router = Router(self.backbone.hidden_size, **self.router.hyperparameters())
+            self.router.hold_out = hold_out
         return record, tensors, increment
 
     # -- the trunk ---------------------------------------------------------------------------
@@ -303,11 +307,12 @@ class ContinualLearner:
 
     def row_logits(
         self, batch: dict[str, torch.Tensor], tasks: Sequence[str | None],
-        among: Sequence[Collection[str] | None] | None = None,
-    ) -> tuple[list[str], list[torch.Tensor], list[float | None]]:
+        among: Sequence[Collection[str] | None] | None = None, top_k: int = 1,
+    ) -> tuple[list[str], list[torch.Tensor], list[list[tuple[str, float]] | None]]:
         """Logits per row in one pass, each row under its own task: the trunk runs once for
         all rows, then the top with each row's own scales. Returns each row's task, logits and,
-        for a routed row, the probability of the task it was routed to (None: task given).
+        for a routed row, its `top_k` candidate tasks with their probabilities, the task it was
+        routed to first (None: task given).
 
         Rows whose task is None are routed: the router reads the trunk's pooled output inside
         this pass, before any task-specific layer runs (methods that classify over all tasks'
@@ -316,7 +321,7 @@ class ContinualLearner:
         precision the layers run in (`AdaptedModel.inference`).
         """
         tasks = list(tasks)
-        chances: list[float | None] = [None] * len(tasks)
+        ranked: list[list[tuple[str, float]] | None] = [None] * len(tasks)
         missing = [i for i, t in enumerate(tasks) if t is None]
         if missing and not self.tasks:
             raise ValueError("no task given and no task learned yet")
@@ -326,15 +331,15 @@ class ContinualLearner:
             pooled = self.model.top_pooled(inputs, [None] * len(tasks), torch.float32)  # (B, H)
             if missing:
                 for i, (name, chance) in zip(missing, self.method.infer_tasks(self.model, pooled[missing], limits)):
-                    tasks[i], chances[i] = name, chance
+                    tasks[i], ranked[i] = name, [(name, chance)]
         else:
             if missing:
                 features = masked_mean(inputs.hidden.float(), inputs.attention_mask)[missing]  # (M, H)
-                for i, (name, chance) in zip(missing, self.router.choose(features, limits)):
-                    tasks[i], chances[i] = name, chance
+                for i, candidates in zip(missing, self.router.rank(features, limits, top_k)):
+                    tasks[i], ranked[i] = candidates[0][0], candidates
             pooled = self.model.top_pooled(inputs, [self.method.adapter_key(t) for t in tasks],
                                            torch.float32)
-        return tasks, self.head_logits(pooled, tasks), chances
+        return tasks, self.head_logits(pooled, tasks), ranked
 
     def head_logits(self, pooled: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         """The method's head logits for pooled rows (B, H), each under its task, in float32
@@ -344,15 +349,21 @@ class ContinualLearner:
 
     def _run(self, ids: Sequence[Sequence[int]], row_tasks: list[str | None],
              among: Sequence[Collection[str] | None] | None = None, precision: str | None = None,
-             ) -> tuple[list[str], list[torch.Tensor], list[float | None]]:
+             top_k: int = 1, joint_k: int = 1,
+             ) -> tuple[list[str], list[torch.Tensor], list[list[tuple[str, float]] | None]]:
         tasks: list[str | None] = list(row_tasks)
         out: list[torch.Tensor | None] = [None] * len(ids)
-        chances: list[float | None] = [None] * len(ids)
+        chances: list[list[tuple[str, float]] | None] = [None] * len(ids)
         with self.model.inference(self.prediction_precision(precision)):
             for rows, batch in collated(self.backbone, ids):
-                resolved, logits, routed = self.row_logits(
-                    batch, [row_tasks[i] for i in rows], None if among is None else [among[i] for i in rows])
-                logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
+                given = [row_tasks[i] for i in rows]
+                limits = None if among is None else [among[i] for i in rows]
+                if joint_k > 1 and None in given:  # candidates weighed by their heads (joint.py)
+                    resolved, logits, routed = joint_logits(
+                        self, batch, [ids[i] for i in rows], given, limits, joint_k, top_k)
+                else:
+                    resolved, logits, routed = self.row_logits(batch, given, limits, top_k)
+                    logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
                 for i, name, row, chance in zip(rows, resolved, logits, routed):
                     tasks[i], out[i], chances[i] = name, row.float().cpu(), chance
         return tasks, out, chances  # type: ignore[return-value]
@@ -368,34 +379,43 @@ class ContinualLearner:
     def predict(
         self, texts: Sequence[str], task: str | Sequence[str | None] | None = None,
         among: Collection[str] | Sequence[Collection[str] | None] | None = None,
-        precision: str | None = None,
+        precision: str | None = None, *, top_k: int = 1, min_task_confidence: float | None = None,
+        joint_k: int = 1,
     ) -> list[Prediction]:
         """Label and label probabilities for each text.
 
         `task` is one task name for all texts, one name (or None) per text, or None: texts
         without a task are routed to the task the model predicts for them (the prediction
-        gives that task's probability). `among` limits routing to some tasks: one collection
-        of task names for all texts, or one (or None: any task) per text; it never changes a
-        row whose task is given. `precision` ("auto", "fp32", "bf16"; default: the learner's
-        `precision`) is what the encoder computes in.
+        gives that task's probability, and its `top_k` candidate tasks with theirs). `among`
+        limits routing to some tasks: one collection of task names for all texts, or one (or
+        None: any task) per text; it never changes a row whose task is given. A routed row
+        whose task probability is below `min_task_confidence` is answered with status
+        "ambiguous" and its candidate tasks (at least 2), no task and no label. With `joint_k`
+        > 1, a routed row's `joint_k` most likely tasks each answer it and the row goes to the
+        one with the highest router probability x head confidence (`joint.py`; then the chosen
+        task is the first candidate). `precision` ("auto", "fp32", "bf16"; default: the learner's `precision`) is what the
+        encoder computes in.
         """
         row_tasks = self._row_tasks(texts, task)
-        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks, among, precision)
+        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks, among, precision,
+                                top_k=top_k, min_task_confidence=min_task_confidence, joint_k=joint_k)
 
     def predict_ids(
         self, ids: Sequence[Sequence[int]], task: str | Sequence[str | None] | None = None,
         among: Collection[str] | Sequence[Collection[str] | None] | None = None,
-        precision: str | None = None,
+        precision: str | None = None, *, top_k: int = 1, min_task_confidence: float | None = None,
+        joint_k: int = 1,
     ) -> list[Prediction]:
         """`predict` for texts already tokenised by `backbone.tokenize` (the server tokenises
         a request once, to batch it, and predicts from those ids)."""
         row_tasks = self._row_tasks(ids, task)
-        tasks, logits, chances = self._run(ids, row_tasks, self._row_among(row_tasks, among), precision)
-        predictions = []
-        for name, row, chance in zip(tasks, logits, chances):
-            labels = self.tasks[name].labels
-            probs = torch.softmax(row, dim=-1).tolist()
-            predictions.append(Prediction(name, labels[int(row.argmax())], dict(zip(labels, probs)), chance))
+        answer = TaskFreeAnswer(top_k, min_task_confidence)
+        if isinstance(joint_k, bool) or not isinstance(joint_k, int) or joint_k < 1:
+            raise ValueError(f"joint_k must be a whole number >= 1, got {joint_k!r}")
+        tasks, logits, ranked = self._run(ids, row_tasks, self._row_among(row_tasks, among), precision,
+                                          answer.candidates_needed, joint_k)
+        predictions = [answer.prediction(name, self.tasks[name].labels, row, candidates)
+                       for name, row, candidates in zip(tasks, logits, ranked)]
         release_freed_memory_at_most_every(RELEASE_SECONDS)  # a serving process stays flat
         return predictions
 
@@ -456,6 +476,7 @@ class ContinualLearner:
             "adapter_parameters": adapter,
             "head_parameters": head,
             "router_numbers": router,
+            "router_bytes": self.router.task_bytes(task) if self.router is not None else 0,
             "lexical_bytes": (self.model.lexical[task].nbytes() if task in self.model.lexical else 0),
             "bytes_added": record.bytes_added,
             "adapter_percent_of_backbone": 100.0 * adapter / self.backbone_parameters,
@@ -617,11 +638,11 @@ class ContinualLearner:
         return learner
 
     # -- helpers -----------------------------------------------------------------------------
-    def task_bytes(self, adapter_parameters: int, head_parameters: int) -> int:
+    def task_bytes(self, adapter_parameters: int, head_parameters: int, task: str | None = None) -> int:
         """A task's own state as stored: float32 scales, the method's head numbers, and the
-        router's float64 per-task statistics."""
+        router's per-task statistics (float64) and calibration sample (float32)."""
         return (4 * adapter_parameters + self.method.head_number_bytes * head_parameters
-                + (8 * self.router.state_numbers()["per_class"] if self.router is not None else 0))
+                + (self.router.task_bytes(task) if self.router is not None else 0))
 
     def _check_isolated(self) -> None:
         """Tasks move between learners only for methods whose tasks own all they learn."""

@@ -70,11 +70,17 @@ def check_task_name(name: object, where: str = "") -> str:
 
 @dataclass(frozen=True)
 class Prediction:
-    task: str
-    label: str
+    # None only when status is "ambiguous": no task was chosen, so no label either.
+    task: str | None
+    label: str | None
     probabilities: dict[str, float]
     # For a routed text: the probability of the task it was routed to; None: the task was given.
     task_probability: float | None = None
+    # For a routed text: its most likely tasks with their probabilities, most likely first
+    # (as many as asked for: `top_k`); empty when the task was given.
+    candidates: tuple[tuple[str, float], ...] = ()
+    # "ok", or "ambiguous": the routed task's probability was below the caller's threshold.
+    status: str = "ok"
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..learner import ContinualLearner
+from ..model.calibration import expected_calibration_error
 from ..model.backbone import masked_mean
 from ..model.batching import collated
 from ..types import Task
@@ -81,6 +82,8 @@ class EvaluatedRow:
     free: list[float]  # task-free accuracy on task j after task i
     confusion: np.ndarray  # (T, T) true task x routed task, counts over test texts
     info: dict = field(default_factory=dict)
+    # The router's expected calibration error over the test texts seen (None: no router).
+    routing_ece: float | None = None
 
 
 class StreamEvaluation:
@@ -95,6 +98,10 @@ class StreamEvaluation:
         self._features: dict[str, torch.Tensor] = {}  # router input per test text
         self._inferred: dict[str, list[str]] = {}  # methods without a router: the task they name
         self._routed: dict[str, list[str]] = {}
+        # Isolated tasks' float32 task-given accuracy, taken as each task is learned (it cannot
+        # change later): the run's closing precision comparison then has no pass left to make.
+        self.fp32: dict[str, float] = {}
+        self._confidence: dict[str, list[float]] = {}  # the routed task's probability per text
 
     def restore(self, done: int, routes: list[int] | None = None) -> None:
         """Rebuild what `after_task` keeps after the first `done` tasks (a resumed run): one
@@ -126,6 +133,8 @@ class StreamEvaluation:
         passes = [seen[-1]] if self.isolated else seen
         for task in passes:
             self._record(task)
+        if self.isolated and self.learner.prediction_precision() != "fp32":
+            self.fp32[seen[-1].name] = self.learner.evaluate(seen[-1], precision="fp32")
         changed = self._route(seen)
         T = len(self.tasks)
         confusion = np.zeros((T, T), dtype=int)
@@ -137,6 +146,11 @@ class StreamEvaluation:
             for name in routed:
                 confusion[self.index[task.name], self.index[name]] += 1
         rows = sum(len(t.test) for t in seen)
+        ece = None
+        if all(t.name in self._confidence for t in seen):
+            ece = expected_calibration_error(
+                np.concatenate([self._confidence[t.name] for t in seen]),
+                np.concatenate([[r == t.name for r in self._routed[t.name]] for t in seen]))
         info = {
             "forward_passes": [t.name for t in passes],
             "test_texts_run": sum(len(t.test) for t in passes),
@@ -144,7 +158,7 @@ class StreamEvaluation:
             "test_texts_rerouted": rows if self.learner.router is not None else 0,
             "routes_changed": changed,
         }
-        return EvaluatedRow(given, free, confusion, info)
+        return EvaluatedRow(given, free, confusion, info, ece)
 
     def _record(self, task: Task) -> None:
         result = test_pass(self.learner, task)
@@ -159,11 +173,15 @@ class StreamEvaluation:
         if self.learner.router is None:
             routed = {t.name: self._inferred[t.name] for t in seen}
         else:
+            if not self.learner.tasks:
+                raise ValueError("no task given and no task learned yet")
             with torch.inference_mode():
-                names = self.learner.route(torch.cat([self._features[t.name] for t in seen]))
+                ranked = self.learner.router.rank(torch.cat([self._features[t.name] for t in seen]))
             routed, start = {}, 0
             for task in seen:
-                routed[task.name] = names[start : start + len(task.test)]
+                rows = ranked[start : start + len(task.test)]
+                routed[task.name] = [r[0][0] for r in rows]
+                self._confidence[task.name] = [r[0][1] for r in rows]
                 start += len(task.test)
         changed = sum(
             a != b for name, now in routed.items()
@@ -172,11 +190,15 @@ class StreamEvaluation:
         return changed
 
 
-def precision_comparison(learner: ContinualLearner, tasks: list[Task], final: list[float]) -> dict:
+def precision_comparison(learner: ContinualLearner, tasks: list[Task], final: list[float],
+                         known_fp32: dict[str, float] | None = None) -> dict:
     """Each task's final task-given accuracy at the precision the run predicted in (`final`)
-    and in float32: what the faster path costs, per task. In float32 they are the same."""
+    and in float32: what the faster path costs, per task. In float32 they are the same.
+    `known_fp32`: float32 accuracies already taken (`StreamEvaluation.fp32`), not taken again."""
     used = learner.prediction_precision()
-    fp32 = list(final) if used == "fp32" else [learner.evaluate(t, precision="fp32") for t in tasks]
+    known = known_fp32 or {}
+    fp32 = list(final) if used == "fp32" else [
+        known[t.name] if t.name in known else learner.evaluate(t, precision="fp32") for t in tasks]
     per_task = {t.name: {used: float(a), "fp32": float(b)} for t, a, b in zip(tasks, final, fp32)}
     return {"prediction": used, "per_task": per_task,
             "largest_difference": max((abs(a - b) for a, b in zip(final, fp32)), default=0.0)}

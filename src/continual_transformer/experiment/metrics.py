@@ -76,6 +76,25 @@ def routing_accuracy(confusion) -> dict:
     return {"per_task": per_task, "overall": overall}
 
 
+CONFUSED_SHARE = 0.10  # a pair is named when this share of one task's inputs go to the other
+
+
+def confused_pairs(confusion, names: list[str], share: float = CONFUSED_SHARE) -> list[dict]:
+    """The task pairs the router confuses: each (task, routed_to) where at least `share` of
+    `task`'s inputs went to `routed_to`, largest share first. Text alone does not tell these
+    tasks apart; a caller can name the task for their inputs."""
+    C = np.asarray(confusion, dtype=float)
+    if C.shape != (len(names), len(names)):
+        raise ValueError(f"confusion matrix of shape {C.shape} for {len(names)} task names")
+    pairs = []
+    for j, total in enumerate(C.sum(1)):
+        for k in range(len(names)):
+            if k != j and total and C[j, k] / total >= share:
+                pairs.append({"task": names[j], "routed_to": names[k],
+                              "share": round(float(C[j, k] / total), 4)})
+    return sorted(pairs, key=lambda p: -p["share"])
+
+
 def summary(R, before=None, reference=None) -> dict:
     out = {
         "acc": average_accuracy(R),

@@ -106,7 +106,8 @@ def stream_report(state: RunState, learner: ContinualLearner, names: list[str], 
         "tasks": names,
         "accuracy_matrix": matrix_json(R),
         "task_free_accuracy_matrix": matrix_json(F),
-        "routing": _routing_json(names, routing, confusion),
+        "routing": _routing_json(names, routing, confusion,
+                                 state.completed[-1].get("routing_ece") if state.completed else None),
         "metrics": summary,
         "fwt_reference": reference_text,
         "reference_accuracy": None if reference is None else [float(v) for v in reference],
@@ -154,10 +155,16 @@ def matrix_json(M: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in M]
 
 
-def _routing_json(names: list[str], routing: dict, confusion: np.ndarray) -> dict:
+def _routing_json(names: list[str], routing: dict, confusion: np.ndarray,
+                  ece: float | None = None) -> dict:
     return {"per_task": dict(zip(names, routing["per_task"])), "overall": routing["overall"],
             "confusion": confusion.tolist(),
-            "confusion_axes": "rows: true task, columns: routed task (final model)"}
+            "confusion_axes": "rows: true task, columns: routed task (final model)",
+            "confused_pairs": metrics.confused_pairs(confusion, names),
+            "confused_share": metrics.CONFUSED_SHARE,
+            "ece": ece,
+            "ece_note": "expected calibration error of the routed task's probability over the "
+                        "test texts (15 bins); null: the method has no router"}
 
 
 def backbone_json(backbone: Backbone) -> dict:

@@ -27,6 +27,7 @@ from ..model.memory import release_freed_memory
 from ..training import distributed
 from ..training.loop import Checkpointing, TrainState
 from ..types import Task, TaskRecord
+from . import metrics
 from .evaluate import StreamEvaluation, precision_comparison
 from .report import joint_report, json_default, matrices, stream_report, write_outputs
 from .resources import peak_rss_mb, start_peak_window, window_peak_rss_mb
@@ -170,18 +171,21 @@ def run_stream(
             "task_peak_rss_mb": round(window_peak_rss_mb(), 1),  # while this task was learned and evaluated
             "train_stats": record.stats,
             "evaluation": evaluated.info,
+            "routing_ece": evaluated.routing_ece,
+            "confused_pairs": metrics.confused_pairs(confusion[: i + 1, : i + 1], names[: i + 1]),
         }
         for done in state.completed:  # only the latest routes are needed to resume
             done.pop("routes", None)
         state.completed.append({"row": row, "free_row": free_row, "before": before,
                                 "confusion": confusion.tolist(), "entry": entry,
+                                "routing_ece": evaluated.routing_ece,
                                 "routes": evaluation.routes()})
         state.current = None
         write()
         R, _, _ = matrices(state.completed, T)
         events.task_finished(i, record, R[: i + 1, : i + 1], names[: i + 1])
     R, _, _ = matrices(state.completed, T)
-    compared = precision_comparison(learner, tasks, list(R[-1])) if T else None
+    compared = precision_comparison(learner, tasks, list(R[-1]), evaluation.fp32) if T else None
     report = stream_report(state, learner, names, time.perf_counter() - session_start + seconds_before)
     report["precision"] = compared
     if out is not None:

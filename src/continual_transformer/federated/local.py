@@ -133,6 +133,10 @@ def client_learner(spec: LearnerSpec, backbone_sha256: str | None = None, device
             learner = ContinualLearner(spec.backbone, method=method, device=device, router=spec.router)
         else:
             learner = ContinualLearner.from_spec(spec, device=device)
+        if learner.router is not None:
+            # No calibration sample: texts' features do not leave a client, and all its texts
+            # go into the statistics, which sum over clients to those of the union.
+            learner.router.hold_out = False
         _LEARNERS[key] = learner
     if backbone_sha256 is not None and learner.backbone.ref.sha256 != backbone_sha256:
         raise BackboneError(

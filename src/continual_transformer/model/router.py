@@ -9,6 +9,13 @@ its router reads the embedding layer.
 
 It learns as tasks arrive, from the trunk features of each task's training texts that learning
 computed anyway; its state is constant in the number of examples.
+
+Its probabilities are calibrated (`calibration.py`): of each task's training features, up to
+`CALIBRATION_ROWS` are held out of the classifier's statistics and kept as the task's
+calibration sample (its own, deleted with it; 49 KB a task at 384 dimensions); one temperature
+dividing the decision scores is fitted on all tasks' samples when the router is solved. A task
+loaded from a checkpoint written before samples existed has none; with fewer than two tasks
+holding one, the temperature is 1 (the raw scores), and `temperature_source` says so.
 """
 
 from __future__ import annotations
@@ -17,11 +24,26 @@ from typing import Collection, Sequence
 
 import torch
 
+from .calibration import fit_temperature
 from .closed_form import AnalyticClassifier
 
 PREFIX = "router."
 SOLUTION = PREFIX + "solution."  # saved shared tensors: the solved router, not statistics
+CALIBRATION = PREFIX + "calibration"  # a task's held-out features (m, H) float32
+TEMPERATURE = SOLUTION + "temperature"
 PREDICT_ROWS = 2048
+# Held out of each task's statistics for calibration: at most this many rows, and at most a
+# fifth of the task's rows (a task of fewer than 5 texts holds none out).
+CALIBRATION_ROWS = 32
+
+
+def calibration_rows(n: int) -> list[int]:
+    """Which of a task's n training rows are held out: evenly spaced, the same in every process."""
+    m = min(CALIBRATION_ROWS, n // 5)
+    if m == 0:
+        return []
+    step = n // m
+    return [step * i + step - 1 for i in range(m)]
 
 
 class Router:
@@ -32,6 +54,11 @@ class Router:
                  shrinkage: float | None = None, seed: int = 0):
         self.classifier = AnalyticClassifier(in_dim=in_dim, n_features=n_features, solver=solver,
                                              shrinkage=shrinkage, seed=seed)
+        self.samples_: dict[str, torch.Tensor] = {}  # task -> held-out features (m, H) float32
+        # A federated client sets this False: its texts' features stay on the client, and its
+        # statistics then sum with other clients' to those of all their texts.
+        self.hold_out = True
+        self._temperature: float | None = None  # fitted when first needed after a change
 
     def hyperparameters(self) -> dict:
         options = self.classifier.hyperparameters()
@@ -43,8 +70,38 @@ class Router:
         return list(self.classifier.classes_)
 
     def partial_fit(self, features: torch.Tensor, task: str) -> None:
-        """Add one task's training features (n, H)."""
-        self.classifier.partial_fit(features, [task] * len(features))
+        """Add one task's training features (n, H): most to the statistics, a few (see
+        `calibration_rows`) kept as its calibration sample."""
+        held = calibration_rows(len(features)) if self.hold_out else []
+        keep = sorted(set(range(len(features))) - set(held))
+        self.classifier.partial_fit(features[keep], [task] * len(keep))
+        if held:
+            self.samples_[task] = features[held].detach().to("cpu", torch.float32).clone()
+        self._temperature = None
+
+    @property
+    def temperature(self) -> float:
+        """What the decision scores are divided by before their softmax (1: uncalibrated)."""
+        if self._temperature is None:
+            self._temperature = self._fit_temperature()
+        return self._temperature
+
+    @property
+    def temperature_source(self) -> str:
+        tasks = [t for t in self.classifier.classes_ if t in self.samples_]
+        if len(tasks) < 2:
+            return "none: fewer than 2 tasks hold a calibration sample; raw scores"
+        return (f"fitted on {sum(len(self.samples_[t]) for t in tasks)} held-out training texts "
+                f"of {len(tasks)} tasks")
+
+    def _fit_temperature(self) -> float:
+        tasks = [t for t in self.classifier.classes_ if t in self.samples_]
+        if len(tasks) < 2 or len(self.classifier.classes_) < 2:
+            return 1.0
+        features = torch.cat([self.samples_[t] for t in tasks])  # (S, H)
+        index = {t: i for i, t in enumerate(self.classifier.classes_)}
+        truth = torch.tensor([index[t] for t in tasks for _ in range(len(self.samples_[t]))])
+        return fit_temperature(self.classifier.scores(features), truth)
 
     def predict(self, features: torch.Tensor,
                 among: Sequence[Collection[str] | None] | None = None) -> list[str]:
@@ -54,42 +111,84 @@ class Router:
 
     def choose(self, features: torch.Tensor,
                among: Sequence[Collection[str] | None] | None = None) -> list[tuple[str, float]]:
-        """`predict`'s task per row with its probability among the tasks the row may go to."""
+        """`predict`'s task per row with its (calibrated) probability among the tasks the row
+        may go to."""
+        return [ranked[0] for ranked in self.rank(features, among, 1)]
+
+    def rank(self, features: torch.Tensor, among: Sequence[Collection[str] | None] | None = None,
+             k: int = 1) -> list[list[tuple[str, float]]]:
+        """Per row (n, H), its `k` most likely tasks, most likely first, with their calibrated
+        probabilities among the tasks the row may go to (fewer when fewer are allowed)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k!r}")
         if len(self.classifier.classes_) == 1:
-            return [(self.classifier.classes_[0], 1.0)] * len(features)
-        # In chunks: the expanded features are float64, 16 KiB per row.
-        return [choice for start in range(0, len(features), PREDICT_ROWS)
-                for choice in self.classifier.choose(
-                    features[start : start + PREDICT_ROWS],
-                    None if among is None else among[start : start + PREDICT_ROWS])]
+            return [[(self.classifier.classes_[0], 1.0)]] * len(features)
+        out = []
+        for start in range(0, len(features), PREDICT_ROWS):  # expanded rows: float64, 16 KiB each
+            scores = self.classifier.scores(
+                features[start : start + PREDICT_ROWS],
+                None if among is None else among[start : start + PREDICT_ROWS])  # (n, K)
+            probs = torch.softmax(scores / self.temperature, dim=1)  # -inf: probability 0
+            # Ordered by the scores, not the probabilities: dividing by T cannot reorder them,
+            # and a stable sort breaks ties as argmax does, so the first task is exactly the
+            # uncalibrated classifier's route.
+            top = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]  # (n, k)
+            allowed = torch.isfinite(scores).sum(1).tolist()
+            for row, (indices, n_allowed) in enumerate(zip(top.tolist(), allowed)):
+                out.append([(self.classifier.classes_[i], float(probs[row, i]))
+                            for i in indices[:n_allowed]])
+        return out
 
     def prepare(self) -> None:
         """Solve now what the first routed prediction would otherwise solve (seconds at 2048
         features), e.g. before a server swaps this router in."""
         if len(self.classifier.classes_) > 1:
             self.classifier.solution()
+            self._temperature = self.temperature  # fitted now too, not in the first request
 
     def solution_tensors(self) -> dict[str, torch.Tensor]:
         """The solved router (solved now if need be), to save beside its statistics: a model
         loaded with it routes at once and exactly as the one that saved it."""
         if len(self.classifier.classes_) < 2:
             return {}
-        return {SOLUTION + k: v for k, v in self.classifier.solution_state().items()}
+        return {**{SOLUTION + k: v for k, v in self.classifier.solution_state().items()},
+                TEMPERATURE: torch.tensor([self.temperature], dtype=torch.float64)}
 
     def load_solution_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Install `solution_tensors()` saved with the statistics now loaded."""
+        """Install `solution_tensors()` saved with the statistics now loaded (a solution saved
+        before calibration has no temperature: it is fitted on first use)."""
+        tensors = dict(tensors)
+        temperature = tensors.pop(TEMPERATURE, None)
         self.classifier.load_solution_state({k[len(SOLUTION):]: v for k, v in tensors.items()})
+        if temperature is not None:
+            if temperature.shape != (1,) or not float(temperature[0]) > 0:
+                raise ValueError(f"solution 'temperature' is {temperature.tolist()}, expected one number > 0")
+            self._temperature = float(temperature[0])
 
     def remove(self, task: str) -> None:
         if task in self.classifier.classes_:
             self.classifier.remove_classes([task])
+        self.samples_.pop(task, None)
+        self._temperature = None
 
     def task_tensors(self, task: str) -> dict[str, torch.Tensor]:
-        return {PREFIX + k: v for k, v in self.classifier.class_state([task]).items()}
+        tensors = {PREFIX + k: v for k, v in self.classifier.class_state([task]).items()}
+        if task in self.samples_:
+            tensors[CALIBRATION] = self.samples_[task].clone()
+        return tensors
 
     def load_task_tensors(self, task: str, tensors: dict[str, torch.Tensor]) -> None:
-        state = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
+        state = {k[len(PREFIX):]: v for k, v in tensors.items()
+                 if k.startswith(PREFIX) and k != CALIBRATION}
+        sample = tensors.get(CALIBRATION)
+        if sample is not None and (sample.dtype != torch.float32 or sample.ndim != 2
+                                   or sample.shape[1] != self.classifier.in_dim):
+            raise ValueError(f"router calibration sample of task {task!r} is {sample.dtype} "
+                             f"{tuple(sample.shape)}, expected float32 (m, {self.classifier.in_dim})")
         self.classifier.load_class_state([task], state)
+        if sample is not None:
+            self.samples_[task] = sample.clone()
+        self._temperature = None
 
     def shared_tensors(self) -> dict[str, torch.Tensor]:
         return {PREFIX + k: v for k, v in self.classifier.shared_state().items()}
@@ -97,18 +196,40 @@ class Router:
     def load_shared_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         state = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
         self.classifier.load_shared_state(state)
+        self._temperature = None
 
     def add_shared_tensors(self, increment: dict[str, torch.Tensor]) -> None:
         """Add shared statistics gathered elsewhere (by a router that saw only new data)."""
         state = {k[len(PREFIX):]: v for k, v in increment.items() if k.startswith(PREFIX)}
         self.classifier.add_shared_state(state)
+        self._temperature = None
 
     def snapshot(self) -> tuple:
         """Everything `restore` needs to undo later changes (copies)."""
-        return self.classifier.snapshot()
+        return self.classifier.snapshot(), dict(self.samples_)
 
     def restore(self, snapshot: tuple) -> None:
-        self.classifier.restore(snapshot)
+        classifier, samples = snapshot
+        self.classifier.restore(classifier)
+        self.samples_ = dict(samples)
+        self._temperature = None
 
     def state_numbers(self) -> dict[str, int]:
+        """Numbers held: shared (the Gram matrix) and per task (its statistics, float64),
+        besides which a task holds at most `CALIBRATION_ROWS` x H float32 sample numbers."""
         return self.classifier.state_numbers()
+
+    def task_bytes(self, task: str | None = None) -> int:
+        """Bytes `task` holds here: statistics (float64) and its sample (float32); without a
+        task (or one not held), the most a task can hold."""
+        sample = (self.samples_[task].numel() if task in self.samples_ else
+                  0 if task in self.classifier.classes_ else CALIBRATION_ROWS * self.classifier.in_dim)
+        return 8 * self.classifier.state_numbers()["per_class"] + 4 * sample
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held now: shared, and per task (statistics float64, sample float32)."""
+        c = self.classifier
+        per_task = {t: 8 * (c.dim + 1) + (self.samples_[t].numel() * 4 if t in self.samples_ else 0)
+                    for t in c.classes_}
+        return {"shared": c.gram_upper_.numel() * 8, "tasks": sum(per_task.values()),
+                "per_task_max": max(per_task.values(), default=0)}

@@ -11,11 +11,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..data.source import ReadOptions, tasks_from_upload
 from ..data.stream import check_row, tasks_from_rows
 from ..extras import MissingExtra
+from ..task_free import TaskFreeAnswer
 from ..types import StreamError, Task, check_task_name
 from .deps import (DeleterDep, JobsDep, LearnerDep, MetricsDep, MetricsReaderDep, PredictorDep,
                    ReaderDep, ServiceDep, SettingsDep)
 from .jobs import Job, JobRejected
-from .schemas import (ErrorOut, Health, JobOut, JobsResponse, PredictionOut, PredictRequest,
+from .schemas import (CandidateOut, ErrorOut, Health, JobOut, JobsResponse, PredictionOut, PredictRequest,
                       PredictResponse, Ready, TaskOut, TasksResponse, TaskUpload)
 from .security import Caller
 from .serving import PredictionRefused, UnknownTask
@@ -96,16 +97,16 @@ async def predict(body: PredictRequest, caller: PredictorDep, service: ServiceDe
     _involve(request, [i.task for i in body.items])
     try:
         results = await service.predict([i.text for i in body.items], [i.task for i in body.items],
-                                        _sees(caller))
+                                        _sees(caller), TaskFreeAnswer(body.top_k, body.min_task_confidence))
     except (UnknownTask, PredictionRefused) as exc:
         raise HTTPException(422, str(exc)) from None
     _involve(request, [p.task for p in results])
     for p in results:
-        metrics.predictions.labels(p.task).inc()
-    return PredictResponse(predictions=[PredictionOut(task=p.task, label=p.label,
-                                                      probabilities=p.probabilities,
-                                                      task_probability=p.task_probability)
-                                        for p in results])
+        metrics.predictions.labels(p.task or "(ambiguous)").inc()
+    return PredictResponse(predictions=[PredictionOut(
+        status=p.status, task=p.task, label=p.label, probabilities=p.probabilities,
+        task_probability=p.task_probability,
+        candidates=[CandidateOut(task=t, probability=q) for t, q in p.candidates]) for p in results])
 
 
 # -- tasks -------------------------------------------------------------------------------------

@@ -31,14 +31,29 @@ class PredictItem(Strict):
 
 class PredictRequest(Strict):
     items: list[PredictItem] = Field(min_length=1, description="Items may name different tasks.")
+    top_k: int = Field(1, ge=1, le=100, description="For items without a task: how many candidate "
+                       "tasks to name, most likely first, with their probabilities.")
+    min_task_confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="For items without a task: below this probability of the "
+        "routed task, the answer is status 'ambiguous' with its candidate tasks (at least 2), no "
+        "task and no label. The router's probabilities are calibrated (see the README).")
+
+
+class CandidateOut(BaseModel):
+    task: str
+    probability: float
 
 
 class PredictionOut(BaseModel):
-    task: str
-    label: str
+    status: Literal["ok", "ambiguous"] = Field(
+        "ok", description="'ambiguous': the routed task's probability was below min_task_confidence.")
+    task: str | None = Field(description="null only when status is 'ambiguous'.")
+    label: str | None = Field(description="null only when status is 'ambiguous'.")
     probabilities: dict[str, float]
     task_probability: float | None = Field(
         None, description="For an item without a task: the probability of the task it was routed to.")
+    candidates: list[CandidateOut] = Field(
+        default_factory=list, description="For an item without a task: its top_k most likely tasks.")
 
 
 class PredictResponse(BaseModel):

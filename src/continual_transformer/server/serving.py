@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..task_free import TaskFreeAnswer
 from ..model.batching import padded
 from .logs import event
 
@@ -65,6 +66,7 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     among: frozenset[str] | None = None  # the tasks routed rows may go to (None: any)
+    answer: TaskFreeAnswer = field(default_factory=TaskFreeAnswer)  # how routed rows are stated
     results: list = field(default_factory=list)
     left: int = 0  # rows not answered yet
     failed: bool = False  # answered with an error: its other rows are dropped
@@ -166,13 +168,15 @@ class ModelService:
 
     # -- predicting ----------------------------------------------------------------------------
     async def predict(self, texts: list[str], tasks: list[str | None],
-                      sees: Callable[[str], bool] | None = None) -> list["Prediction"]:
+                      sees: Callable[[str], bool] | None = None,
+                      answer: TaskFreeAnswer | None = None) -> list["Prediction"]:
         """Predictions for `texts` (task None: the model routes, or refuses), batched with others.
-        With `sees`, named tasks must be visible to it and routed rows go only to such tasks."""
+        With `sees`, named tasks must be visible to it and routed rows go only to such tasks.
+        `answer`: how many candidate tasks a routed row names, and its ambiguity threshold."""
         known = self.check_tasks(tasks, sees)
         loop = asyncio.get_running_loop()
         pending = _Pending(list(texts), list(tasks), loop, loop.create_future(),
-                           None if sees is None else frozenset(known))
+                           None if sees is None else frozenset(known), answer or TaskFreeAnswer())
         self._queue.put(pending)
         return await pending.future
 
@@ -281,10 +285,13 @@ class ModelService:
             if not rows:
                 return
             among = [r.request.among for r in rows]
+            # One pass serves requests that ask for different k: rank for the largest, and
+            # state each row as its request asks (`restate`, below).
+            top_k = max(r.request.answer.candidates_needed for r in rows)
             try:
                 answers = self.learner.predict_ids(
                     [r.ids for r in rows], task=[r.request.tasks[r.index] for r in rows],
-                    among=None if all(a is None for a in among) else among)
+                    among=None if all(a is None for a in among) else among, top_k=top_k)
             except (ValueError, KeyError) as exc:
                 message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
                 error_type = UnknownTask if isinstance(exc, KeyError) else PredictionRefused
@@ -295,7 +302,7 @@ class ModelService:
         self.metrics.batch_rows.observe(len(rows))
         for row, answer in zip(rows, answers):
             request = row.request
-            request.results[row.index] = answer
+            request.results[row.index] = request.answer.restate(answer)
             request.left -= 1
             if request.left == 0:
                 request.loop.call_soon_threadsafe(_settle, request.future, request.results)

@@ -1,0 +1,90 @@
+"""The joint decision: a routed row's top-k candidate tasks weighed by their own heads.
+
+The router reads only the trunk; a candidate task's head (its adapted top layers, head and
+lexical branch) often knows better whether the text is its kind. For a routed row, each of the
+router's `k` most likely tasks answers it, and the row goes to the task with the highest
+
+    router probability x the head's probability of its own answer
+
+(both calibrated or not, they are probabilities of the same row). Still one trunk pass: the
+trunk's output rows are repeated, one per (row, candidate), and the top layers run once over
+that mixed-task batch; rows whose task is given run once, under their task. k = 1 is not
+computed here: the learner's plain path is exactly today's answer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Collection, Sequence
+
+import torch
+
+from .model.backbone import LayerCall, masked_mean
+from .model.trunk import TopInput
+
+if TYPE_CHECKING:
+    from .learner import ContinualLearner
+
+
+def take_rows(call: LayerCall, index: torch.Tensor, batch_rows: int) -> LayerCall:
+    """`call` for the rows `index` of its batch: every tensor argument with one entry per row
+    (first dimension = the batch's rows) is indexed; shared ones (first dimension 1) stay."""
+    def take(value):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch_rows:
+            return value.index_select(0, index.to(value.device))
+        if isinstance(value, tuple):
+            return tuple(take(v) for v in value)
+        return value
+
+    return LayerCall(tuple(take(a) for a in call.args), {k: take(v) for k, v in call.kwargs.items()})
+
+
+def joint_logits(
+    learner: "ContinualLearner", batch: dict[str, torch.Tensor], ids: Sequence[Sequence[int]],
+    tasks: Sequence[str | None], among: Sequence[Collection[str] | None] | None, k: int, top_k: int,
+) -> tuple[list[str], list[torch.Tensor], list[list[tuple[str, float]] | None]]:
+    """Per row: its task (chosen jointly when routed), its fused logits (C,) under that task,
+    and for a routed row its candidates, the chosen task first, then the others in the
+    router's order (probabilities: the router's)."""
+    if learner.router is None:
+        raise ValueError(f"method {learner.method.name!r} names tasks itself; the joint decision "
+                         "needs a router")
+    if k < 2:
+        raise ValueError(f"the joint decision weighs k >= 2 candidates, got {k!r}")
+    inputs = learner.model.trunk(batch)  # (B, T, H)
+    rows = len(tasks)
+    missing = [i for i, t in enumerate(tasks) if t is None]
+    ranked: list[list[tuple[str, float]] | None] = [None] * rows
+    if missing:
+        features = masked_mean(inputs.hidden.float(), inputs.attention_mask)[missing]  # (M, H)
+        limits = None if among is None else [among[i] for i in missing]
+        for i, candidates in zip(missing, learner.router.rank(features, limits, max(k, top_k))):
+            ranked[i] = candidates
+    source, row_tasks = [], []  # one entry per (row, candidate) of the mixed batch
+    for i, task in enumerate(tasks):
+        for name in [task] if task is not None else [c for c, _ in ranked[i][:k]]:
+            source.append(i)
+            row_tasks.append(name)
+    index = torch.tensor(source)
+    device_index = index.to(inputs.hidden.device)
+    expanded = TopInput(inputs.hidden.index_select(0, device_index),
+                        take_rows(inputs.call, index, rows),
+                        inputs.attention_mask.index_select(0, device_index))  # (B', T, H)
+    pooled = learner.model.top_pooled(expanded, [learner.method.adapter_key(t) for t in row_tasks],
+                                      torch.float32)  # (B', H)
+    logits = learner.head_logits(pooled, row_tasks)
+    logits = learner.model.fused_logits(row_tasks, [ids[i] for i in source], logits)
+    chosen: list[str] = list(tasks)
+    out: list[torch.Tensor | None] = [None] * rows
+    best: dict[int, float] = {}
+    for e, (i, name) in enumerate(zip(source, row_tasks)):
+        if tasks[i] is not None:
+            out[i] = logits[e]
+            continue
+        router_p = dict(ranked[i])[name]
+        score = router_p * float(torch.softmax(logits[e].float(), dim=-1).max())
+        if i not in best or score > best[i]:  # ties: the router's order decides
+            best[i], chosen[i], out[i] = score, name, logits[e]
+    for i in missing:
+        first = [c for c in ranked[i] if c[0] == chosen[i]]
+        ranked[i] = first + [c for c in ranked[i] if c[0] != chosen[i]]
+    return chosen, out, ranked  # type: ignore[return-value]
