@@ -1,6 +1,7 @@
 """Which evidence should the router read? Candidates measured on trunk features, no training.
 
     python benchmarks/routing_evidence.py [STREAM] [--tasks 25] [--cache F.pt]
+        [--max-train N --max-test N]
 
 The router may read only what the prediction pass computes before any task's layers run: the
 mean over tokens of the embedding output and of each trunk layer (layers below the adapted top;
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=0, help="the first N tasks (0: all)")
     parser.add_argument("--cache", type=Path, default=None, help="save/load the features here (.pt)")
     parser.add_argument("--no-reference", action="store_true", help="skip TF-IDF + LR")
+    parser.add_argument("--max-train", type=int, default=0, help="at most N training texts a task (0: all)")
+    parser.add_argument("--max-test", type=int, default=0, help="at most N test texts a task (0: all)")
     args = parser.parse_args()
 
     tasks = load_stream(args.stream or default_stream_path())
@@ -82,11 +85,12 @@ def main() -> None:
     fit_rows, val_rows, test_rows = [], [], []  # (task index, text, ids slot)
     texts = []
     for k, task in enumerate(tasks):
-        held = held_out_positions(task, 0.2, seed=0)
-        for i, example in enumerate(task.train):
+        train = task.train[: args.max_train or None]
+        held = held_out_positions(type(task)(task.name, task.labels, train, ()), 0.2, seed=0)
+        for i, example in enumerate(train):
             (val_rows if i in held else fit_rows).append((k, len(texts)))
             texts.append(example.text)
-        for example in task.test:
+        for example in task.test[: args.max_test or None]:
             test_rows.append((k, len(texts)))
             texts.append(example.text)
     start = time.perf_counter()

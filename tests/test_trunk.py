@@ -42,6 +42,9 @@ def test_all_layers_reproduce_the_original_method(tiny_config, tasks, precision)
     learner = ContinualLearner(tiny_config, train=TrainConfig(epochs=2, precision=precision),
                                device="cpu")
     assert learner.model.trunk_layers == 0 and learner.model.top_layers == 2
+    # The golden router was written before it held calibration rows out of its statistics:
+    # with none held out it must be that router (the route is the same either way).
+    learner.router.hold_out = False
     for task in tasks:
         learner.learn(task)
     learner.precision = "fp32"  # the golden answers were predicted in float32
