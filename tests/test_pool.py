@@ -175,18 +175,18 @@ def test_delete_keeps_a_shared_entry_until_its_last_task(tiny_config):
 
 
 def test_failed_learn_puts_the_pool_back(tiny_config, monkeypatch):
-    from continual_transformer.methods import merge
+    from continual_transformer.methods import pool_merge
 
     learner = _learner(tiny_config, pool_size=1, reuse_margin=1e9, merge_agreement=0.0)
     learner.learn(_task("kinds"))
     entries = _entries(learner)
-    distill = merge.distill_into
+    distill = pool_merge.distill_into
 
     def distill_then_fail(*args, **kwargs):
         distill(*args, **kwargs)  # the old entry is changed by now
         raise RuntimeError("killed during the merge")
 
-    monkeypatch.setattr(merge, "distill_into", distill_then_fail)
+    monkeypatch.setattr(pool_merge, "distill_into", distill_then_fail)
     with pytest.raises(RuntimeError, match="killed during the merge"):
         learner.learn(_task("mixed"))
     assert learner.method.assignment == {"kinds": "entry0"}

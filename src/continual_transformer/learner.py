@@ -21,12 +21,12 @@ from .config import BackboneConfig, LearnerSpec, TrainConfig
 from .io import checkpoint
 from .io.checkpoint import SavedModel, SavedTask
 from .io.store import CheckpointError
-from .joint import joint_logits
 from .methods import GradientMethod, Method, make_method
 from .methods.base import task_seed
 from .model.adapted import AdaptedModel
 from .model.backbone import Backbone, BackboneError, masked_mean
 from .model.batching import collated
+from .model.joint_decision import joint_logits
 from .model.router import SOLUTION as ROUTER_SOLUTION
 from .model.router import Router
 from .model.memory import release_freed_memory, release_freed_memory_at_most_every
@@ -358,9 +358,13 @@ class ContinualLearner:
             for rows, batch in collated(self.backbone, ids):
                 given = [row_tasks[i] for i in rows]
                 limits = None if among is None else [among[i] for i in rows]
-                if joint_k > 1 and None in given:  # candidates weighed by their heads (joint.py)
+                if joint_k > 1 and None in given:  # candidates weighed by their heads
+                    if self.router is None:
+                        raise ValueError(f"method {self.method.name!r} names tasks itself; the "
+                                         "joint decision needs a router")
                     resolved, logits, routed = joint_logits(
-                        self, batch, [ids[i] for i in rows], given, limits, joint_k, top_k)
+                        self.model, self.router, self.method.adapter_key, self.head_logits, batch,
+                        [ids[i] for i in rows], given, limits, joint_k, top_k)
                 else:
                     resolved, logits, routed = self.row_logits(batch, given, limits, top_k)
                     logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
@@ -392,7 +396,7 @@ class ContinualLearner:
         whose task probability is below `min_task_confidence` is answered with status
         "ambiguous" and its candidate tasks (at least 2), no task and no label. With `joint_k`
         > 1, a routed row's `joint_k` most likely tasks each answer it and the row goes to the
-        one with the highest router probability x head confidence (`joint.py`; then the chosen
+        one with the highest router probability x head confidence (`model/joint_decision.py`; then the chosen
         task is the first candidate). `precision` ("auto", "fp32", "bf16"; default: the learner's `precision`) is what the
         encoder computes in.
         """

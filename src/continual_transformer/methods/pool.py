@@ -12,7 +12,7 @@ The rule, with `best` the best entry and `gain` its gain:
 - the pool is full and `gain > reuse_margin`: the task reads `best` as it is and trains its
   head only ("reuse"); no old task's model changes;
 - the pool is full otherwise: a new entry is trained from all ones, then merged into `best` by
-  distillation on the task's texts (methods/merge.py) ("merge"). If afterwards an old task's
+  distillation on the task's texts (methods/pool_merge.py) ("merge"). If afterwards an old task's
   head agrees with its former predictions on fewer than `merge_agreement` of those texts, the
   merge is undone and the task reuses `best` instead ("merge refused: reuse").
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..types import Task
-from . import merge
+from . import pool_merge
 from ..model.lexical import LexicalBranch
 from .base import task_seed
 from .ia3 import ADAPTER, HEAD, IA3Method, load_head
@@ -172,7 +172,7 @@ class PooledIA3Method(IA3Method):
         self._add_entry(model, MERGING, None, before)
         stats = self._train(model, task, states, MERGING, progress, checkpointing)
         old_tasks = self.tasks_of(target)
-        result = merge.distill_into(model, task, states, labels.to(model.device), target, MERGING,
+        result = pool_merge.distill_into(model, task, states, labels.to(model.device), target, MERGING,
                                     old_tasks, self.train, progress)
         model.adapter.remove(MERGING)
         before.added.remove(MERGING)

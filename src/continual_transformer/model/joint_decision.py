@@ -14,15 +14,14 @@ computed here: the learner's plain path is exactly today's answer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Collection, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
-from .model.backbone import LayerCall, masked_mean
-from .model.trunk import TopInput
-
-if TYPE_CHECKING:
-    from .learner import ContinualLearner
+from .adapted import AdaptedModel
+from .backbone import LayerCall, masked_mean
+from .router import Router
+from .trunk import TopInput
 
 
 def take_rows(call: LayerCall, index: torch.Tensor, batch_rows: int) -> LayerCall:
@@ -39,25 +38,25 @@ def take_rows(call: LayerCall, index: torch.Tensor, batch_rows: int) -> LayerCal
 
 
 def joint_logits(
-    learner: "ContinualLearner", batch: dict[str, torch.Tensor], ids: Sequence[Sequence[int]],
+    model: AdaptedModel, router: Router, adapter_key: Callable[[str], str | None],
+    head_logits: Callable[[torch.Tensor, list[str]], list[torch.Tensor]],
+    batch: dict[str, torch.Tensor], ids: Sequence[Sequence[int]],
     tasks: Sequence[str | None], among: Sequence[Collection[str] | None] | None, k: int, top_k: int,
 ) -> tuple[list[str], list[torch.Tensor], list[list[tuple[str, float]] | None]]:
     """Per row: its task (chosen jointly when routed), its fused logits (C,) under that task,
     and for a routed row its candidates, the chosen task first, then the others in the
-    router's order (probabilities: the router's)."""
-    if learner.router is None:
-        raise ValueError(f"method {learner.method.name!r} names tasks itself; the joint decision "
-                         "needs a router")
+    router's order (probabilities: the router's). `adapter_key` and `head_logits` are the
+    method's: which scales a task's rows run under, and its head on pooled rows (B, H)."""
     if k < 2:
         raise ValueError(f"the joint decision weighs k >= 2 candidates, got {k!r}")
-    inputs = learner.model.trunk(batch)  # (B, T, H)
+    inputs = model.trunk(batch)  # (B, T, H)
     rows = len(tasks)
     missing = [i for i, t in enumerate(tasks) if t is None]
     ranked: list[list[tuple[str, float]] | None] = [None] * rows
     if missing:
         features = masked_mean(inputs.hidden.float(), inputs.attention_mask)[missing]  # (M, H)
         limits = None if among is None else [among[i] for i in missing]
-        for i, candidates in zip(missing, learner.router.rank(features, limits, max(k, top_k))):
+        for i, candidates in zip(missing, router.rank(features, limits, max(k, top_k))):
             ranked[i] = candidates
     source, row_tasks = [], []  # one entry per (row, candidate) of the mixed batch
     for i, task in enumerate(tasks):
@@ -69,10 +68,9 @@ def joint_logits(
     expanded = TopInput(inputs.hidden.index_select(0, device_index),
                         take_rows(inputs.call, index, rows),
                         inputs.attention_mask.index_select(0, device_index))  # (B', T, H)
-    pooled = learner.model.top_pooled(expanded, [learner.method.adapter_key(t) for t in row_tasks],
-                                      torch.float32)  # (B', H)
-    logits = learner.head_logits(pooled, row_tasks)
-    logits = learner.model.fused_logits(row_tasks, [ids[i] for i in source], logits)
+    pooled = model.top_pooled(expanded, [adapter_key(t) for t in row_tasks], torch.float32)  # (B', H)
+    logits = head_logits(pooled, row_tasks)
+    logits = model.fused_logits(row_tasks, [ids[i] for i in source], logits)
     chosen: list[str] = list(tasks)
     out: list[torch.Tensor | None] = [None] * rows
     best: dict[int, float] = {}
