@@ -15,6 +15,8 @@ texts as a validation split, and learns the rest task after task. At each milest
 - the threshold on the routed task's probability that gives 95 % precision on the validation
   split, and on test: the share of texts answered (not "ambiguous") and their routing accuracy;
 - the router's bytes (shared + per task);
+- routing's share of a routed prediction's time: the router's milliseconds per text against the
+  whole encoder's (all layers, batches of `--batch`, timed once on `--latency-texts` test texts);
 - reference, not streaming: TF-IDF (word 1-2 + char_wb 2-5 grams) + logistic regression over
   task ids, retrained on all fit texts of the tasks seen so far (needs scikit-learn).
 
@@ -56,6 +58,23 @@ def trunk_features(backbone: Backbone, texts: list[str], trunk_layers: int) -> t
     return out
 
 
+@torch.inference_mode()
+def forward_ms_per_text(backbone: Backbone, texts: list[str], batch: int, repeats: int = 3) -> float:
+    """Median over `repeats` of the milliseconds per text of the whole encoder (trunk and top,
+    unadapted) in batches of `batch`: the pass a routed prediction makes besides routing."""
+    ids = backbone.tokenize(texts)
+    times = []
+    with backbone.default_attention():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for rows, collated_batch in collated(backbone, ids, max_rows=batch):
+                hidden, call = backbone.start(**collated_batch)
+                hidden = backbone.run_layers(hidden, call, 0, backbone.num_layers)
+                masked_mean(hidden.float(), collated_batch["attention_mask"])
+            times.append((time.perf_counter() - start) / len(texts))
+    return 1000 * float(np.median(times))
+
+
 def threshold_for_precision(confidence: np.ndarray, correct: np.ndarray, precision: float) -> float:
     """The lowest threshold whose answers (confidence >= it) are right at least `precision`."""
     order = np.argsort(-confidence)
@@ -86,6 +105,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="save/load the features here (.pt)")
     parser.add_argument("--out", type=Path, default=Path("routing_scale_out"))
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--batch", type=int, default=32, help="rows per routing / encoder call, as predict")
+    parser.add_argument("--latency-texts", type=int, default=256,
+                        help="test texts the encoder pass is timed on (routing's share of latency)")
     args = parser.parse_args()
     milestones = [int(m) for m in args.milestones.split(",")]
 
@@ -116,6 +138,11 @@ def main() -> None:
         split[name] = (y, features[offset : offset + len(y)], [t for _, t in rows[name]])
         offset += len(y)
 
+    rng = np.random.default_rng(0)
+    sample = [rows["test"][i][1] for i in rng.choice(len(rows["test"]), min(args.latency_texts, len(rows["test"])), replace=False)]
+    forward_ms = forward_ms_per_text(backbone, sample, args.batch)
+    print(f"encoder pass (all {backbone.num_layers} layers) {forward_ms:.3f} ms per text in batches "
+          f"of {args.batch}, median of 3 over {len(sample)} test texts", flush=True)
     names = [t.name for t in tasks]
     router = Router(backbone.hidden_size)
     results, learned = [], 0
@@ -131,8 +158,10 @@ def main() -> None:
         for name in ("val", "test"):
             y, x, _ = split[name]
             seen = y < m
+            rows_seen = x[torch.from_numpy(seen)]
             t0 = time.perf_counter()
-            ranked = router.rank(x[torch.from_numpy(seen)], None, 1)
+            ranked = [r for i in range(0, len(rows_seen), args.batch)
+                      for r in router.rank(rows_seen[i : i + args.batch], None, 1)]
             seconds = time.perf_counter() - t0
             chosen = np.array([names.index(r[0][0]) for r in ranked])
             confidence = np.array([r[0][1] for r in ranked])
@@ -152,6 +181,8 @@ def main() -> None:
             "router_bytes_shared": size["shared"], "router_bytes_tasks": size["tasks"],
             "router_bytes_per_task_max": size["per_task_max"],
             "solve_seconds": round(solve, 2), "route_ms_per_text": round(1000 * per_text, 3),
+            "encoder_ms_per_text": round(forward_ms, 3),
+            "routing_share_of_latency": round(1000 * per_text / (1000 * per_text + forward_ms), 4),
         }
         if not args.no_reference:
             fy, _, ft = split["fit"]

@@ -120,8 +120,9 @@ def test_a_solved_router_is_saved_and_loaded_instead_of_solved_again(ia3, tasks,
     with safe_open(shared, "pt") as file:
         tensors = {k: file.get_tensor(k) for k in file.keys()}
     assert sorted(tensors) == ["router.gram_upper", "router.solution.alpha",
-                               "router.solution.coef", "router.solution.intercept",
-                               "router.solution.temperature"]
+                               "router.solution.coef", "router.solution.confidence_map",
+                               "router.solution.intercept", "router.solution.temperature"]
+    assert loaded.router.confidence_map == ia3.router.confidence_map
     saved = loaded.state(router_solution=True)
     saved.shared_tensors["router.solution.coef"] = saved.shared_tensors["router.solution.coef"][:, :1]
     with pytest.raises(CheckpointError, match="solution 'coef' is .* expected \\(256, 2\\) float64 for 2 classes"):

@@ -9,7 +9,8 @@ import torch
 
 from continual_transformer import ContinualLearner, TrainConfig, load_stream
 from continual_transformer.experiment.metrics import confused_pairs
-from continual_transformer.model.calibration import expected_calibration_error, fit_temperature
+from continual_transformer.model.calibration import (
+    expected_calibration_error, fit_confidence_map, fit_temperature, map_confidence)
 from continual_transformer.model.router import CALIBRATION, CALIBRATION_ROWS, Router, calibration_rows
 from continual_transformer.task_free import TaskFreeAnswer
 from conftest import toy_rows, write_jsonl
@@ -161,6 +162,42 @@ def test_temperature_fit_and_calibration_error():
     assert fit_temperature(10 * true_scores, y) == pytest.approx(5.0, rel=0.1)
     assert expected_calibration_error(np.array([0.9, 0.9]), np.array([True, True])) == pytest.approx(0.1)
     assert expected_calibration_error(np.array([0.75] * 4), np.array([1, 1, 1, 0])) == pytest.approx(0.0)
+
+
+def test_confidence_map_fixes_what_one_temperature_cannot_and_keeps_the_order():
+    # Stated probabilities too low where unsure and too high where sure (as the router's at 100
+    # tasks): right with probability sigmoid(0.5 logit(p) + 0.2), not p.
+    torch.manual_seed(0)
+    p = torch.rand(20000, dtype=torch.float64) * 0.98 + 0.01
+    z = torch.log(p) - torch.log1p(-p)
+    correct = torch.rand(20000, dtype=torch.float64) < torch.sigmoid(0.5 * z + 0.2)
+    a, b = fit_confidence_map(p, correct)
+    assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(0.2, abs=0.05)
+    before = expected_calibration_error(p.numpy(), correct.numpy())
+    after = expected_calibration_error(map_confidence(p, a, b).numpy(), correct.numpy())
+    assert before > 0.05 and after < 0.02
+    assert torch.all(torch.diff(map_confidence(torch.sort(p).values, a, b)) >= 0)
+    # too few wrong (or right) answers to fit: the identity
+    assert fit_confidence_map(p[:50], torch.ones(50, dtype=torch.bool)) == (1.0, 0.0)
+    assert torch.equal(map_confidence(p, 1.0, 0.0), p)
+
+
+def test_router_states_mapped_probabilities_in_the_classifiers_order():
+    torch.manual_seed(0)
+    router = Router(8, n_features=64)
+    centres = torch.randn(6, 8) * 0.6  # overlapping tasks: many wrong routes
+    for t in range(6):
+        router.partial_fit(centres[t] + torch.randn(200, 8), f"t{t}")
+    a, b = router.confidence_map
+    assert (a, b) != (1.0, 0.0)
+    x = centres[torch.arange(600) % 6] + torch.randn(600, 8)
+    ranked = router.rank(x, None, 6)
+    assert [r[0][0] for r in ranked] == router.classifier.predict(x)  # the route is unchanged
+    for row in ranked:
+        probs = [p for _, p in row]
+        assert sum(probs) <= 1 + 1e-9 and all(probs[0] >= q for q in probs[1:])
+    # one allowed task: it is certain
+    assert router.rank(x[:2], [{"t3"}, {"t3"}], 3) == [[("t3", 1.0)], [("t3", 1.0)]]
 
 
 def test_confused_pairs_name_shares_of_ten_percent_or_more():

@@ -1,4 +1,5 @@
-"""Calibration of the router's task probabilities: a temperature, and how far off they are.
+"""Calibration of the router's task probabilities: a temperature, a confidence map, and how far
+off they are.
 
 The router's probabilities are the softmax of its decision scores. A shared-covariance
 classifier on thousands of random features is sure of itself far beyond its accuracy (its
@@ -55,3 +56,52 @@ def fit_temperature(scores: torch.Tensor, y: torch.Tensor) -> float:
     low, high = _GRID[max(best - 1, 0)], _GRID[min(best + 1, len(_GRID) - 1)]
     fine = np.exp(np.linspace(np.log(low), np.log(high), 41))  # one grid step either side
     return float(fine[int(np.argmin([_nll(scores, y, t) for t in fine]))])
+
+
+# The confidence map is fitted only when the held-out answers hold at least this many right and
+# this many wrong ones; with fewer, the map is the identity (the tempered probability stands).
+MAP_MIN_EACH = 10
+
+
+def _log_odds(p: torch.Tensor) -> torch.Tensor:
+    p = p.double().clamp(1e-12, 1 - 1e-12)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def fit_confidence_map(confidence: torch.Tensor, correct: torch.Tensor) -> tuple[float, float]:
+    """(a, b) of q = sigmoid(a * logit(p) + b): the routed task's tempered probability p mapped
+    to how often such answers are right, fitted by maximum likelihood on held-out answers
+    (`confidence` (N,), `correct` (N,) bool). One temperature cannot do this at many tasks: the
+    classifier's tempered probabilities are too low where it hesitates and too high where it is
+    sure (measured on the 100-task stream, docs/task_free.md). (1, 0) is the identity, returned
+    when fewer than `MAP_MIN_EACH` answers are right or wrong."""
+    confidence, correct = torch.as_tensor(confidence), torch.as_tensor(correct).double()
+    if confidence.shape != correct.shape or confidence.ndim != 1:
+        raise ValueError(f"confidence {tuple(confidence.shape)} and correct {tuple(correct.shape)} "
+                         "must be equal 1-D shapes")
+    right = int(correct.sum())
+    if min(right, len(correct) - right) < MAP_MIN_EACH:
+        return 1.0, 0.0
+    with torch.inference_mode(False), torch.enable_grad():  # callers may be predicting
+        z, truth = _log_odds(confidence.clone()), correct.clone()
+        ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([ab], max_iter=100, line_search_fn="strong_wolfe")
+
+        def loss():
+            optimizer.zero_grad()
+            value = torch.nn.functional.binary_cross_entropy_with_logits(ab[0] * z + ab[1], truth)
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+        a, b = (float(v) for v in ab.detach())
+    if not (np.isfinite(a) and np.isfinite(b) and a > 0):  # a map that reverses the order is no map
+        return 1.0, 0.0
+    return a, b
+
+
+def map_confidence(p: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """`fit_confidence_map`'s q for probabilities p (any shape), float64; (1, 0) returns p."""
+    if (a, b) == (1.0, 0.0):
+        return p.double()
+    return torch.sigmoid(a * _log_odds(p) + b)

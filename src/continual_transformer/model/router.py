@@ -24,13 +24,14 @@ from typing import Collection, Sequence
 
 import torch
 
-from .calibration import fit_temperature
+from .calibration import fit_confidence_map, fit_temperature, map_confidence
 from .closed_form import AnalyticClassifier
 
 PREFIX = "router."
 SOLUTION = PREFIX + "solution."  # saved shared tensors: the solved router, not statistics
 CALIBRATION = PREFIX + "calibration"  # a task's held-out features (m, H) float32
 TEMPERATURE = SOLUTION + "temperature"
+CONFIDENCE_MAP = SOLUTION + "confidence_map"  # (a, b): see calibration.fit_confidence_map
 PREDICT_ROWS = 2048
 # Held out of each task's statistics for calibration: at most this many rows, and at most a
 # fifth of the task's rows (a task of fewer than 5 texts holds none out).
@@ -59,6 +60,7 @@ class Router:
         # statistics then sum with other clients' to those of all their texts.
         self.hold_out = True
         self._temperature: float | None = None  # fitted when first needed after a change
+        self._map: tuple[float, float] | None = None  # likewise, after the temperature
 
     def hyperparameters(self) -> dict:
         options = self.classifier.hyperparameters()
@@ -77,7 +79,7 @@ class Router:
         self.classifier.partial_fit(features[keep], [task] * len(keep))
         if held:
             self.samples_[task] = features[held].detach().to("cpu", torch.float32).clone()
-        self._temperature = None
+        self._temperature = self._map = None
 
     @property
     def temperature(self) -> float:
@@ -85,6 +87,15 @@ class Router:
         if self._temperature is None:
             self._temperature = self._fit_temperature()
         return self._temperature
+
+    @property
+    def confidence_map(self) -> tuple[float, float]:
+        """(a, b): the routed task's tempered probability p is stated as sigmoid(a logit(p) + b),
+        fitted on the calibration samples' routes; (1, 0) (the identity) when they hold fewer
+        than `calibration.MAP_MIN_EACH` right or wrong routes."""
+        if self._map is None:
+            self._map = self._fit_map()
+        return self._map
 
     @property
     def temperature_source(self) -> str:
@@ -95,13 +106,24 @@ class Router:
                 f"of {len(tasks)} tasks")
 
     def _fit_temperature(self) -> float:
+        sample = self._calibration_sample()
+        return 1.0 if sample is None else fit_temperature(*sample)
+
+    def _calibration_sample(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         tasks = [t for t in self.classifier.classes_ if t in self.samples_]
         if len(tasks) < 2 or len(self.classifier.classes_) < 2:
-            return 1.0
-        features = torch.cat([self.samples_[t] for t in tasks])  # (S, H)
+            return None
         index = {t: i for i, t in enumerate(self.classifier.classes_)}
         truth = torch.tensor([index[t] for t in tasks for _ in range(len(self.samples_[t]))])
-        return fit_temperature(self.classifier.scores(features), truth)
+        return self.classifier.scores(torch.cat([self.samples_[t] for t in tasks])), truth  # (S, K), (S,)
+
+    def _fit_map(self) -> tuple[float, float]:
+        sample = self._calibration_sample()
+        if sample is None:
+            return 1.0, 0.0
+        scores, truth = sample
+        confidence, chosen = torch.softmax(scores.double() / self.temperature, dim=1).max(1)
+        return fit_confidence_map(confidence, chosen == truth)
 
     def predict(self, features: torch.Tensor,
                 among: Sequence[Collection[str] | None] | None = None) -> list[str]:
@@ -133,11 +155,28 @@ class Router:
             # and a stable sort breaks ties as argmax does, so the first task is exactly the
             # uncalibrated classifier's route.
             top = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]  # (n, k)
-            allowed = torch.isfinite(scores).sum(1).tolist()
+            allowed = torch.isfinite(scores).sum(1)
+            probs = self._mapped(probs, top[:, 0], allowed > 1)
+            allowed = allowed.tolist()
             for row, (indices, n_allowed) in enumerate(zip(top.tolist(), allowed)):
                 out.append([(self.classifier.classes_[i], float(probs[row, i]))
                             for i in indices[:n_allowed]])
         return out
+
+    def _mapped(self, probs: torch.Tensor, first: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """`probs` (n, K) with each row's routed task (`first`) stated through the confidence map;
+        the other tasks share what is left in their proportions, none above the routed one (the
+        sum stays at most 1). Rows with no `choice` (one task allowed) keep probability 1."""
+        a, b = self.confidence_map
+        if (a, b) == (1.0, 0.0):
+            return probs
+        rows = torch.arange(len(probs))
+        p = probs[rows, first].double()  # (n,)
+        q = torch.where(choice, map_confidence(p, a, b), p)
+        rest = torch.where(p < 1, (1 - q) / (1 - p).clamp_min(1e-300), torch.zeros_like(p))
+        out = torch.minimum(probs.double() * rest[:, None], q[:, None])
+        out[rows, first] = q
+        return out.to(probs.dtype)
 
     def prepare(self) -> None:
         """Solve now what the first routed prediction would otherwise solve (seconds at 2048
@@ -145,6 +184,7 @@ class Router:
         if len(self.classifier.classes_) > 1:
             self.classifier.solution()
             self._temperature = self.temperature  # fitted now too, not in the first request
+            self._map = self.confidence_map
 
     def solution_tensors(self) -> dict[str, torch.Tensor]:
         """The solved router (solved now if need be), to save beside its statistics: a model
@@ -152,24 +192,30 @@ class Router:
         if len(self.classifier.classes_) < 2:
             return {}
         return {**{SOLUTION + k: v for k, v in self.classifier.solution_state().items()},
-                TEMPERATURE: torch.tensor([self.temperature], dtype=torch.float64)}
+                TEMPERATURE: torch.tensor([self.temperature], dtype=torch.float64),
+                CONFIDENCE_MAP: torch.tensor(self.confidence_map, dtype=torch.float64)}
 
     def load_solution_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Install `solution_tensors()` saved with the statistics now loaded (a solution saved
         before calibration has no temperature: it is fitted on first use)."""
         tensors = dict(tensors)
         temperature = tensors.pop(TEMPERATURE, None)
+        confidence_map = tensors.pop(CONFIDENCE_MAP, None)
         self.classifier.load_solution_state({k[len(SOLUTION):]: v for k, v in tensors.items()})
         if temperature is not None:
             if temperature.shape != (1,) or not float(temperature[0]) > 0:
                 raise ValueError(f"solution 'temperature' is {temperature.tolist()}, expected one number > 0")
             self._temperature = float(temperature[0])
-
+        if confidence_map is not None:
+            if confidence_map.shape != (2,) or not float(confidence_map[0]) > 0:
+                raise ValueError(f"solution 'confidence_map' is {confidence_map.tolist()}, "
+                                 "expected (a, b) with a > 0")
+            self._map = (float(confidence_map[0]), float(confidence_map[1]))
     def remove(self, task: str) -> None:
         if task in self.classifier.classes_:
             self.classifier.remove_classes([task])
         self.samples_.pop(task, None)
-        self._temperature = None
+        self._temperature = self._map = None
 
     def task_tensors(self, task: str) -> dict[str, torch.Tensor]:
         tensors = {PREFIX + k: v for k, v in self.classifier.class_state([task]).items()}
@@ -188,7 +234,7 @@ class Router:
         self.classifier.load_class_state([task], state)
         if sample is not None:
             self.samples_[task] = sample.clone()
-        self._temperature = None
+        self._temperature = self._map = None
 
     def shared_tensors(self) -> dict[str, torch.Tensor]:
         return {PREFIX + k: v for k, v in self.classifier.shared_state().items()}
@@ -196,13 +242,13 @@ class Router:
     def load_shared_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         state = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
         self.classifier.load_shared_state(state)
-        self._temperature = None
+        self._temperature = self._map = None
 
     def add_shared_tensors(self, increment: dict[str, torch.Tensor]) -> None:
         """Add shared statistics gathered elsewhere (by a router that saw only new data)."""
         state = {k[len(PREFIX):]: v for k, v in increment.items() if k.startswith(PREFIX)}
         self.classifier.add_shared_state(state)
-        self._temperature = None
+        self._temperature = self._map = None
 
     def snapshot(self) -> tuple:
         """Everything `restore` needs to undo later changes (copies)."""
@@ -212,7 +258,7 @@ class Router:
         classifier, samples = snapshot
         self.classifier.restore(classifier)
         self.samples_ = dict(samples)
-        self._temperature = None
+        self._temperature = self._map = None
 
     def state_numbers(self) -> dict[str, int]:
         """Numbers held: shared (the Gram matrix) and per task (its statistics, float64),
