@@ -148,9 +148,13 @@ class StreamEvaluation:
         rows = sum(len(t.test) for t in seen)
         ece = None
         if all(t.name in self._confidence for t in seen):
-            ece = expected_calibration_error(
+            # Rounded: the routes are exact, but a probability's last bits follow the thread
+            # count of the matrix products (a parallel run's own process takes threads back
+            # when its workers finish), and an estimate from hundreds of texts means nothing
+            # past the sixth decimal.
+            ece = round(expected_calibration_error(
                 np.concatenate([self._confidence[t.name] for t in seen]),
-                np.concatenate([[r == t.name for r in self._routed[t.name]] for t in seen]))
+                np.concatenate([[r == t.name for r in self._routed[t.name]] for t in seen])), 6)
         info = {
             "forward_passes": [t.name for t in passes],
             "test_texts_run": sum(len(t.test) for t in passes),
