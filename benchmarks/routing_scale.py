@@ -10,7 +10,9 @@ Per task it takes the first `--max-train` training and `--max-test` test texts (
 output; a cap keeps the trunk pass within minutes on 2 cores), holds out 20 % of the training
 texts as a validation split, and learns the rest task after task. At each milestone:
 
-- routing accuracy on the test texts of the tasks seen;
+- routing accuracy on the test texts of the tasks seen, by the router as the library builds it
+  (trunk features and the texts' words, weighted as its calibration texts choose), and by the
+  same router on the trunk features alone (`lexical_alpha=None`);
 - the router's expected calibration error (ECE) on them, and its temperature;
 - the threshold on the routed task's probability that gives 95 % precision on the validation
   split, and on test: the share of texts answered (not "ambiguous") and their routing accuracy;
@@ -132,10 +134,12 @@ def main() -> None:
     print(f"{len(tasks)} tasks, at most {args.max_train} train / {args.max_test} test texts each: "
           f"{len(rows['fit'])} fit / {len(rows['val'])} validation / {len(rows['test'])} test; "
           f"trunk features in {time.perf_counter() - start:.0f} s", flush=True)
+    ids = backbone.tokenize(texts)  # the words the router reads, from the same token ids
     offset, split = 0, {}
     for name in ("fit", "val", "test"):
         y = np.array([k for k, _ in rows[name]])
-        split[name] = (y, features[offset : offset + len(y)], [t for _, t in rows[name]])
+        split[name] = (y, features[offset : offset + len(y)], [t for _, t in rows[name]],
+                       ids[offset : offset + len(y)])
         offset += len(y)
 
     rng = np.random.default_rng(0)
@@ -144,28 +148,36 @@ def main() -> None:
     print(f"encoder pass (all {backbone.num_layers} layers) {forward_ms:.3f} ms per text in batches "
           f"of {args.batch}, median of 3 over {len(sample)} test texts", flush=True)
     names = [t.name for t in tasks]
-    router = Router(backbone.hidden_size)
+    special = frozenset(backbone.tokenizer.all_special_ids)
+    router = Router(backbone.hidden_size, skip=special)
+    trunk_only = Router(backbone.hidden_size, lexical_alpha=None)
     results, learned = [], 0
     for m in milestones:
         for k in range(learned, m):
-            y, x, _ = split["fit"]
-            router.partial_fit(x[torch.from_numpy(y == k)], names[k])
+            y, x, _, fit_ids = split["fit"]
+            mine = np.flatnonzero(y == k)
+            router.partial_fit(x[torch.from_numpy(mine)], names[k], [fit_ids[i] for i in mine])
+            trunk_only.partial_fit(x[torch.from_numpy(mine)], names[k])
         learned = m
         t0 = time.perf_counter()
         router.prepare()
         solve = time.perf_counter() - t0
         measured = {}
         for name in ("val", "test"):
-            y, x, _ = split[name]
-            seen = y < m
-            rows_seen = x[torch.from_numpy(seen)]
+            y, x, _, split_ids = split[name]
+            seen = np.flatnonzero(y < m)
+            rows_seen, ids_seen = x[torch.from_numpy(seen)], [split_ids[i] for i in seen]
             t0 = time.perf_counter()
             ranked = [r for i in range(0, len(rows_seen), args.batch)
-                      for r in router.rank(rows_seen[i : i + args.batch], None, 1)]
+                      for r in router.rank(rows_seen[i : i + args.batch], None, 1,
+                                           ids_seen[i : i + args.batch])]
             seconds = time.perf_counter() - t0
             chosen = np.array([names.index(r[0][0]) for r in ranked])
             confidence = np.array([r[0][1] for r in ranked])
-            measured[name] = (chosen == y[seen], confidence, seconds / max(int(seen.sum()), 1))
+            measured[name] = (chosen == y[seen], confidence, seconds / max(len(seen), 1))
+        y, x, _, _ = split["test"]
+        seen = torch.from_numpy(y < m)
+        trunk_right = np.array([names.index(t) for t in trunk_only.predict(x[seen])]) == y[y < m]
         correct, confidence, per_text = measured["test"]
         threshold = threshold_for_precision(measured["val"][1], measured["val"][0], 0.95)
         answered = confidence >= threshold
@@ -173,6 +185,8 @@ def main() -> None:
         row = {
             "tasks": m, "test_texts": int(len(correct)),
             "routing_accuracy": round(float(correct.mean()), 4),
+            "lexical_weight": router.lexical_weight,
+            "routing_accuracy_trunk_only": round(float(trunk_right.mean()), 4),
             "ece": round(expected_calibration_error(confidence, correct), 4),
             "temperature": round(router.temperature, 4),
             "threshold_95": round(threshold, 4),
@@ -185,8 +199,8 @@ def main() -> None:
             "routing_share_of_latency": round(1000 * per_text / (1000 * per_text + forward_ms), 4),
         }
         if not args.no_reference:
-            fy, _, ft = split["fit"]
-            ty, _, tt = split["test"]
+            fy, _, ft, _ = split["fit"]
+            ty, _, tt, _ = split["test"]
             t0 = time.perf_counter()
             row["reference_tfidf_lr"] = round(reference_accuracy(
                 [t for t, k in zip(ft, fy) if k < m], fy[fy < m],
@@ -205,7 +219,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(milestones, [100 * r["routing_accuracy"] for r in results], "o-", label="router (streaming)")
+    ax.plot(milestones, [100 * r["routing_accuracy"] for r in results], "o-",
+            label="router: trunk + words (streaming)")
+    ax.plot(milestones, [100 * r["routing_accuracy_trunk_only"] for r in results], "^:",
+            label="router: trunk alone (streaming)")
     if not args.no_reference:
         ax.plot(milestones, [100 * r["reference_tfidf_lr"] for r in results], "s--",
                 label="TF-IDF + LR (all texts at once)")

@@ -122,7 +122,10 @@ def test_footprint_reports_share_of_backbone(tiny_config, tasks):
     assert fp["bytes_added"] == 4 * (fp["adapter_parameters"] + fp["head_parameters"]) + fp["router_bytes"]
     assert fp["router_numbers"] == 2048 + 1  # one class mean and count in the router
     sample = learner.router.samples_[tasks[0].name]  # and its calibration sample, float32
-    assert fp["router_bytes"] == 8 * fp["router_numbers"] + 4 * sample.numel() > 8 * fp["router_numbers"]
+    ids = learner.router.sample_ids_[tasks[0].name]  # and its words: counts, the sample's ids
+    words = learner.router.lexical.nbytes(tasks[0].name) + 4 * (sum(map(len, ids)) + len(ids))
+    assert words > 0
+    assert fp["router_bytes"] == 8 * fp["router_numbers"] + 4 * sample.numel() + words
     assert fp["adapter_percent_of_backbone"] == pytest.approx(
         100 * fp["adapter_parameters"] / learner.backbone_parameters)
 

@@ -39,10 +39,11 @@ def test_router_reads_the_trunk_output_of_the_prediction_pass(ia3, tasks):
     batch = backbone.collate(backbone.tokenize(texts))
     seen = []
     rank = ia3.router.rank
-    ia3.router.rank = lambda features, among=None, k=1: seen.append(features) or rank(features, among, k)
+    ia3.router.rank = lambda features, among=None, k=1, ids=None: (seen.append(features)
+                                                                    or rank(features, among, k, ids))
     try:
         with torch.inference_mode():
-            ia3.row_logits(batch, [None] * len(texts))
+            ia3.row_logits(batch, [None] * len(texts), ids=backbone.tokenize(texts))
     finally:
         del ia3.router.rank
     assert len(seen) == 1  # once per pass, from inside it
@@ -121,8 +122,10 @@ def test_a_solved_router_is_saved_and_loaded_instead_of_solved_again(ia3, tasks,
         tensors = {k: file.get_tensor(k) for k in file.keys()}
     assert sorted(tensors) == ["router.gram_upper", "router.solution.alpha",
                                "router.solution.coef", "router.solution.confidence_map",
-                               "router.solution.intercept", "router.solution.temperature"]
+                               "router.solution.intercept", "router.solution.lexical_weight",
+                               "router.solution.temperature"]
     assert loaded.router.confidence_map == ia3.router.confidence_map
+    assert loaded.router.lexical_weight == ia3.router.lexical_weight
     saved = loaded.state(router_solution=True)
     saved.shared_tensors["router.solution.coef"] = saved.shared_tensors["router.solution.coef"][:, :1]
     with pytest.raises(CheckpointError, match="solution 'coef' is .* expected \\(256, 2\\) float64 for 2 classes"):

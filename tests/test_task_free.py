@@ -11,6 +11,7 @@ from continual_transformer import ContinualLearner, TrainConfig, load_stream
 from continual_transformer.experiment.metrics import confused_pairs
 from continual_transformer.model.calibration import (
     expected_calibration_error, fit_confidence_map, fit_temperature, map_confidence)
+from continual_transformer.model.lexical_router import LexicalRouter
 from continual_transformer.model.router import CALIBRATION, CALIBRATION_ROWS, Router, calibration_rows
 from continual_transformer.task_free import TaskFreeAnswer
 from conftest import toy_rows, write_jsonl
@@ -42,8 +43,14 @@ def _features(learner, texts):
 
 def test_top_k_one_routes_as_the_uncalibrated_classifier(learner, tasks):
     texts = _texts(tasks)
-    # today's route: the argmax of the classifier's decision scores, no temperature involved
-    today = learner.router.classifier.predict(_features(learner, texts))
+    # the route: the argmax of the decision scores plus the weighted words' log-likelihoods,
+    # no temperature involved
+    router = learner.router
+    scores = router.classifier.scores(_features(learner, texts))  # (N, K)
+    if router.lexical_weight:
+        scores = scores + router.lexical_weight * router.lexical.log_likelihoods(
+            learner.backbone.tokenize(texts), router.skip, router.classifier.classes_)
+    today = [router.classifier.classes_[i] for i in scores.argmax(1).tolist()]
     assert [p.task for p in learner.predict(texts)] == today
     ranked = learner.predict(texts, top_k=2)
     assert [p.task for p in ranked] == today
@@ -142,12 +149,15 @@ def test_calibration_sample_is_held_out_evenly_and_saved_with_its_task(learner, 
     texts = _texts(tasks)
     assert loaded.predict(texts, top_k=2) == learner.predict(texts, top_k=2)
     # a checkpoint written before calibration samples: loads, routes the same, uncalibrated
+    assert loaded.router.lexical_weight == learner.router.lexical_weight
     saved = learner.state()
     for task in saved.tasks:
-        task.tensors.pop(CALIBRATION)
+        for key in [k for k in task.tensors if k.startswith(("router.lexical.", "router.calibration"))]:
+            task.tensors.pop(key)
     old = ContinualLearner.from_state(saved, "cpu")
     assert old.router.temperature == 1.0 and old.router.temperature_source.startswith("none")
-    assert [p.task for p in old.predict(texts)] == [p.task for p in learner.predict(texts)]
+    assert old.router.lexical_weight == 0.0  # no word counts: the trunk's evidence alone
+    assert [p.task for p in old.predict(texts)] == learner.router.classifier.predict(_features(learner, texts))
     bad = learner.state()
     bad.tasks[0].tensors[CALIBRATION] = bad.tasks[0].tensors[CALIBRATION].double()
     with pytest.raises(Exception, match="calibration sample of task .* is torch.float64"):
@@ -255,3 +265,75 @@ def test_joint_decision_weighs_each_candidate_by_its_own_head(learner, tasks):
             assert p.label == q.label and p.probabilities == pytest.approx(q.probabilities, abs=1e-5)
     with pytest.raises(ValueError, match="joint_k must be a whole number >= 1, got 0"):
         learner.predict(texts, joint_k=0)
+
+
+SPECIAL = frozenset({101, 102})
+
+
+def _worded(tasks: int, n: int, seed: int) -> tuple[torch.Tensor, list[list[int]], list[str]]:
+    """Rows whose trunk features cannot tell the tasks apart (one distribution for all) and
+    whose words can: task t's texts draw most tokens from a vocabulary of its own."""
+    g = torch.Generator().manual_seed(seed)
+    features, ids, truth = [], [], []
+    for t in range(tasks):
+        features.append(torch.randn(n, 8, generator=g))
+        for _ in range(n):
+            own = torch.randint(1000 + 50 * t, 1050 + 50 * t, (4,), generator=g).tolist()
+            shared = torch.randint(5000, 5100, (4,), generator=g).tolist()
+            ids.append([101, *own, *shared, 102])
+            truth.append(f"t{t}")
+    return torch.cat(features), ids, truth
+
+
+def _fitted_on_words(**options) -> Router:
+    router = Router(8, n_features=64, skip=SPECIAL, **options)
+    x, ids, truth = _worded(4, 60, seed=0)
+    for t in range(4):
+        rows = [i for i, name in enumerate(truth) if name == f"t{t}"]
+        router.partial_fit(x[rows], f"t{t}", [ids[i] for i in rows])
+    return router
+
+
+def test_the_router_weighs_words_where_the_trunk_cannot_tell_tasks_apart():
+    router, blind = _fitted_on_words(), _fitted_on_words(lexical_alpha=None)
+    x, ids, truth = _worded(4, 50, seed=1)
+    assert router.lexical_weight > 0 and blind.lexical_weight == 0  # chosen on the calibration texts
+    right = np.mean([r == t for r, t in zip(router.predict(x, ids=ids), truth)])
+    blind_right = np.mean([r == t for r, t in zip(blind.predict(x), truth)])
+    assert right > 0.95 and blind_right < 0.5, (right, blind_right)
+    with pytest.raises(ValueError, match=r"weighs the texts' words .*pass their token ids"):
+        router.predict(x)
+    # the words' counts leave out the calibration rows, as the statistics do
+    _, ids, _ = _worded(4, 60, seed=0)  # task t0's rows come first
+    held = calibration_rows(60)
+    kept = LexicalRouter()
+    kept.partial_fit([ids[i] for i in range(60) if i not in held], "t0", SPECIAL)
+    assert all(np.array_equal(a, b) for a, b in zip(router.lexical.tasks_["t0"], kept.tasks_["t0"]))
+    assert router.sample_ids_["t0"] == [ids[i] for i in held]
+
+
+def test_the_routers_words_are_saved_with_each_task_and_deleted_with_it():
+    router = _fitted_on_words()
+    x, ids, _ = _worded(4, 10, seed=2)
+    copy = Router(8, n_features=64, skip=SPECIAL)
+    copy.load_shared_tensors(router.shared_tensors())
+    for task in router.tasks:
+        tensors = router.task_tensors(task)
+        assert {"router.lexical.columns", "router.calibration_ids"} <= set(tensors)
+        copy.load_task_tensors(task, tensors)
+    assert copy.lexical_weight == router.lexical_weight
+    assert copy.rank(x, None, 4, ids) == router.rank(x, None, 4, ids)
+    # tasks saved before the router read words: no counts, so no words weighed for any task
+    old = Router(8, n_features=64, skip=SPECIAL)
+    old.load_shared_tensors(router.shared_tensors())
+    for task in router.tasks:
+        old.load_task_tensors(task, {k: v for k, v in router.task_tensors(task).items()
+                                     if not k.startswith(("router.lexical.", "router.calibration_"))})
+    assert old.lexical_weight == 0.0
+    assert old.predict(x) == router.classifier.predict(x)  # routes without ids, on the trunk alone
+    router.remove("t1")
+    assert "t1" not in router.lexical.tasks_ and "t1" not in router.sample_ids_
+    with pytest.raises(ValueError, match="calibration ids of task 't0'"):
+        bad = router.task_tensors("t0")
+        bad["router.calibration_lengths"] = bad["router.calibration_lengths"][:-1]
+        Router(8, n_features=64).load_task_tensors("t0", bad)

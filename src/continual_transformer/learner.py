@@ -28,6 +28,7 @@ from .model.backbone import Backbone, BackboneError, masked_mean
 from .model.batching import collated
 from .model.joint_decision import joint_logits
 from .model.router import SOLUTION as ROUTER_SOLUTION
+from .model.router import LEXICAL_ALPHA
 from .model.router import Router
 from .model.memory import release_freed_memory, release_freed_memory_at_most_every
 from .model.trunk import TrunkStates
@@ -72,8 +73,7 @@ class ContinualLearner:
         # The method learns on this model and sees nothing else of the learner.
         self.model = AdaptedModel(self.backbone, method.resolve_adapt_layers(self.backbone.num_layers))
         # Methods that classify over all tasks' labels route themselves; the others get a router.
-        self.router = None if method.routes_itself else Router(
-            self.backbone.hidden_size, **(router or {}))
+        self.router = None if method.routes_itself else self._new_router(router or {})
         self.tasks: dict[str, TaskRecord] = {}
         # Predictions compute as training does (`--precision` of a run covers both);
         # `load` and callers may set another.
@@ -121,8 +121,9 @@ class ContinualLearner:
         resumed = checkpointing.resume_from if checkpointing else None
         start = time.perf_counter() - (resumed.seconds if resumed else 0.0)
         try:
+            ids = self.backbone.tokenize([e.text for e in task.train])
             with self.model.training_kernels():
-                states = self.trunk_states(self.backbone.tokenize([e.text for e in task.train]))
+                states = self.trunk_states(ids)
                 stats = self.method.learn(self.model, task, states, progress, checkpointing)
             stats["trunk_cache"] = {"texts": len(states), "stored": states.stored,
                                     "bytes": states.stored_bytes}
@@ -131,7 +132,7 @@ class ContinualLearner:
             states.drop_stored()
             release_freed_memory()
             if self.router is not None:
-                self.router.partial_fit(states.features, task.name)
+                self.router.partial_fit(states.features, task.name, ids)
         except BaseException:
             self._undo(task.name)
             raise
@@ -174,14 +175,15 @@ class ContinualLearner:
         self._check_data_parallel()
         start = time.perf_counter()
         try:
+            ids = [row for task in tasks for row in self.backbone.tokenize([e.text for e in task.train])]
             with self.model.training_kernels():
-                states = self.trunk_states([row for task in tasks for row in
-                                            self.backbone.tokenize([e.text for e in task.train])])
+                states = self.trunk_states(ids)
                 stats = self.method.learn_jointly(self.model, list(tasks), states, progress)
             if self.router is not None:
                 first = 0
                 for task in tasks:
-                    self.router.partial_fit(states.features[first : first + len(task.train)], task.name)
+                    rows = slice(first, first + len(task.train))
+                    self.router.partial_fit(states.features[rows], task.name, ids[rows])
                     first += len(task.train)
         except BaseException:
             for task in tasks:
@@ -272,9 +274,9 @@ class ContinualLearner:
         increment = self.shared_tensors()
         self.delete(task)
         if self.router is not None:  # deleting keeps a task's examples in the shared statistics
-            hold_out = self.router.hold_out
-            self.router = Router(self.backbone.hidden_size, **self.router.hyperparameters())
-            self.router.hold_out = hold_out
+            hold_out, reads_words = self.router.hold_out, self.router.reads_words
+            self.router = self._new_router(self.router.hyperparameters())
+            self.router.hold_out, self.router.reads_words = hold_out, reads_words
         return record, tensors, increment
 
     # -- the trunk ---------------------------------------------------------------------------
@@ -295,19 +297,25 @@ class ContinualLearner:
             raise ValueError(f"method {self.method.name!r} cannot learn data-parallel (torchrun): "
                              f"{why}; run it in one process")
 
+    def _new_router(self, options: dict) -> Router:
+        """A router of `options` on this backbone; its words skip the tokenizer's special ids."""
+        return Router(self.backbone.hidden_size, skip=self.model.special_ids, **options)
+
     # -- inference ---------------------------------------------------------------------------
-    def route(self, features: torch.Tensor, among: Sequence[Collection[str] | None] | None = None) -> list[str]:
-        """The task the router picks for each row of trunk features (N, H); `among` (per row,
-        None: any task) limits a row to some tasks."""
+    def route(self, features: torch.Tensor, among: Sequence[Collection[str] | None] | None = None,
+              ids: Sequence[Sequence[int]] | None = None) -> list[str]:
+        """The task the router picks for each row of trunk features (N, H) with its token
+        `ids`; `among` (per row, None: any task) limits a row to some tasks."""
         if self.router is None:
             raise ValueError(f"method {self.method.name!r} predicts tasks itself; it has no router")
         if not self.tasks:
             raise ValueError("no task given and no task learned yet")
-        return self.router.predict(features, among)
+        return self.router.predict(features, among, ids)
 
     def row_logits(
         self, batch: dict[str, torch.Tensor], tasks: Sequence[str | None],
         among: Sequence[Collection[str] | None] | None = None, top_k: int = 1,
+        ids: Sequence[Sequence[int]] | None = None,
     ) -> tuple[list[str], list[torch.Tensor], list[list[tuple[str, float]] | None]]:
         """Logits per row in one pass, each row under its own task: the trunk runs once for
         all rows, then the top with each row's own scales. Returns each row's task, logits and,
@@ -317,8 +325,9 @@ class ContinualLearner:
         Rows whose task is None are routed: the router reads the trunk's pooled output inside
         this pass, before any task-specific layer runs (methods that classify over all tasks'
         labels name the task from the pooled output instead); `among[i]`, when given, is the
-        set of tasks row i may be routed to. Pooling and heads run in float32 whatever the
-        precision the layers run in (`AdaptedModel.inference`).
+        set of tasks row i may be routed to; `ids` are the rows' token ids (the router reads
+        their words). Pooling and heads run in float32 whatever the precision the layers run
+        in (`AdaptedModel.inference`).
         """
         tasks = list(tasks)
         ranked: list[list[tuple[str, float]] | None] = [None] * len(tasks)
@@ -335,7 +344,8 @@ class ContinualLearner:
         else:
             if missing:
                 features = masked_mean(inputs.hidden.float(), inputs.attention_mask)[missing]  # (M, H)
-                for i, candidates in zip(missing, self.router.rank(features, limits, top_k)):
+                words = None if ids is None else [ids[i] for i in missing]
+                for i, candidates in zip(missing, self.router.rank(features, limits, top_k, words)):
                     tasks[i], ranked[i] = candidates[0][0], candidates
             pooled = self.model.top_pooled(inputs, [self.method.adapter_key(t) for t in tasks],
                                            torch.float32)
@@ -366,8 +376,9 @@ class ContinualLearner:
                         self.model, self.router, self.method.adapter_key, self.head_logits, batch,
                         [ids[i] for i in rows], given, limits, joint_k, top_k)
                 else:
-                    resolved, logits, routed = self.row_logits(batch, given, limits, top_k)
-                    logits = self.model.fused_logits(resolved, [ids[i] for i in rows], logits)
+                    batch_ids = [ids[i] for i in rows]
+                    resolved, logits, routed = self.row_logits(batch, given, limits, top_k, batch_ids)
+                    logits = self.model.fused_logits(resolved, batch_ids, logits)
                 for i, name, row, chance in zip(rows, resolved, logits, routed):
                     tasks[i], out[i], chances[i] = name, row.float().cpu(), chance
         return tasks, out, chances  # type: ignore[return-value]
@@ -580,7 +591,11 @@ class ContinualLearner:
                 f"but the learner has {now['name']!r} {now['hyperparameters']}"
             )
         router = self.router.hyperparameters() if self.router is not None else None
-        if json.loads(json.dumps(router)) != saved.router:
+        stored_router = saved.router
+        if stored_router is not None and "lexical_alpha" not in stored_router:
+            # saved before the router read words: its tasks hold no counts, so it weighs none
+            stored_router = {**stored_router, "lexical_alpha": LEXICAL_ALPHA}
+        if json.loads(json.dumps(router)) != stored_router:
             raise CheckpointError(
                 f"{saved.where()}: saved with router {saved.router}, but the learner has {router}")
         self._install(saved)
@@ -644,7 +659,8 @@ class ContinualLearner:
     # -- helpers -----------------------------------------------------------------------------
     def task_bytes(self, adapter_parameters: int, head_parameters: int, task: str | None = None) -> int:
         """A task's own state as stored: float32 scales, the method's head numbers, and the
-        router's per-task statistics (float64) and calibration sample (float32)."""
+        router's per-task statistics (float64), calibration sample (float32) and words (counts
+        and the sample's token ids)."""
         return (4 * adapter_parameters + self.method.head_number_bytes * head_parameters
                 + (self.router.task_bytes(task) if self.router is not None else 0))
 

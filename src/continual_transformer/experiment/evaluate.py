@@ -39,6 +39,7 @@ class TestPass:
     correct: list[bool]
     features: torch.Tensor | None
     inferred: list[str] | None
+    ids: list[list[int]]  # the texts' token ids (the router reads their words)
 
 
 def test_pass(learner: ContinualLearner, task: Task, precision: str | None = None) -> TestPass:
@@ -71,7 +72,7 @@ def test_pass(learner: ContinualLearner, task: Task, precision: str | None = Non
             else:
                 for i, (name, _) in zip(rows, learner.method.infer_tasks(learner.model, pooled)):
                     inferred[i] = name
-    return TestPass(correct, features, inferred)
+    return TestPass(correct, features, inferred, ids)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class StreamEvaluation:
         self.isolated = not learner.method.shares_state
         self._correct: dict[str, list[bool]] = {}
         self._features: dict[str, torch.Tensor] = {}  # router input per test text
+        self._ids: dict[str, list[list[int]]] = {}  # and its token ids
         self._inferred: dict[str, list[str]] = {}  # methods without a router: the task they name
         self._routed: dict[str, list[str]] = {}
         # Isolated tasks' float32 task-given accuracy, taken as each task is learned (it cannot
@@ -169,6 +171,7 @@ class StreamEvaluation:
         self._correct[task.name] = result.correct
         if result.features is not None:
             self._features[task.name] = result.features
+            self._ids[task.name] = result.ids
         else:
             self._inferred[task.name] = result.inferred
 
@@ -180,7 +183,8 @@ class StreamEvaluation:
             if not self.learner.tasks:
                 raise ValueError("no task given and no task learned yet")
             with torch.inference_mode():
-                ranked = self.learner.router.rank(torch.cat([self._features[t.name] for t in seen]))
+                ranked = self.learner.router.rank(torch.cat([self._features[t.name] for t in seen]),
+                                                  ids=[row for t in seen for row in self._ids[t.name]])
             routed, start = {}, 0
             for task in seen:
                 rows = ranked[start : start + len(task.test)]

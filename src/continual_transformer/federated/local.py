@@ -135,8 +135,11 @@ def client_learner(spec: LearnerSpec, backbone_sha256: str | None = None, device
             learner = ContinualLearner.from_spec(spec, device=device)
         if learner.router is not None:
             # No calibration sample: texts' features do not leave a client, and all its texts
-            # go into the statistics, which sum over clients to those of the union.
+            # go into the statistics, which sum over clients to those of the union. No word
+            # counts either: they would tell the server the client's vocabulary. The global
+            # router then weighs no words (`Router.lexical_weight` is 0).
             learner.router.hold_out = False
+            learner.router.reads_words = False
         _LEARNERS[key] = learner
     if backbone_sha256 is not None and learner.backbone.ref.sha256 != backbone_sha256:
         raise BackboneError(

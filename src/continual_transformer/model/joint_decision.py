@@ -56,7 +56,8 @@ def joint_logits(
     if missing:
         features = masked_mean(inputs.hidden.float(), inputs.attention_mask)[missing]  # (M, H)
         limits = None if among is None else [among[i] for i in missing]
-        for i, candidates in zip(missing, router.rank(features, limits, max(k, top_k))):
+        words = [ids[i] for i in missing]
+        for i, candidates in zip(missing, router.rank(features, limits, max(k, top_k), words)):
             ranked[i] = candidates
     source, row_tasks = [], []  # one entry per (row, candidate) of the mixed batch
     for i, task in enumerate(tasks):

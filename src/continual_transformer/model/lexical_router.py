@@ -85,8 +85,7 @@ class LexicalRouter:
 
     def load_task_tensors(self, task: str, tensors: dict[str, torch.Tensor]) -> bool:
         """Install a task's counts; False when `tensors` hold none (a task saved before the
-        router read words: it is then scored without lexical evidence is not possible, so the
-        caller decides)."""
+        router read words)."""
         if PREFIX + "columns" not in tensors:
             return False
         columns, sums = tensors[PREFIX + "columns"], tensors[PREFIX + "sums"]
