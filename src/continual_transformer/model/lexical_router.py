@@ -56,8 +56,10 @@ class LexicalRouter:
         return list(self.tasks_)
 
     def log_likelihoods(self, ids_rows: Sequence[Sequence[int]], skip: frozenset[int],
-                        tasks: Sequence[str] | None = None) -> torch.Tensor:
-        """(N, T) log p(text | task) for the `tasks` (default: all, in learning order)."""
+                        tasks: Sequence[str] | None = None, *, mean: bool = False) -> torch.Tensor:
+        """(N, T) log p(text | task) for the `tasks` (default: all, in learning order); with
+        `mean`, divided by the text's count mass sum_j x_j (at least 1): the mean log-probability
+        of its n-grams, on one scale for a tweet and a long document."""
         tasks = list(self.tasks_) if tasks is None else list(tasks)
         parts = [row_features(ids, skip) for ids in ids_rows]
         row = np.repeat(np.arange(len(parts)), [len(c) for c, _ in parts])
@@ -74,6 +76,8 @@ class LexicalRouter:
             gain = np.zeros(len(col))
             gain[hit] = tf[hit] * np.log1p(sums[position[hit]] / self.alpha)
             out[:, t] = length * log_unseen + np.bincount(row, weights=gain, minlength=len(parts))
+        if mean:
+            out /= np.maximum(length, 1.0)[:, None]
         return torch.from_numpy(out)
 
     # -- persistence -------------------------------------------------------------------------
