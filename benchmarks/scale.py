@@ -16,6 +16,13 @@ and starts a fresh process (the `probe`) that plays a serving process holding th
   ("routed"); texts are the test texts of the tasks held;
 - the probe's RSS after those predictions (current and peak).
 
+At each milestone it also measures task-free prediction over the tasks seen: routing accuracy,
+task-free ACC and its gap to task-given ACC, the router's expected calibration error, and, as a
+reference computed in the same run, a TF-IDF (word 1-2 + char_wb 2-5 grams) + logistic-regression
+task classifier retrained on all training texts seen so far (`routing_scale.reference_accuracy`;
+`--no-reference` skips it). `--max-train N --max-test M` cap each task's texts (the first N / M)
+for a shorter run.
+
 After the stream, the task at position `--relearn` is learned again under a new name: the same
 data at position N+1, so that learn time at the end of the stream is compared with the same
 task's time near the start.
@@ -121,6 +128,9 @@ def learn_stream(args) -> dict:
     tasks = load_stream(args.stream)
     if args.tasks:
         tasks = tasks[: args.tasks]
+    if args.max_train or args.max_test:
+        tasks = [Task(t.name, t.labels, t.train[: args.max_train or None], t.test[: args.max_test or None])
+                 for t in tasks]
     milestones = sorted({m for m in args.milestones if m <= len(tasks)} | {len(tasks)})
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -162,7 +172,14 @@ def learn_stream(args) -> dict:
                      "save_s": round(save_s, 2), "learner_peak_rss_mb": line["peak_rss_mb"],
                      "routing_acc": routing, "acc_mean": line["acc_mean"],
                      "task_free_acc_mean": line["task_free_acc_mean"],
+                     "task_free_gap": line["acc_mean"] - line["task_free_acc_mean"],
+                     "routing_ece": row.routing_ece,
+                     "router_bytes": learner.router.nbytes(),
                      **{f"probe_{k}": v for k, v in run_probe(model, args, i + 1).items()}}
+            if not args.no_reference:
+                started = time.perf_counter()
+                point["reference_routing_acc"] = reference_routing(tasks[: i + 1])
+                point["reference_s"] = round(time.perf_counter() - started, 1)
             points.append(point)
             print("   milestone", json.dumps(point), flush=True)
             if i + 1 != len(tasks):
@@ -180,6 +197,18 @@ def learn_stream(args) -> dict:
         print("relearned", json.dumps(again), flush=True)
     return {"stream": str(args.stream), "per_task": per_task, "milestones": points,
             "relearn": again}
+
+
+def reference_routing(seen) -> float:
+    """TF-IDF + logistic regression over task ids, trained on all training texts of `seen`,
+    accuracy on their test texts (the non-streaming reference of `routing_scale.py`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from routing_scale import reference_accuracy
+
+    fit = [(k, e.text) for k, t in enumerate(seen) for e in t.train]
+    test = [(k, e.text) for k, t in enumerate(seen) for e in t.test]
+    return reference_accuracy([x for _, x in fit], [k for k, _ in fit],
+                              [x for _, x in test], [k for k, _ in test])
 
 
 def plot(result: dict, path: Path) -> None:
@@ -221,6 +250,11 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(x, [100 * r["routing_acc"] for r in per_task], label="routing")
     ax.plot(x, [100 * r["acc_mean"] for r in per_task], label="ACC (task given)")
     ax.plot(x, [100 * r["task_free_acc_mean"] for r in per_task], label="ACC (task-free)")
+    with_reference = [p for p in points if "reference_routing_acc" in p]
+    if with_reference:
+        ax.plot([p["tasks"] for p in with_reference],
+                [100 * p["reference_routing_acc"] for p in with_reference], "s--",
+                label="routing reference: TF-IDF + LR, all texts at once")
     ax.set(title="accuracy over the tasks seen (%)", xlabel="tasks", ylim=(0, 100))
     ax.legend()
     fig.tight_layout()
@@ -235,6 +269,10 @@ def main() -> None:
     parser.add_argument("--milestones", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 5, 10, 25, 50, 100])
     parser.add_argument("--tasks", type=int, help="only the first N tasks")
+    parser.add_argument("--max-train", type=int, default=0, help="at most N training texts a task (0: all)")
+    parser.add_argument("--max-test", type=int, default=0, help="at most M test texts a task (0: all)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the TF-IDF + LR routing reference at the milestones")
     parser.add_argument("--relearn", type=int, default=10,
                         help="learn the task at this position again after the stream (0: no)")
     parser.add_argument("--batch", type=int, default=32, help="texts per predict call")
@@ -260,6 +298,14 @@ def main() -> None:
               f"{p['probe_single_p50_ms']:.0f} / {p['probe_single_p99_ms']:.0f} | "
               f"{p['probe_routed_p50_ms']:.0f} / {p['probe_routed_p99_ms']:.0f} | "
               f"{100 * p['routing_acc']:.1f} |")
+    print("\n| tasks | routing % | reference % | ACC task given | ACC task-free | gap | router ECE | router bytes shared / tasks |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for p in result["milestones"]:
+        reference = p.get("reference_routing_acc")
+        print(f"| {p['tasks']} | {100 * p['routing_acc']:.2f} | "
+              f"{'' if reference is None else f'{100 * reference:.2f}'} | {100 * p['acc_mean']:.2f} | "
+              f"{100 * p['task_free_acc_mean']:.2f} | {100 * p['task_free_gap']:.2f} | "
+              f"{p['routing_ece']} | {p['router_bytes']['shared']:,} / {p['router_bytes']['tasks']:,} |")
     learn = [r["learn_s"] for r in result["per_task"]]
     print(f"\nlearn s per task: median {statistics.median(learn):.1f}, max {max(learn):.1f}")
     if result["relearn"]:

@@ -337,3 +337,23 @@ def test_the_routers_words_are_saved_with_each_task_and_deleted_with_it():
         bad = router.task_tensors("t0")
         bad["router.calibration_lengths"] = bad["router.calibration_lengths"][:-1]
         Router(8, n_features=64).load_task_tensors("t0", bad)
+
+
+def test_a_tasks_words_keep_its_most_frequent_columns_and_all_its_mass():
+    rows = [[101, 7, 7, 7, 8, 9, 102], [101, 7, 8, 10, 11, 102]]
+    every, capped = LexicalRouter(), LexicalRouter(max_columns=3)
+    every.partial_fit(rows, "t", SPECIAL)
+    capped.partial_fit(rows, "t", SPECIAL)
+    columns, sums, total = every.tasks_["t"]
+    kept, kept_sums, kept_total = capped.tasks_["t"]
+    assert len(columns) > 3 and len(kept) == 3 and kept_total == total  # pruned mass stays
+    top = np.sort(np.argsort(-sums, kind="stable")[:3])
+    assert np.array_equal(kept, columns[top]) and np.array_equal(kept_sums, sums[top])
+    assert np.all(np.diff(kept) > 0)  # still sorted: lookups bisect them
+    # a pruned n-gram scores as one never seen; a kept one as before
+    both = every.log_likelihoods([[101, 7, 102]], SPECIAL), capped.log_likelihoods([[101, 7, 102]], SPECIAL)
+    assert torch.allclose(*both)
+    with pytest.raises(ValueError, match="at most 3 long"):
+        capped.load_task_tensors("u", every.task_tensors("t"))
+    with pytest.raises(ValueError, match="max_columns must be an integer >= 1"):
+        LexicalRouter(max_columns=0)

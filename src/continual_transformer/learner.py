@@ -28,7 +28,7 @@ from .model.backbone import Backbone, BackboneError, masked_mean
 from .model.batching import collated
 from .model.joint_decision import joint_logits
 from .model.router import SOLUTION as ROUTER_SOLUTION
-from .model.router import LEXICAL_ALPHA
+from .model.router import LEXICAL_ALPHA, LEXICAL_COLUMNS
 from .model.router import Router
 from .model.memory import release_freed_memory, release_freed_memory_at_most_every
 from .model.trunk import TrunkStates
@@ -594,7 +594,8 @@ class ContinualLearner:
         stored_router = saved.router
         if stored_router is not None and "lexical_alpha" not in stored_router:
             # saved before the router read words: its tasks hold no counts, so it weighs none
-            stored_router = {**stored_router, "lexical_alpha": LEXICAL_ALPHA}
+            stored_router = {**stored_router, "lexical_alpha": LEXICAL_ALPHA,
+                             "lexical_columns": LEXICAL_COLUMNS}
         if json.loads(json.dumps(router)) != stored_router:
             raise CheckpointError(
                 f"{saved.where()}: saved with router {saved.router}, but the learner has {router}")

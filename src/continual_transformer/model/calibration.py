@@ -77,7 +77,7 @@ def fit_confidence_map(confidence: torch.Tensor, correct: torch.Tensor) -> tuple
     to how often such answers are right, fitted by maximum likelihood on held-out answers
     (`confidence` (N,), `correct` (N,) bool). One temperature cannot do this at many tasks: the
     classifier's tempered probabilities are too low where it hesitates and too high where it is
-    sure (measured on the 100-task stream, docs/task_free.md). (1, 0) is the identity, returned
+    sure (measured on the 100-task stream: README, "Task-free prediction"). (1, 0) is the identity, returned
     when fewer than `MAP_MIN_EACH` answers are right or wrong."""
     confidence, correct = torch.as_tensor(confidence), torch.as_tensor(correct).double()
     if confidence.shape != correct.shape or confidence.ndim != 1:

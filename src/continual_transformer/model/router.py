@@ -23,7 +23,7 @@ log-likelihood per n-gram under each task (one scale for a tweet and a long docu
 the decision scores with one weight, chosen among `LEXICAL_WEIGHTS` as the one whose tempered
 probabilities give the calibration samples the least negative log-likelihood (0, words ignored,
 is a choice), and the temperature is fitted on the sum. Measured at 100 overlapping tasks
-(benchmarks/routing_scale.py, docs/task_free.md): the trunk alone routes 59.3 % of test texts
+(benchmarks/routing_scale.py; README, "Task-free prediction"): the trunk alone routes 59.3 % of test texts
 right; choosing the weight by right routes on raw log-likelihood sums reached 64.6 % but left the
 calibration error at 0.064 (the sums grow with a text's length, so one temperature cannot fit
 short and long texts); the per-n-gram mean with the weight chosen by likelihood routes 63.4 %
@@ -41,6 +41,7 @@ import torch
 from .calibration import fit_confidence_map, fit_temperature, map_confidence, negative_log_likelihood
 from .closed_form import AnalyticClassifier
 from .lexical_router import PREFIX as LEXICAL_PREFIX
+from .lexical_router import MAX_COLUMNS as LEXICAL_COLUMNS
 from .lexical_router import LexicalRouter
 
 PREFIX = "router."
@@ -75,12 +76,14 @@ class Router:
     # features 93.4%; on the 3-layer trunk's output, 96.5%.
     def __init__(self, in_dim: int, *, n_features: int = 2048, solver: str = "lda",
                  shrinkage: float | None = None, seed: int = 0, lexical_alpha: float | None = LEXICAL_ALPHA,
-                 skip: frozenset[int] = frozenset()):
+                 lexical_columns: int = LEXICAL_COLUMNS, skip: frozenset[int] = frozenset()):
         """`lexical_alpha`: the naive Bayes smoothing of the lexical evidence (None: no lexical
-        evidence); `skip`: token ids the words never include (the tokenizer's special ids)."""
+        evidence); `lexical_columns`: the most n-gram columns a task keeps; `skip`: token ids
+        the words never include (the tokenizer's special ids)."""
         self.classifier = AnalyticClassifier(in_dim=in_dim, n_features=n_features, solver=solver,
                                              shrinkage=shrinkage, seed=seed)
-        self.lexical = LexicalRouter(alpha=lexical_alpha) if lexical_alpha is not None else None
+        self.lexical = (LexicalRouter(alpha=lexical_alpha, max_columns=lexical_columns)
+                        if lexical_alpha is not None else None)
         self.skip = frozenset(skip)
         self.samples_: dict[str, torch.Tensor] = {}  # task -> held-out features (m, H) float32
         self.sample_ids_: dict[str, list[list[int]]] = {}  # task -> held-out texts' token ids
@@ -101,6 +104,8 @@ class Router:
         options = self.classifier.hyperparameters()
         del options["in_dim"]  # a property of the backbone
         options["lexical_alpha"] = self.lexical.alpha if self.lexical is not None else None
+        if self.lexical is not None:
+            options["lexical_columns"] = self.lexical.max_columns
         return options
 
     @property
