@@ -26,8 +26,8 @@ is a choice), and the temperature is fitted on the sum. Measured at 100 overlapp
 (benchmarks/routing_scale.py; README, "Task-free prediction"): the trunk alone routes 59.3 % of test texts
 right; choosing the weight by right routes on raw log-likelihood sums reached 64.6 % but left the
 calibration error at 0.064 (the sums grow with a text's length, so one temperature cannot fit
-short and long texts); the per-n-gram mean with the weight chosen by likelihood routes 63.4 %
-at 0.039. A task that holds no counts (saved before the router read words, or learned on a
+short and long texts); the per-n-gram mean with the weight chosen by likelihood routes 63.7 %
+at 0.036. A task that holds no counts (saved before the router read words, or learned on a
 federated client, whose words stay there) turns the evidence off for the whole router
 (weight 0), so old models route exactly as before.
 """
