@@ -202,7 +202,9 @@ def learn_stream(args) -> dict:
 def reference_routing(seen) -> float:
     """TF-IDF + logistic regression over task ids, trained on all training texts of `seen`,
     accuracy on their test texts (the non-streaming reference of `routing_scale.py`)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from routing_scale import reference_accuracy
 
     fit = [(k, e.text) for k, t in enumerate(seen) for e in t.train]

@@ -42,24 +42,30 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 def negative_log_likelihood(scores: torch.Tensor, y: torch.Tensor, temperature: float) -> float:
     """Mean negative log-likelihood of the true classes `y` (N,) under softmax(scores / T)."""
-    scores = scores.detach().double()
-    scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -1e30))
-    return float(torch.nn.functional.cross_entropy(scores / temperature, y))
+    return _nll(_finite(scores), y, temperature)
 
+
+def _finite(scores: torch.Tensor) -> torch.Tensor:
+    """float64 scores with -inf (a class not allowed) as a large finite negative number."""
+    scores = scores.detach().double()
+    return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -1e30))
+
+
+def _nll(scores: torch.Tensor, y: torch.Tensor, temperature: float) -> float:
+    return float(torch.nn.functional.cross_entropy(scores / temperature, y))
 
 
 def fit_temperature(scores: torch.Tensor, y: torch.Tensor) -> float:
     """The temperature T > 0 that minimises the mean negative log-likelihood of
     softmax(scores / T) for the true classes `y` (N,) of `scores` (N, K)."""
-    scores = scores.detach().double()
     if scores.ndim != 2 or len(scores) != len(y) or not len(y):
         raise ValueError(f"scores {tuple(scores.shape)} and labels ({len(y)},) do not match")
-    scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -1e30))
-    losses = [negative_log_likelihood(scores, y, t) for t in _GRID]
+    scores = _finite(scores)  # once, not per temperature tried
+    losses = [_nll(scores, y, t) for t in _GRID]
     best = int(np.argmin(losses))
     low, high = _GRID[max(best - 1, 0)], _GRID[min(best + 1, len(_GRID) - 1)]
     fine = np.exp(np.linspace(np.log(low), np.log(high), 41))  # one grid step either side
-    return float(fine[int(np.argmin([negative_log_likelihood(scores, y, t) for t in fine]))])
+    return float(fine[int(np.argmin([_nll(scores, y, t) for t in fine]))])
 
 
 # The confidence map is fitted only when the held-out answers hold at least this many right and

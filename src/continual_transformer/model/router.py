@@ -157,11 +157,15 @@ class Router:
         if sample is None:
             return 0.0
         scores, truth, words = sample
-        losses = []
+        losses, temperatures = [], []
         for w in LEXICAL_WEIGHTS:
             summed = scores + w * words
-            losses.append(round(negative_log_likelihood(summed, truth, fit_temperature(summed, truth)), 9))
-        return LEXICAL_WEIGHTS[losses.index(min(losses))]
+            temperatures.append(fit_temperature(summed, truth))
+            losses.append(round(negative_log_likelihood(summed, truth, temperatures[-1]), 9))
+        best = losses.index(min(losses))
+        if self._temperature is None:  # the chosen sum's temperature: what _fit_temperature fits
+            self._temperature = temperatures[best]
+        return LEXICAL_WEIGHTS[best]
 
     @property
     def temperature(self) -> float:
