@@ -431,11 +431,14 @@ def test_candidate_tasks_and_ambiguous_answers(model_dir):
     texts = ["cat and dog", "red and blue"]
     bodies = [{"items": [{"text": t} for t in texts], "top_k": 2},
               {"items": [{"text": t} for t in texts], "min_task_confidence": 0.9},
-              {"items": [{"text": t} for t in texts]}]
+              {"items": [{"text": t} for t in texts]},
+              {"items": [{"text": t} for t in texts], "joint_k": 2}]
     with serving(model_dir, batch_max_wait_ms=200) as served:
-        # requests asking differently, served in one pass
-        with ThreadPoolExecutor(3) as pool:
-            ranked, strict, plain = [a.json()["predictions"] for a in pool.map(served.predict, bodies)]
+        # requests asking differently, served together (the joint decision in a pass of its own)
+        with ThreadPoolExecutor(4) as pool:
+            ranked, strict, plain, joint = [a.json()["predictions"] for a in pool.map(served.predict, bodies)]
+        for answer, p in zip(joint, learner.predict(texts, joint_k=2)):
+            assert (answer["task"], answer["label"]) == (p.task, p.label)
         local = learner.predict(texts, top_k=2)
         for answer, p in zip(ranked, local):
             assert answer["status"] == "ok" and answer["task"] == p.task
@@ -449,6 +452,8 @@ def test_candidate_tasks_and_ambiguous_answers(model_dir):
             assert [c["task"] for c in answer["candidates"]] == [t for t, _ in p.candidates]
         bad = served.predict({"items": [{"text": "cat"}], "top_k": 0})
         assert bad.status_code == 422 and "top_k" in bad.text
+        bad = served.predict({"items": [{"text": "cat"}], "joint_k": 0})
+        assert bad.status_code == 422 and "joint_k" in bad.text
 
 
 @pytest.mark.parametrize("max_items, batches", [

@@ -2,6 +2,7 @@
 tasks the router confuses, and the router's state (size, deletion)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -241,6 +242,12 @@ def test_ctt_predict_top_k_and_ambiguous(learner, tasks, tmp_path):
     table = runner.invoke(app, ["predict", str(tmp_path / "model"), "--device", "cpu",
                                 "--min-task-confidence", "0.9", texts[0]], catch_exceptions=False)
     assert table.exit_code == 0 and "ambiguous" in table.output and "candidate tasks" in table.output
+    joint = runner.invoke(app, ["predict", str(tmp_path / "model"), "--json", "--device", "cpu",
+                                "--precision", "fp32", "--joint-k", "2", *texts], catch_exceptions=False)
+    assert joint.exit_code == 0, joint.output
+    loaded = ContinualLearner.load(tmp_path / "model", device="cpu", precision="fp32")
+    expected = loaded.predict(texts, joint_k=2)
+    assert [json.loads(line)["task"] for line in joint.output.strip().splitlines()] == [p.task for p in expected]
 
 
 def test_joint_decision_weighs_each_candidate_by_its_own_head(learner, tasks):
@@ -252,8 +259,11 @@ def test_joint_decision_weighs_each_candidate_by_its_own_head(learner, tasks):
     given = {name: learner.predict(texts, task=name) for name in names}  # each head, task given
     for i, (p, r) in enumerate(zip(joint, ranked)):
         router = dict(r.candidates)
-        # the brute force: router probability x the head's confidence in its own answer
-        best = max(names, key=lambda n: router[n] * max(given[n][i].probabilities.values()))
+        # the brute force: router probability x the head's certainty, 1 - entropy / log C
+        def certainty(probabilities):
+            q = [v for v in probabilities.values() if v > 0]
+            return 1 - -sum(v * math.log(v) for v in q) / math.log(len(probabilities))
+        best = max(names, key=lambda n: router[n] * certainty(given[n][i].probabilities))
         assert p.task == best and p.candidates[0][0] == best
         assert p.label == given[best][i].label
         assert p.probabilities == pytest.approx(given[best][i].probabilities, abs=1e-5)

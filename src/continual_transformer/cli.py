@@ -537,6 +537,7 @@ def predict(
     min_task_confidence: Optional[float] = typer.Option(
         None, "--min-task-confidence", min=0.0, max=1.0,
         help="Without --task: below this probability of the routed task, answer 'ambiguous' with the candidate tasks instead of a label."),
+    joint_k: int = typer.Option(1, "--joint-k", min=1, help="Without --task: each text's K most likely tasks answer it, and it goes to the one with the highest router probability x head certainty (1: the router alone)."),
 ):
     """Predict labels for texts, or for every row of a file (--input), with a saved model."""
     from .learner import ContinualLearner
@@ -550,7 +551,7 @@ def predict(
                    skip_bad_rows)
             return
         predictions = learner.predict(texts, task=task, top_k=top_k,
-                                      min_task_confidence=min_task_confidence)
+                                      min_task_confidence=min_task_confidence, joint_k=joint_k)
     except _user_errors() as exc:
         _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
     if as_json:

@@ -407,7 +407,7 @@ class ContinualLearner:
         whose task probability is below `min_task_confidence` is answered with status
         "ambiguous" and its candidate tasks (at least 2), no task and no label. With `joint_k`
         > 1, a routed row's `joint_k` most likely tasks each answer it and the row goes to the
-        one with the highest router probability x head confidence (`model/joint_decision.py`; then the chosen
+        one with the highest router probability x head certainty (`model/joint_decision.py`; then the chosen
         task is the first candidate). `precision` ("auto", "fp32", "bf16"; default: the learner's `precision`) is what the
         encoder computes in.
         """
@@ -424,9 +424,7 @@ class ContinualLearner:
         """`predict` for texts already tokenised by `backbone.tokenize` (the server tokenises
         a request once, to batch it, and predicts from those ids)."""
         row_tasks = self._row_tasks(ids, task)
-        answer = TaskFreeAnswer(top_k, min_task_confidence)
-        if isinstance(joint_k, bool) or not isinstance(joint_k, int) or joint_k < 1:
-            raise ValueError(f"joint_k must be a whole number >= 1, got {joint_k!r}")
+        answer = TaskFreeAnswer(top_k, min_task_confidence, joint_k)
         tasks, logits, ranked = self._run(ids, row_tasks, self._row_among(row_tasks, among), precision,
                                           answer.candidates_needed, joint_k)
         predictions = [answer.prediction(name, self.tasks[name].labels, row, candidates)

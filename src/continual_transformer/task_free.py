@@ -22,12 +22,14 @@ OK = "ok"
 class TaskFreeAnswer:
     """Turns a row's task, logits and routed candidates into a `Prediction`."""
 
-    def __init__(self, top_k: int = 1, min_task_confidence: float | None = None):
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
+    def __init__(self, top_k: int = 1, min_task_confidence: float | None = None, joint_k: int = 1):
+        for name, value in (("top_k", top_k), ("joint_k", joint_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if min_task_confidence is not None and not 0.0 <= min_task_confidence <= 1.0:
             raise ValueError(f"min_task_confidence must be in [0, 1], got {min_task_confidence!r}")
         self.top_k, self.min_task_confidence = top_k, min_task_confidence
+        self.joint_k = joint_k  # how many candidate tasks' heads weigh in (1: the router alone)
 
     @property
     def candidates_needed(self) -> int:

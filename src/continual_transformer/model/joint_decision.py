@@ -1,19 +1,24 @@
 """The joint decision: a routed row's top-k candidate tasks weighed by their own heads.
 
-The router reads only the trunk; a candidate task's head (its adapted top layers, head and
-lexical branch) often knows better whether the text is its kind. For a routed row, each of the
-router's `k` most likely tasks answers it, and the row goes to the task with the highest
+The router reads the trunk and the words; a candidate task's head (its adapted top layers, head
+and lexical branch) often knows better whether the text is its kind. For a routed row, each of
+the router's `k` most likely tasks answers it, and the row goes to the task with the highest
 
-    router probability x the head's probability of its own answer
+    router probability x the head's certainty, 1 - H(the head's label distribution) / log C
 
-(both calibrated or not, they are probabilities of the same row). Still one trunk pass: the
-trunk's output rows are repeated, one per (row, candidate), and the top layers run once over
-that mixed-task batch; rows whose task is given run once, under their task. k = 1 is not
-computed here: the learner's plain path is exactly today's answer.
+(C: the head's number of labels). The certainty is 0 for a head that spreads its answer evenly
+and 1 for a head sure of one label, whatever its number of labels: a top probability of 0.5 is
+no knowledge from a 2-label head and a fair guess from a 26-label one, so heads with different
+label counts cannot be compared by top probability (bundled stream, k = 2: task-free ACC 76.35
+with the certainty, 76.18 with the top probability, 75.54 with the router alone). Still one
+trunk pass: the trunk's output rows are repeated, one per (row, candidate), and the top layers
+run once over that mixed-task batch; rows whose task is given run once, under their task. k = 1
+is not computed here: the learner's plain path is exactly today's answer.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Collection, Sequence
 
 import torch
@@ -35,6 +40,16 @@ def take_rows(call: LayerCall, index: torch.Tensor, batch_rows: int) -> LayerCal
         return value
 
     return LayerCall(tuple(take(a) for a in call.args), {k: take(v) for k, v in call.kwargs.items()})
+
+
+def certainty(logits: torch.Tensor) -> float:
+    """1 - the entropy of softmax(`logits`) (C,) / log C: 0 for an even answer, 1 for a sure
+    one (a single-label head is always sure)."""
+    if logits.numel() < 2:
+        return 1.0
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    entropy = float(-(log_p.exp() * log_p).sum())
+    return max(0.0, 1.0 - entropy / math.log(logits.numel()))
 
 
 def joint_logits(
@@ -79,8 +94,7 @@ def joint_logits(
         if tasks[i] is not None:
             out[i] = logits[e]
             continue
-        router_p = dict(ranked[i])[name]
-        score = router_p * float(torch.softmax(logits[e].float(), dim=-1).max())
+        score = dict(ranked[i])[name] * certainty(logits[e])
         if i not in best or score > best[i]:  # ties: the router's order decides
             best[i], chosen[i], out[i] = score, name, logits[e]
     for i in missing:

@@ -97,7 +97,8 @@ async def predict(body: PredictRequest, caller: PredictorDep, service: ServiceDe
     _involve(request, [i.task for i in body.items])
     try:
         results = await service.predict([i.text for i in body.items], [i.task for i in body.items],
-                                        _sees(caller), TaskFreeAnswer(body.top_k, body.min_task_confidence))
+                                        _sees(caller), TaskFreeAnswer(body.top_k, body.min_task_confidence,
+                                                                       body.joint_k))
     except (UnknownTask, PredictionRefused) as exc:
         raise HTTPException(422, str(exc)) from None
     _involve(request, [p.task for p in results])

@@ -37,6 +37,9 @@ class PredictRequest(Strict):
         None, ge=0.0, le=1.0, description="For items without a task: below this probability of the "
         "routed task, the answer is status 'ambiguous' with its candidate tasks (at least 2), no "
         "task and no label. The router's probabilities are calibrated (see the README).")
+    joint_k: int = Field(1, ge=1, le=10, description="For items without a task: how many of the "
+                         "router's most likely tasks answer the item; it goes to the one with the highest "
+                         "router probability x head certainty (1: the router alone).")
 
 
 class CandidateOut(BaseModel):

@@ -284,14 +284,15 @@ class ModelService:
             rows = [r for r in rows if not r.request.failed]
             if not rows:
                 return
-            among = [r.request.among for r in rows]
-            # One pass serves requests that ask for different k: rank for the largest, and
-            # state each row as its request asks (`restate`, below).
-            top_k = max(r.request.answer.candidates_needed for r in rows)
+            # One pass serves requests that ask for different top_k: rank for the largest, and
+            # state each row as its request asks (`restate`, below). Requests asking for a
+            # joint decision over a different number of candidates get a pass each.
+            answers: list = [None] * len(rows)
             try:
-                answers = self.learner.predict_ids(
-                    [r.ids for r in rows], task=[r.request.tasks[r.index] for r in rows],
-                    among=None if all(a is None for a in among) else among, top_k=top_k)
+                for joint_k in sorted({r.request.answer.joint_k for r in rows}):
+                    part = [i for i, r in enumerate(rows) if r.request.answer.joint_k == joint_k]
+                    for i, answer in zip(part, self._predict_rows([rows[i] for i in part], joint_k)):
+                        answers[i] = answer
             except (ValueError, KeyError) as exc:
                 message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
                 error_type = UnknownTask if isinstance(exc, KeyError) else PredictionRefused
@@ -306,6 +307,15 @@ class ModelService:
             request.left -= 1
             if request.left == 0:
                 request.loop.call_soon_threadsafe(_settle, request.future, request.results)
+
+    def _predict_rows(self, rows: list[_Row], joint_k: int) -> list["Prediction"]:
+        """The learner's predictions for `rows`, one forward pass, routed rows ranked for the
+        largest number of candidates any of their requests needs."""
+        among = [r.request.among for r in rows]
+        return self.learner.predict_ids(
+            [r.ids for r in rows], task=[r.request.tasks[r.index] for r in rows],
+            among=None if all(a is None for a in among) else among,
+            top_k=max(r.request.answer.candidates_needed for r in rows), joint_k=joint_k)
 
     @staticmethod
     def _fail(requests, error: BaseException) -> None:
