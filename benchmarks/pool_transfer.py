@@ -5,12 +5,14 @@ started from all ones (the pool's choice for a new entry, docs/pool.md).
     python benchmarks/pool_transfer.py --pairs deb_section_apps:deb_fr_section_apps --max-train 300
 
 For each (source, target) pair of the stream: the source is learned (`ia3`, no lexical branch:
-the scales and head alone); then the target is learned twice, from all ones and from the
-source's entry, with the same head initialisation, batches and steps. Every `--every` steps the
+the scales and head alone); then the target is learned three times with the same batches and steps:
+from all ones and a fresh head; from the source's entry and a fresh head; and as a pool starts
+it (the entry from the source when its TransRate gain is above 0, and the head's rows for labels
+an old task already knows copied from that task's head, `label_source`). Every `--every` steps the
 target's test accuracy is measured. Printed per pair: the TransRate gain of the source's entry
 over all ones and the LEEP of its head on the target's training texts (what the pool decides
-with, before any training), both final accuracies (their difference is the forward transfer
-against all ones), and the steps each start needs to reach the accuracy all ones ends with.
+with, before any training), the final accuracies (their differences to all ones are the forward
+transfer), and the steps each start needs to reach the accuracy all ones ends with.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from continual_transformer.data.source import load_tasks
 from continual_transformer.learner import ContinualLearner
 from continual_transformer.methods.base import GradientMethod
 from continual_transformer.methods.ia3 import IA3Method
-from continual_transformer.methods.transfer import (heads_probs, label_entropy, leep,
-                                                    pooled_features, transrate)
+from continual_transformer.methods.transfer import (heads_probs, label_entropy, label_source,
+                                                    leep, pooled_features, start_head_from,
+                                                    transrate)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Pairs with the same labels from another source or language (related on purpose), and one
@@ -39,14 +42,18 @@ PAIRS = ("deb_section_apps:deb_fr_section_apps", "po_program_en:po_program_fr",
 
 class StartFrom(IA3Method):
     """`ia3` whose next task's entry starts as a copy of entry `start` (None: all ones), as a
-    pool's new entry does."""
+    pool's new entry does, and whose head starts from `head` (an old task and the labels it
+    shares, `label_source`) when set, as a pool's head does."""
 
     start: str | None = None
+    head: tuple[str, list[str]] | None = None
 
     def begin_task(self, model, task, states) -> None:
         super().begin_task(model, task, states)
         if self.start is not None:
             model.adapter.load_state_of(task.name, model.adapter.state_of(self.start))
+        if self.head is not None:
+            start_head_from(model.heads, task.name, *self.head)
 
 
 @torch.inference_mode()
@@ -55,9 +62,10 @@ def accuracy(model, name: str, states, labels: torch.Tensor) -> float:
     return float((model.heads(features, name).argmax(-1).cpu() == labels).float().mean())
 
 
-def learn_traced(learner, method: StartFrom, task, start, every: int, test_states, test_y):
-    """Learn `task` from entry `start` (None: ones); its test accuracy every `every` steps."""
-    method.start = start
+def learn_traced(learner, method: StartFrom, task, start, head, every: int, test_states, test_y):
+    """Learn `task` from entry `start` (None: ones) and head `head` (None: the seeded
+    initialisation); its test accuracy every `every` steps."""
+    method.start, method.head = start, head
     trace = []
 
     def on_step(step: int, steps_per_epoch: int) -> None:
@@ -100,7 +108,7 @@ def main() -> None:
         source, target = (tasks[n] for n in pair.split(":"))
         began = time.perf_counter()
         if source.name not in learner.tasks:
-            method.start = None
+            method.start, method.head = None, None
             learner.learn(source)
         test = target.test[: args.max_test]
         index = target.label_index()
@@ -113,28 +121,44 @@ def main() -> None:
         gain = transrate(source_features, train_y) / ones_rate - 1
         leep_gain = (leep(heads_probs(learner.model, [source.name], source_features), train_y,
                           len(target.labels)) + label_entropy(train_y, len(target.labels)))
+        # What a pool does: the entry from the source when its gain is above 0 (the default
+        # transfer_margin), the head's shared labels from the old head that knows them.
+        head_source, shared = label_source(learner.model.heads, tuple(target.labels), target.name)
+        pool_start = (source.name if gain > 0 else None,
+                      (head_source, shared) if head_source is not None else None)
         runs = {}
-        for start in (None, source.name):
-            final, trace = learn_traced(learner, method, target, start, args.every, test_states, test_y)
+        for kind, (start, head) in (("ones", (None, None)), ("entry", (source.name, None)),
+                                    ("pool", pool_start)):
+            final, trace = learn_traced(learner, method, target, start, head, args.every,
+                                        test_states, test_y)
             learner.model.adapter.remove(target.name)
             learner.model.heads.remove(target.name)
-            runs["ones" if start is None else "transfer"] = {"final": final, "trace": trace}
+            runs[kind] = {"final": final, "trace": trace}
         reference = runs["ones"]["final"]
-        ones_steps = steps_to(runs["ones"]["trace"], reference)
-        transfer_steps = steps_to(runs["transfer"]["trace"], reference)
+        steps = {kind: steps_to(run["trace"], reference) for kind, run in runs.items()}
         row = {"pair": pair, "transrate_gain": gain, "leep_gain": leep_gain,
-               "acc_ones": reference, "acc_transfer": runs["transfer"]["final"],
-               "fwt_vs_ones": runs["transfer"]["final"] - reference,
-               "steps_ones": ones_steps, "steps_transfer": transfer_steps,
-               "total_steps": runs["ones"]["trace"][-1][0],
+               "pool_start": {"entry": pool_start[0] or "ones", "head": head_source,
+                              "shared_labels": len(shared)},
+               "accuracy": {kind: run["final"] for kind, run in runs.items()},
+               "fwt_vs_ones": {kind: run["final"] - reference for kind, run in runs.items()},
+               "steps_to_ones_accuracy": steps, "total_steps": runs["ones"]["trace"][-1][0],
                "seconds": round(time.perf_counter() - began, 1), "runs": runs}
         results.append(row)
-        fewer = ("-" if transfer_steps is None
-                 else f"{100 * (1 - transfer_steps / ones_steps):.0f} % fewer")
-        print(f"{pair}: TransRate gain {gain:+.3f}, LEEP gain {leep_gain:+.3f}; acc ones "
-              f"{100 * reference:.2f} transfer {100 * row['acc_transfer']:.2f} (FWT vs ones "
-              f"{100 * row['fwt_vs_ones']:+.2f}); steps to {100 * reference:.2f}: ones {ones_steps}, "
-              f"transfer {transfer_steps} ({fewer}) of {row['total_steps']}", flush=True)
+
+        def fewer(kind: str) -> str:
+            if steps[kind] is None:
+                return "never"
+            return f"{steps[kind]} ({100 * (1 - steps[kind] / steps['ones']):.0f} % fewer)"
+
+        print(f"{pair}: TransRate gain {gain:+.3f}, LEEP gain {leep_gain:+.3f}; pool starts entry "
+              f"from {pool_start[0] or 'ones'}, head from {head_source or 'scratch'} "
+              f"({len(shared)} labels); acc ones {100 * reference:.2f}, entry "
+              f"{100 * runs['entry']['final']:.2f}, pool {100 * runs['pool']['final']:.2f} "
+              f"(FWT vs ones {100 * row['fwt_vs_ones']['entry']:+.2f}, "
+              f"{100 * row['fwt_vs_ones']['pool']:+.2f}); steps to {100 * reference:.2f}: ones "
+              f"{steps['ones']}, entry {fewer('entry')}, pool {fewer('pool')} of "
+              f"{row['total_steps']}; after {runs['ones']['trace'][0][0]} steps: "
+              + ", ".join(f"{k} {100 * r['trace'][0][1]:.2f}" for k, r in runs.items()), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

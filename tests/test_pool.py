@@ -202,3 +202,31 @@ def test_tasks_cannot_be_learned_apart(tiny_config):
     learner.learn(_task("kinds"))
     with pytest.raises(ValueError, match="shares state between tasks"):
         learner.take_out("kinds")
+
+
+def test_a_new_head_starts_from_the_old_head_that_knows_its_labels(tiny_config):
+    from continual_transformer.model.heads import TaskHeads
+    from continual_transformer.methods.transfer import label_source, start_head_from
+
+    heads = TaskHeads(8)
+    heads.add("en", ("admin", "games", "math"), seed=1)
+    heads.add("other", ("admin", "x", "y"), seed=2)
+    heads.add("fr", ("math", "new", "games", "admin"), seed=3)
+    # "en" knows 3 of fr's 4 labels, "other" 1; at least half must be known
+    assert label_source(heads, heads.labels["fr"], "fr") == ("en", ["math", "games", "admin"])
+    assert label_source(heads, ("x", "q", "r"), "none") == (None, [])
+    fresh = heads.heads["fr"].weight.detach().clone()
+    start_head_from(heads, "fr", "en", ["math", "games", "admin"])
+    en, fr = heads.heads["en"], heads.heads["fr"]
+    for new_row, old_row in ((0, 2), (2, 1), (3, 0)):
+        assert torch.equal(fr.weight[new_row], en.weight[old_row]) and fr.bias[new_row] == en.bias[old_row]
+    assert torch.equal(fr.weight[1], fresh[1])  # a label no old head knows starts fresh
+
+    # In a pool, the task's record names the head it started from.
+    learner = _learner(tiny_config, pool_size=2)
+    learner.learn(_task("kinds"))
+    learner.learn(_task("mixed"))  # shares "animal" (half its labels) with kinds
+    learner.learn(_task("topics"))  # shares "color" with mixed: the earliest with the most
+    assert learner.tasks["kinds"].stats["pool"]["head_start"] is None
+    assert learner.tasks["mixed"].stats["pool"]["head_start"] == {"task": "kinds", "labels": 1}
+    assert learner.tasks["topics"].stats["pool"]["head_start"] == {"task": "mixed", "labels": 1}

@@ -81,3 +81,31 @@ def heads_probs(model, tasks: list[str], features: torch.Tensor) -> torch.Tensor
         parts = [torch.softmax(model.heads(features.to(model.device), t).float().cpu(), -1)
                  for t in tasks]  # each (N, C_t)
     return torch.cat(parts, dim=1) / len(parts)
+
+
+def label_source(heads, labels: tuple[str, ...], exclude: str) -> tuple[str | None, list[str]]:
+    """The learned task whose head knows the most of `labels` by name (at least half of
+    them; ties: the earliest learned), and the labels it shares; (None, []) when none does."""
+    best, shared = None, []
+    for task, known in heads.labels.items():
+        if task == exclude:
+            continue
+        common = [label for label in labels if label in known]
+        if len(common) > len(shared):
+            best, shared = task, common
+    if 2 * len(shared) < len(labels):
+        return None, []
+    return best, shared
+
+
+@torch.no_grad()
+def start_head_from(heads, task: str, source: str, shared: list[str]) -> None:
+    """The head of `task`: its rows (weights and bias) for the `shared` labels copied from the
+    head of `source`, the task that already learned those labels; its other rows as they were."""
+    new, old = heads.heads[task], heads.heads[source]
+    new_index = {label: i for i, label in enumerate(heads.labels[task])}
+    old_index = {label: i for i, label in enumerate(heads.labels[source])}
+    rows = torch.tensor([new_index[label] for label in shared])
+    source_rows = torch.tensor([old_index[label] for label in shared])
+    new.weight[rows] = old.weight[source_rows].to(new.weight)
+    new.bias[rows] = old.bias[source_rows].to(new.bias)
