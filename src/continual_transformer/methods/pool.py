@@ -79,7 +79,6 @@ class PooledIA3Method(IA3Method):
         self.assignment: dict[str, str] = {}  # task -> the pool entry its rows use
         self._before: _Before | None = None
         self._head_only = False
-        self._head_start: tuple[str, list[str]] | None = None  # (old task, shared labels)
 
     def hyperparameters(self) -> dict:
         return {**super().hyperparameters(), "pool_size": self.pool_size,
@@ -105,8 +104,7 @@ class PooledIA3Method(IA3Method):
         gain = scores[best]["gain"] if best is not None else None
         self._before = before = _Before(task.name)
         pool = {"scores": scores, "ones_transrate": ones, "best": best}
-        source, shared = label_source(model.heads, task.labels, task.name)
-        self._head_start = (source, shared) if source is not None else None
+        source, shared = label_source(model.heads, task.labels, task.name)  # as begin_task starts it
         pool["head_start"] = {"task": source, "labels": len(shared)} if source else None
         if len(scores) < self.pool_size:
             entry = next(f"entry{k}" for k in range(self.pool_size + 1)
@@ -124,7 +122,6 @@ class PooledIA3Method(IA3Method):
         # The pool after the task: entries and scale numbers (constant once it is full).
         pool.update(entries=len(self.entries(model)), scale_numbers=self.shared_numbers(model))
         stats["pool"] = pool
-        self._head_start = None
         return stats
 
     def scores(self, model, task: Task, states, labels: torch.Tensor) -> tuple[dict, float]:
@@ -198,8 +195,9 @@ class PooledIA3Method(IA3Method):
 
     def begin_task(self, model, task: Task, states) -> None:
         super(IA3Method, self).begin_task(model, task, states)  # the head only: entries are the pool's
-        if self._head_start is not None:
-            start_head_from(model.heads, task.name, *self._head_start)
+        source, shared = label_source(model.heads, task.labels, task.name)
+        if source is not None:  # the rows of labels an old head knows start from it
+            start_head_from(model.heads, task.name, source, shared)
 
     def param_groups(self, model, task: Task, train, top_layers=None) -> list[dict]:
         head = {"params": list(model.heads.heads[task.name].parameters()), "lr": train.head_lr}
