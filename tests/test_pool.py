@@ -230,3 +230,25 @@ def test_a_new_head_starts_from_the_old_head_that_knows_its_labels(tiny_config):
     assert learner.tasks["kinds"].stats["pool"]["head_start"] is None
     assert learner.tasks["mixed"].stats["pool"]["head_start"] == {"task": "kinds", "labels": 1}
     assert learner.tasks["topics"].stats["pool"]["head_start"] == {"task": "mixed", "labels": 1}
+
+
+def test_a_stream_passes_again_only_the_tasks_a_merge_changed(tiny_config, monkeypatch):
+    from continual_transformer.experiment.run import run_stream
+
+    names = ("kinds", "topics", "mixed", "other")
+    reports = {}
+    for recompute in (False, True):
+        learner = _learner(tiny_config, pool_size=2, reuse_margin=1e9, merge_agreement=0.0)
+        if recompute:  # every task seen passed again after every task, as shared state needs
+            monkeypatch.setattr(PooledIA3Method, "changed_tasks", lambda self, stats: None)
+        reports[recompute] = run_stream([_task(n) for n in names], learner)
+    passes = [r["evaluation"]["forward_passes"] for r in reports[False]["per_task"]]
+    pools = [r["train_stats"]["pool"] for r in reports[False]["per_task"]]
+    assert [p["decision"] for p in pools] == ["new", "new", "merge", "merge"]
+    assert passes[:2] == [["kinds"], ["topics"]]  # a new entry changes no earlier task
+    for i in (2, 3):  # a merge: the tasks of the merged entry, then the task itself
+        assert passes[i] == [n for n in names[:i] if n in pools[i]["merge"]["old_tasks"]] + [names[i]]
+    assert [r["evaluation"]["forward_passes"] for r in reports[True]["per_task"]][-1] == list(names)
+    # The figures are those of passing every task again.
+    assert reports[False]["accuracy_matrix"] == reports[True]["accuracy_matrix"]
+    assert reports[False]["task_free_accuracy_matrix"] == reports[True]["task_free_accuracy_matrix"]

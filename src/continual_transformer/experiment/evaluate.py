@@ -10,8 +10,10 @@ given (R) and without it (the task-free matrix). Three facts make most of it fre
   so re-routing every test text after a new task costs the router alone, not a forward pass.
 - When the method isolates tasks (`ia3`: nothing is shared), learning a task cannot change an
   earlier task's task-given predictions, so they are not recomputed: each test text makes one
-  forward pass in the whole run. Methods that share state (the baselines, `analytic`) redo the
-  pass for every task seen, as they must.
+  forward pass in the whole run. A method that shares some state names the earlier tasks a
+  learn changed (`Method.changed_tasks`; `ia3` with a pool: the tasks of a merged entry) and
+  only those are passed again. Methods that share state everywhere (the baselines,
+  `analytic`) redo the pass for every task seen, as they must.
 
 `StreamEvaluation.after_task(i)` returns row i and what was reused. Tests check the reused
 figures against a full recomputation.
@@ -132,7 +134,8 @@ class StreamEvaluation:
     def after_task(self, i: int) -> EvaluatedRow:
         """Row i, after the i-th task (0-based) of the stream has been learned."""
         seen = self.tasks[: i + 1]
-        passes = [seen[-1]] if self.isolated else seen
+        touched = self.learner.method.changed_tasks(self.learner.tasks[seen[-1].name].stats)
+        passes = seen if touched is None else [t for t in seen[:-1] if t.name in touched] + [seen[-1]]
         for task in passes:
             self._record(task)
         if self.isolated and self.learner.prediction_precision() != "fp32":

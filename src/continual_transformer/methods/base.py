@@ -54,6 +54,11 @@ class Method:
     def hyperparameters(self) -> dict:
         raise NotImplementedError
 
+    def changed_tasks(self, stats: dict) -> list[str] | None:
+        """The earlier tasks whose predictions the learn that returned `stats` may have
+        changed: none when tasks are isolated, None (any of them) when state is shared."""
+        return None if self.shares_state else []
+
     def data_parallel_refusal(self) -> str | None:
         """Why this method cannot learn a task across the processes of a data-parallel run
         (training/distributed.py); None when it can."""

@@ -124,6 +124,15 @@ class PooledIA3Method(IA3Method):
         stats["pool"] = pool
         return stats
 
+    def changed_tasks(self, stats: dict) -> list[str] | None:
+        """Only a merge changes what earlier tasks read: the tasks of the merged entry. A new
+        entry is a copy, a reuse trains the task's head alone, and a refused merge puts the
+        old entry back as it was (the same numbers)."""
+        pool = stats.get("pool")
+        if not isinstance(pool, dict) or "decision" not in pool:
+            return None  # a record without its pool decision: anything may have changed
+        return list(pool["merge"]["old_tasks"]) if pool["decision"] == "merge" else []
+
     def scores(self, model, task: Task, states, labels: torch.Tensor) -> tuple[dict, float]:
         """Per entry: TransRate, its gain over all ones, and LEEP (and LEEP's gain over a
         source that knows nothing) of the heads reading it, on the task's training texts;
