@@ -1,5 +1,6 @@
 """The bounded pool of scale entries (`ia3` with `pool_size`), on the tiny random BERT."""
 
+import dataclasses
 import random
 
 import pytest
@@ -58,6 +59,8 @@ def test_bad_options_name_the_value():
         make_method("ia3", {"pool_size": 0})
     with pytest.raises(ValueError, match=r"merge_agreement must be in \[0, 1\], got 2"):
         make_method("ia3", {"pool_size": 2, "merge_agreement": 2})
+    with pytest.raises(ValueError, match="max_refused_merges must be a whole number >= 1, got 0"):
+        make_method("ia3", {"pool_size": 2, "max_refused_merges": 0})
 
 
 def test_scores_see_separated_labels():
@@ -141,6 +144,41 @@ def test_refused_merge_leaves_old_entry_and_reuses(tiny_config):
         assert pool["decision"] == "merge refused: reuse"
         after = _entries(learner)
         assert all(torch.equal(after[k], entries[k]) for k in after)
+
+
+def test_merges_into_an_entry_that_refused_them_are_skipped_with_the_same_result(tiny_config,
+                                                                                monkeypatch, tmp_path):
+    from continual_transformer.methods import pool_merge
+
+    distill = pool_merge.distill_into
+
+    def refused(*args, **kwargs):  # the real merge, judged as if every old head disagreed
+        return dataclasses.replace(distill(*args, **kwargs), old_agreement={t: 0.0 for t in args[6]})
+
+    monkeypatch.setattr(pool_merge, "distill_into", refused)
+    skipping = _learner(tiny_config, pool_size=1, reuse_margin=1e9, max_refused_merges=2)
+    trying = _learner(tiny_config, pool_size=1, reuse_margin=1e9, max_refused_merges=10)
+    for learner in (skipping, trying):
+        learner.learn(_task("kinds"))
+        for name in ("topics", "mixed"):
+            learner.learn(_task(name))
+            assert learner.tasks[name].stats["pool"]["decision"] == "merge refused: reuse"
+    assert skipping.method.refused == {"entry0": 2}
+    skipping.save(tmp_path / "model")
+    assert ContinualLearner.load(tmp_path / "model", device="cpu").method.refused == {"entry0": 2}
+    entries = _entries(skipping)
+    trying.learn(_task("other"))
+    assert trying.tasks["other"].stats["pool"]["decision"] == "merge refused: reuse"
+    monkeypatch.setattr(pool_merge, "distill_into", lambda *a, **k: pytest.fail("a merge was tried"))
+    skipping.learn(_task("other"))
+    pool = skipping.tasks["other"].stats["pool"]
+    assert pool["decision"] == "merge skipped: reuse" and pool["refused_in_a_row"] == 2
+    assert all(torch.equal(v, entries[k]) for k, v in _entries(skipping).items())
+    texts = [e.text for e in _task("other").test]
+    for x, y in zip(skipping.logits(texts, "other"), trying.logits(texts, "other")):
+        assert torch.equal(x, y)  # what the refused merge would have ended with, bit for bit
+    skipping.delete("topics")  # fewer heads must agree now: the next merge is tried again
+    assert skipping.method.refused == {}
 
 
 def test_checkpoint_with_a_pool_round_trips_exactly(tiny_config, tmp_path):

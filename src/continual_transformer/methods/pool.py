@@ -14,7 +14,14 @@ The rule, with `best` the best entry and `gain` its gain:
 - the pool is full otherwise: a new entry is trained from all ones, then merged into `best` by
   distillation on the task's texts (methods/pool_merge.py) ("merge"). If afterwards an old task's
   head agrees with its former predictions on fewer than `merge_agreement` of those texts, the
-  merge is undone and the task reuses `best` instead ("merge refused: reuse").
+  merge is undone and the task reuses `best` instead ("merge refused: reuse");
+- but once `max_refused_merges` merges into `best` were refused in a row, with `best` and the
+  tasks reading it unchanged since, the task reuses `best` without trying ("merge skipped:
+  reuse"). A refused merge ends exactly as a reuse (the same head, trained the same way) and
+  costs a trained entry and a distillation on top; the heads that must keep agreeing only grow
+  in number while nothing changes, so the next merge is likely refused again (on the 100-task
+  stream, none of the 65 merges tried into an entry that had refused one was accepted). An
+  accepted merge, or a task of the entry deleted, lets merges be tried again.
 
 A merge changes what old tasks read: with a pool, BWT is measured, not zero by construction.
 """
@@ -38,6 +45,7 @@ MERGING = "merging"  # the entry a task trains before it is merged (never saved)
 DEFAULT_TRANSFER_MARGIN = 0.0
 DEFAULT_REUSE_MARGIN = 0.05
 DEFAULT_MERGE_AGREEMENT = 0.9
+DEFAULT_MAX_REFUSED_MERGES = 2
 SCORE_TEXTS = 512  # at most this many of a task's training texts are scored on
 
 
@@ -48,6 +56,7 @@ class _Before:
     task: str
     added: list[str] = field(default_factory=list)  # entries the learn created
     merged: tuple[str, dict[str, torch.Tensor]] | None = None  # an old entry and its tensors
+    refused: dict[str, int] = field(default_factory=dict)  # the method's `refused` as it was
 
 
 class PooledIA3Method(IA3Method):
@@ -59,7 +68,8 @@ class PooledIA3Method(IA3Method):
                  search_budget=None, *, pool_size: int,
                  transfer_margin: float = DEFAULT_TRANSFER_MARGIN,
                  reuse_margin: float = DEFAULT_REUSE_MARGIN,
-                 merge_agreement: float = DEFAULT_MERGE_AGREEMENT):
+                 merge_agreement: float = DEFAULT_MERGE_AGREEMENT,
+                 max_refused_merges: int = DEFAULT_MAX_REFUSED_MERGES):
         super().__init__(train, adapt_layers, lexical, search, search_budget)
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"pool_size must be a whole number >= 1, got {pool_size!r}")
@@ -71,19 +81,27 @@ class PooledIA3Method(IA3Method):
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if not 0 <= merge_agreement <= 1:
             raise ValueError(f"merge_agreement must be in [0, 1], got {merge_agreement!r}")
+        if (isinstance(max_refused_merges, bool) or not isinstance(max_refused_merges, int)
+                or max_refused_merges < 1):
+            raise ValueError(f"max_refused_merges must be a whole number >= 1, got "
+                             f"{max_refused_merges!r}")
         self.pool_size = pool_size
+        self.max_refused_merges = max_refused_merges
         self.transfer_margin, self.reuse_margin = float(transfer_margin), float(reuse_margin)
         self.merge_agreement = float(merge_agreement)
         self.shares = (f"its tasks share a pool of at most {pool_size} scale entries, and a "
                        "full pool merges a new task's entry into an old one")
         self.assignment: dict[str, str] = {}  # task -> the pool entry its rows use
+        # entry -> merges into it refused in a row, since it or the tasks reading it last changed
+        self.refused: dict[str, int] = {}
         self._before: _Before | None = None
         self._head_only = False
 
     def hyperparameters(self) -> dict:
         return {**super().hyperparameters(), "pool_size": self.pool_size,
                 "transfer_margin": self.transfer_margin, "reuse_margin": self.reuse_margin,
-                "merge_agreement": self.merge_agreement}
+                "merge_agreement": self.merge_agreement,
+                "max_refused_merges": self.max_refused_merges}
 
     def adapter_key(self, task: str) -> str:
         return self.assignment.get(task, task)  # an unassigned name (a probe) has no entry
@@ -102,7 +120,7 @@ class PooledIA3Method(IA3Method):
         scores, ones = self.scores(model, task, states, labels)
         best = max(scores, key=lambda e: scores[e]["transrate"]) if scores else None
         gain = scores[best]["gain"] if best is not None else None
-        self._before = before = _Before(task.name)
+        self._before = before = _Before(task.name, refused=dict(self.refused))
         pool = {"scores": scores, "ones_transrate": ones, "best": best}
         source, shared = label_source(model.heads, task.labels, task.name)  # as begin_task starts it
         pool["head_start"] = {"task": source, "labels": len(shared)} if source else None
@@ -116,6 +134,10 @@ class PooledIA3Method(IA3Method):
         elif gain > self.reuse_margin:
             stats = self._reuse(model, task, states, best, progress, checkpointing)
             pool.update(decision="reuse", entry=best)
+        elif self.refused.get(best, 0) >= self.max_refused_merges:
+            stats = self._reuse(model, task, states, best, progress, checkpointing)
+            pool.update(decision="merge skipped: reuse", entry=best,
+                        refused_in_a_row=self.refused[best])
         else:
             stats, outcome = self._merge(model, task, states, labels, best, progress, checkpointing)
             pool.update(outcome)
@@ -195,7 +217,9 @@ class PooledIA3Method(IA3Method):
         worst = min(result.old_agreement.values(), default=1.0)
         if worst >= self.merge_agreement:
             self.assignment[task.name] = target
+            self.refused.pop(target, None)  # the entry changed: merges may be tried again
             return stats, {**outcome, "decision": "merge"}
+        self.refused[target] = self.refused.get(target, 0) + 1
         # Undone: the old entry as it was, and the task learns its head on it afresh.
         model.adapter.load_state_of(target, before.merged[1])
         self._drop_task(model, task.name)
@@ -229,6 +253,7 @@ class PooledIA3Method(IA3Method):
             return
         self._before = None
         self._drop_task(model, task)
+        self.refused = dict(before.refused)
         for entry in before.added:
             if entry in model.adapter.entries():
                 model.adapter.remove(entry)
@@ -242,6 +267,7 @@ class PooledIA3Method(IA3Method):
             self._before = None
         entry = self.assignment.get(task)
         self._drop_task(model, task)
+        self.refused.pop(entry, None)  # fewer heads must agree: merges may be tried again
         if entry is not None and not self.tasks_of(entry) and entry in model.adapter.entries():
             model.adapter.remove(entry)
 
@@ -289,15 +315,21 @@ class PooledIA3Method(IA3Method):
             model.adapter.load_state_of(entry, layers)
 
     def shared_json(self, model) -> dict:
-        return {"assignment": dict(self.assignment)}
+        return {"assignment": dict(self.assignment), "refused": dict(self.refused)}
 
     def load_shared_json(self, model, data: dict) -> None:
-        assignment = data.get("assignment")
-        if not isinstance(assignment, dict) or set(data) != {"assignment"}:
-            raise ValueError(f"pool state must be {{'assignment': {{task: entry}}}}, got keys "
-                             f"{sorted(data)}")
+        assignment, refused = data.get("assignment"), data.get("refused", {})  # none: saved before
+        if (not isinstance(assignment, dict) or not set(data) <= {"assignment", "refused"}
+                or not isinstance(refused, dict)
+                or not all(isinstance(n, int) and n >= 1 for n in refused.values())):
+            raise ValueError(f"pool state must be {{'assignment': {{task: entry}}, 'refused': "
+                             f"{{entry: count >= 1}}}}, got {data!r:.200}")
         unknown = sorted(set(assignment.values()) - set(self.entries(model)))
         if unknown:
             raise ValueError(f"tasks assigned to pool entries {unknown} that were not saved; "
                              f"saved: {self.entries(model)}")
-        self.assignment = dict(assignment)
+        stray = sorted(set(refused) - set(self.entries(model)))
+        if stray:
+            raise ValueError(f"refused merges counted for pool entries {stray} that were not "
+                             f"saved; saved: {self.entries(model)}")
+        self.assignment, self.refused = dict(assignment), dict(refused)
