@@ -210,3 +210,58 @@ def test_routing_among_some_tasks_is_the_same_classifier_restricted(kind, ia3, t
     assert {p.task for p in named} == {second}
     with pytest.raises(ValueError, match="no learned task to route to"):
         learner.predict(texts, among=["nothing"])
+
+
+def _three_tasks():
+    import random
+
+    from conftest import WORDS
+    from continual_transformer.types import Example, Task
+
+    def task(name, labels, seed):
+        rng = random.Random(seed)
+        rows = [Example(" and ".join(rng.sample(WORDS[labels[i % 2]], 3)), labels[i % 2])
+                for i in range(28)]
+        return Task(name, labels, tuple(rows[:20]), tuple(rows[20:]))
+
+    return [task("kinds", ("animal", "food"), 0), task("mixed", ("animal", "color"), 1),
+            task("topics", ("color", "sport"), 2)]
+
+
+def test_deleting_a_task_with_its_texts_gives_the_router_that_never_learned_it(tiny_config, tmp_path):
+    kinds, mixed, topics = _three_tasks()
+    train = TrainConfig(epochs=1, batch_size=8, precision="fp32")
+
+    def learner(tasks):
+        method = make_method("ia3", {"train": train.to_dict(), "adapt_layers": 1})
+        made = ContinualLearner(tiny_config, method=method, device="cpu", router=ROUTER)
+        for task in tasks:
+            made.learn(task)
+        return made
+
+    never, once = learner([kinds, topics]), learner([kinds, mixed, topics])
+    once.save(tmp_path / "m")
+    once = ContinualLearner.load(tmp_path / "m", device="cpu")  # the fingerprint is saved
+    wrong = [e.text for e in mixed.train][::-1]  # the same texts in another order
+    with pytest.raises(ValueError, match="20 texts given are not the ones task 'mixed' was "
+                                         "learned from.*nothing was deleted"):
+        once.delete("mixed", texts=wrong)
+    assert once.router.tasks == ["kinds", "mixed", "topics"]
+    kept_background = ContinualLearner.load(tmp_path / "m", device="cpu")
+    kept_background.delete("mixed")
+    once.delete("mixed", texts=[e.text for e in mixed.train])
+    a, b, c = once.router.classifier, never.router.classifier, kept_background.router.classifier
+    assert a.classes_ == b.classes_ == ["kinds", "topics"]
+    assert torch.equal(a.sums_, b.sums_) and torch.equal(a.counts_, b.counts_)
+    assert torch.allclose(a.gram_upper_, b.gram_upper_, rtol=1e-12, atol=1e-9)
+    assert not torch.allclose(c.gram_upper_, b.gram_upper_, rtol=1e-6)  # without texts: background
+    texts = [e.text for t in (kinds, mixed, topics) for e in t.test]
+    ids = once.backbone.tokenize(texts)
+    features = once.trunk_states(ids, store=False).features
+    p, q = once.router.rank(features, k=2, ids=ids), never.router.rank(features, k=2, ids=ids)
+    assert [[t for t, _ in row] for row in p] == [[t for t, _ in row] for row in q]
+    assert max(abs(x[1] - y[1]) for r, s in zip(p, q) for x, y in zip(r, s)) < 1e-9
+    with pytest.raises(ValueError, match="has no fingerprint"):
+        never.router.fingerprints_.pop("kinds")
+        never.delete("kinds", texts=[e.text for e in kinds.train])
+    assert never.router.tasks == ["kinds", "topics"]

@@ -312,3 +312,20 @@ def test_saving_with_keep_versions_prunes_as_it_goes(history, tmp_path):
     on_disk = {p for p in _files(target) if not p.startswith("versions/") and p != "manifest.json"}
     assert on_disk == listed  # the first version's files went with it
     assert set(ContinualLearner.load(target).tasks) == {"kinds"}
+
+
+def test_cli_delete_takes_a_task_out_given_the_stream_it_learned_from(model, history):
+    stream = history[0].parent / "toy.jsonl"
+    runner = CliRunner()
+    assert runner.invoke(app, ["rollback", str(model), "2"]).exit_code == 0  # kinds, topics
+    wrong = runner.invoke(app, ["delete", str(model), "kinds", "--data", str(stream), "--max-train", "10"])
+    assert wrong.exit_code == 2
+    assert ("the 10 texts given are not the ones task 'kinds' was learned from, in the same order"
+            in _flat(wrong.output)) and current_version(model) == 4
+    unknown = runner.invoke(app, ["delete", str(model), "spam"])
+    assert unknown.exit_code == 2 and "spam" in _flat(unknown.output)
+    done = runner.invoke(app, ["delete", str(model), "kinds", "--data", str(stream)])
+    assert done.exit_code == 0, done.output
+    assert (f"{model}: task 'kinds' deleted, its share of the router's statistics taken out; "
+            "tasks left: topics") in _flat(done.output)
+    assert list_versions(model)[-1].tasks == ("topics",) and list_versions(model)[-1].change == "deleted kinds"

@@ -694,6 +694,39 @@ def rollback(model: Path = typer.Argument(..., help="Model directory."),
 
 
 @app.command()
+def delete(model: Path = typer.Argument(..., help="Model directory."),
+           task: str = typer.Argument(..., help="The task to remove."),
+           data: Optional[Path] = typer.Option(None, help="The stream the task was learned from: with its training texts the router forgets the task exactly (checked against the task's fingerprint) [default: the texts' rows stay in the router's shared statistics as background data]."),
+           max_train: Optional[int] = typer.Option(None, help="With --data: the --max-train the task was learned with."),
+           seed: int = typer.Option(0, help="With --data: the --seed the task was learned with.")):
+    """Remove a task from a saved model, as a new version (`ctt rollback` brings it back).
+
+    Refused while a server writes to MODEL: delete a served task with DELETE /v1/tasks/NAME."""
+    from .data.source import load_tasks
+    from .io.writer_lock import WriterLock
+    from .learner import ContinualLearner
+
+    try:
+        with WriterLock(model, "ctt delete"):
+            learner = ContinualLearner.load(model, device="cpu")
+            texts = None
+            if data is not None:
+                found = {t.name: t for t in load_tasks(data, seed=seed)}
+                if task not in found:
+                    raise ValueError(f"{data} holds no task {task!r}; it holds {sorted(found)}")
+                texts = [e.text for e in found[task].subsample_train(max_train, seed).train]
+            learner.delete(task, texts)
+            learner.save(model)
+    except _user_errors() as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    how = ("its share of the router's statistics taken out" if texts is not None else
+           "its training rows stay in the router's shared statistics as background data "
+           "(--data to take them out)")
+    console.print(f"{model}: task {task!r} deleted, {how}; tasks left: "
+                  f"{', '.join(learner.tasks) or 'none'}", highlight=False)
+
+
+@app.command()
 def prune(model: Path = typer.Argument(..., help="Model directory."),
           keep: int = typer.Option(..., "--keep", help="Versions to keep, the newest (>= 1).")):
     """Remove all but the newest KEEP versions, then the files no kept version lists.

@@ -204,12 +204,26 @@ class ContinualLearner:
             )
         return [self.tasks[name] for name in names]
 
-    def delete(self, task: str) -> None:
-        """Remove a learned task: everything it owns, and what the router knows of it."""
+    def delete(self, task: str, texts: Sequence[str] | None = None) -> None:
+        """Remove a learned task: everything it owns, and what the router knows of it.
+
+        The router's shared statistics keep the task's training rows as background data,
+        unless its training `texts` are given (all of them, in the order it learned them):
+        then their share goes too, and the router is the one that never learned the task (to
+        float64 rounding). The texts are checked first against the fingerprint of what the
+        task added; if they differ, a ValueError says so and nothing is deleted."""
         self.require(task)
+        features = None
+        if texts is not None:
+            if self.router is None:
+                raise ValueError(f"method {self.method.name!r} has no router to take texts out "
+                                 "of; delete the task without them")
+            with self.model.training_kernels():  # the pass `learn` made, in its precision
+                features = self.trunk_states(self.backbone.tokenize(list(texts)), store=False).features
+            self.router.check_forget(task, features)
         self.method.delete(self.model, task)
         if self.router is not None:
-            self.router.remove(task)
+            self.router.remove(task, features)
         del self.tasks[task]
 
     def task_state(self, task: str) -> tuple[TaskRecord, dict[str, torch.Tensor]]:

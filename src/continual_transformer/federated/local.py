@@ -20,6 +20,7 @@ import torch
 from ..config import BackboneConfig, LearnerSpec, TrainConfig
 from ..data.source import load_tasks
 from ..methods.ia3 import ADAPTER, HEAD, IA3Method
+from ..model.router import FINGERPRINT
 from ..types import StreamError, Task, TaskRecord
 
 TRAINED, TASK, SHARED = "trained/", "task/", "shared/"
@@ -215,6 +216,8 @@ def _learn(learner, shard: Task, labels: tuple[str, ...], statistics: bool) -> L
     record = learner.learn(Task(shard.name, labels, shard.train))
     tensors = {}
     for name, tensor in learner.task_tensors(shard.name).items():
+        if name == FINGERPRINT:
+            continue  # of this shard's features alone: no fingerprint of the task's texts
         if name.startswith("router."):
             if statistics:
                 tensors[TASK + name] = tensor

@@ -120,12 +120,20 @@ class AnalyticClassifier:
         self._solution = None
         return self
 
-    def remove_classes(self, classes: list[str]) -> None:
-        """Forget classes: their means and counts go; their examples stay in the shared Gram
-        matrix (which no longer identifies them), where they act as background data."""
+    def remove_classes(self, classes: list[str], examples: torch.Tensor | None = None) -> None:
+        """Forget classes: their means and counts go. Their examples stay in the shared Gram
+        matrix (which no longer identifies them), where they act as background data, unless
+        `examples` (n, d), the rows `partial_fit` added for these classes, are given: then their
+        share of the Gram matrix is taken out too, leaving the statistics of never having seen
+        them (to float64 rounding)."""
         unknown = [c for c in classes if c not in self.classes_]
         if unknown:
             raise KeyError(f"unknown classes {unknown}")
+        if examples is not None:
+            phi = self.features(examples)  # (n, D): as partial_fit computed it
+            gram = phi.T @ phi  # (D, D)
+            _add_upper(self.gram_upper_, gram.neg_())
+            del gram
         keep = [i for i, c in enumerate(self.classes_) if c not in set(classes)]
         self.classes_ = [self.classes_[i] for i in keep]
         self.sums_, self.counts_ = self.sums_[keep], self.counts_[keep]

@@ -34,6 +34,7 @@ federated client, whose words stay there) turns the evidence off for the whole r
 
 from __future__ import annotations
 
+import hashlib
 from typing import Collection, Sequence
 
 import torch
@@ -53,12 +54,23 @@ LEXICAL_WEIGHT = SOLUTION + "lexical_weight"  # what the words' log-likelihoods 
 # A task's held-out texts' token ids, concatenated (int32), and each text's length (int32).
 CALIBRATION_IDS = PREFIX + "calibration_ids"
 CALIBRATION_LENGTHS = PREFIX + "calibration_lengths"
+# SHA-256 of the trunk features a task's training texts gave the router (uint8, 32): what lets
+# `remove` take exactly their share out of the shared statistics, given those texts again.
+FINGERPRINT = PREFIX + "fingerprint"
 LEXICAL_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 LEXICAL_ALPHA = 0.1  # the words' naive Bayes smoothing, by default
 PREDICT_ROWS = 2048
 # Held out of each task's statistics for calibration: at most this many rows, and at most a
 # fifth of the task's rows (a task of fewer than 5 texts holds none out).
 CALIBRATION_ROWS = 32
+
+
+def fingerprint(features: torch.Tensor, hold_out: bool) -> bytes:
+    """SHA-256 of trunk features (n, H) as float32, their shape and whether rows are held out."""
+    rows = features.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(f"{tuple(rows.shape)} {hold_out}".encode())
+    digest.update(rows.numpy().tobytes())
+    return digest.digest()
 
 
 def calibration_rows(n: int) -> list[int]:
@@ -87,6 +99,7 @@ class Router:
         self.skip = frozenset(skip)
         self.samples_: dict[str, torch.Tensor] = {}  # task -> held-out features (m, H) float32
         self.sample_ids_: dict[str, list[list[int]]] = {}  # task -> held-out texts' token ids
+        self.fingerprints_: dict[str, bytes] = {}  # task -> `fingerprint` of its features
         # A federated client sets these False: its texts' features and words stay on the
         # client, and its statistics then sum with other clients' to those of all their texts.
         self.hold_out = True
@@ -129,6 +142,7 @@ class Router:
             self.samples_[task] = features[held].detach().to("cpu", torch.float32).clone()
             if words:
                 self.sample_ids_[task] = [list(map(int, ids[i])) for i in held]
+        self.fingerprints_[task] = fingerprint(features, self.hold_out)
         self._changed()
 
     @property
@@ -347,11 +361,38 @@ class Router:
                                  "expected (a, b) with a > 0")
             self._map = (float(confidence_map[0]), float(confidence_map[1]))
 
-    def remove(self, task: str) -> None:
-        if task in self.classifier.classes_:
+    def check_forget(self, task: str, features: torch.Tensor) -> None:
+        """Raise ValueError unless `features` (n, H) are the very rows `task` was learned from
+        here, so that `remove(task, features)` takes out exactly what they added."""
+        if task not in self.classifier.classes_:
+            raise ValueError(f"the router does not know task {task!r}; known: {self.tasks}")
+        known = self.fingerprints_.get(task)
+        if known is None:
+            raise ValueError(
+                f"task {task!r} has no fingerprint of the features it added to the router (it "
+                "was saved before fingerprints, or its statistics came from federated clients): "
+                "it can be deleted only without its texts, its rows staying as background data")
+        if fingerprint(features, self.hold_out) != known:
+            raise ValueError(
+                f"the {len(features)} texts given are not the ones task {task!r} was learned "
+                "from, in the same order, on this backbone and precision (the fingerprint of "
+                "their trunk features differs): nothing was deleted")
+
+    def remove(self, task: str, features: torch.Tensor | None = None) -> None:
+        """Remove everything of `task`. Given the features its training texts gave the router
+        (checked by `check_forget`), their share of the shared statistics goes too: the router
+        is then the one that never learned the task, to float64 rounding; without them, those
+        rows stay in the shared statistics as background data."""
+        if features is not None:
+            self.check_forget(task, features)
+            held = set(calibration_rows(len(features)) if self.hold_out else [])
+            keep = [i for i in range(len(features)) if i not in held]
+            self.classifier.remove_classes([task], features[keep])
+        elif task in self.classifier.classes_:
             self.classifier.remove_classes([task])
         self.samples_.pop(task, None)
         self.sample_ids_.pop(task, None)
+        self.fingerprints_.pop(task, None)
         if self.lexical is not None:
             self.lexical.remove(task)
         self._changed()
@@ -366,10 +407,16 @@ class Router:
             tensors[CALIBRATION_LENGTHS] = torch.tensor([len(row) for row in rows], dtype=torch.int32)
         if self.lexical is not None and task in self.lexical.tasks_:
             tensors.update(self.lexical.task_tensors(task))
+        if task in self.fingerprints_:
+            tensors[FINGERPRINT] = torch.frombuffer(bytearray(self.fingerprints_[task]), dtype=torch.uint8)
         return tensors
 
     def load_task_tensors(self, task: str, tensors: dict[str, torch.Tensor]) -> None:
-        mine = (CALIBRATION, CALIBRATION_IDS, CALIBRATION_LENGTHS)
+        mine = (CALIBRATION, CALIBRATION_IDS, CALIBRATION_LENGTHS, FINGERPRINT)
+        digest = tensors.get(FINGERPRINT)
+        if digest is not None and (digest.dtype != torch.uint8 or tuple(digest.shape) != (32,)):
+            raise ValueError(f"router fingerprint of task {task!r} is {digest.dtype} "
+                             f"{tuple(digest.shape)}, expected uint8 (32,)")
         state = {k[len(PREFIX):]: v for k, v in tensors.items()
                  if k.startswith(PREFIX) and k not in mine and not k.startswith(LEXICAL_PREFIX)}
         sample = tensors.get(CALIBRATION)
@@ -404,6 +451,8 @@ class Router:
             self.samples_[task] = sample.clone()
         if sample_ids is not None:
             self.sample_ids_[task] = sample_ids
+        if digest is not None:
+            self.fingerprints_[task] = bytes(digest.tolist())
         self._changed()
 
     def shared_tensors(self) -> dict[str, torch.Tensor]:
@@ -423,12 +472,14 @@ class Router:
     def snapshot(self) -> tuple:
         """Everything `restore` needs to undo later changes (copies)."""
         words = dict(self.lexical.tasks_) if self.lexical is not None else None
-        return self.classifier.snapshot(), dict(self.samples_), dict(self.sample_ids_), words
+        return (self.classifier.snapshot(), dict(self.samples_), dict(self.sample_ids_), words,
+                dict(self.fingerprints_))
 
     def restore(self, snapshot: tuple) -> None:
-        classifier, samples, sample_ids, words = snapshot
+        classifier, samples, sample_ids, words, fingerprints = snapshot
         self.classifier.restore(classifier)
         self.samples_, self.sample_ids_ = dict(samples), dict(sample_ids)
+        self.fingerprints_ = dict(fingerprints)
         if self.lexical is not None:
             self.lexical.tasks_ = dict(words)
         self._changed()
@@ -440,11 +491,14 @@ class Router:
 
     def task_bytes(self, task: str | None = None) -> int:
         """Bytes `task` holds here: statistics (float64), its sample (float32), its words
-        (counts and the sample's ids); without a task (or one not held), the most a task can
-        hold but for its words, which follow its vocabulary."""
+        (counts and the sample's ids), its fingerprint (32); without a task (or one not held),
+        the most a task can hold but for its words, which follow its vocabulary."""
         sample = (self.samples_[task].numel() if task in self.samples_ else
                   0 if task in self.classifier.classes_ else CALIBRATION_ROWS * self.classifier.in_dim)
-        return 8 * self.classifier.state_numbers()["per_class"] + 4 * sample + self._word_bytes(task)
+        digest = (len(self.fingerprints_.get(task, b"")) if task in self.classifier.classes_
+                  else 32)
+        return (8 * self.classifier.state_numbers()["per_class"] + 4 * sample
+                + self._word_bytes(task) + digest)
 
     def _word_bytes(self, task: str | None) -> int:
         rows = self.sample_ids_.get(task, [])
@@ -455,6 +509,6 @@ class Router:
         """Bytes held now: shared, and per task (statistics float64, sample float32, words)."""
         c = self.classifier
         per_task = {t: 8 * (c.dim + 1) + (self.samples_[t].numel() * 4 if t in self.samples_ else 0)
-                    + self._word_bytes(t) for t in c.classes_}
+                    + self._word_bytes(t) + len(self.fingerprints_.get(t, b"")) for t in c.classes_}
         return {"shared": c.gram_upper_.numel() * 8, "tasks": sum(per_task.values()),
                 "per_task_max": max(per_task.values(), default=0)}
