@@ -13,12 +13,22 @@ target's test accuracy is measured. Printed per pair: the TransRate gain of the 
 over all ones and the LEEP of its head on the target's training texts (what the pool decides
 with, before any training), the final accuracies (their differences to all ones are the forward
 transfer), and the steps each start needs to reach the accuracy all ones ends with.
+
+The budget study (`--budget-epochs`, `--seeds`): a point of one long run's trace is not what a
+user who trains fewer steps gets (the schedule's warmup and decay fit the budget), and one test
+set of a few hundred texts moves by a point with one text. So, for pairs whose pool start is not
+all ones, both starts are also trained to the end of each shorter schedule (1 and 2 epochs, and
+--epochs), once per seed (batch order and head initialisation), and the median accuracy over the
+seeds is printed per budget: the steps each start needs to reach all ones' median at --epochs,
+and each budget's accuracy side by side (higher accuracy at the same steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -62,20 +72,25 @@ def accuracy(model, name: str, states, labels: torch.Tensor) -> float:
     return float((model.heads(features, name).argmax(-1).cpu() == labels).float().mean())
 
 
-def learn_traced(learner, method: StartFrom, task, start, head, every: int, test_states, test_y):
-    """Learn `task` from entry `start` (None: ones) and head `head` (None: the seeded
-    initialisation); its test accuracy every `every` steps."""
+def learn_traced(learner, method: StartFrom, task, states, start, head, every: int, test_states,
+                 test_y, train: TrainConfig | None = None):
+    """Learn `task` (its training texts' trunk `states`) from entry `start` (None: ones) and
+    head `head` (None: the seeded initialisation), with `train` (None: the method's); its test
+    accuracy every `every` steps (0: at the end only)."""
     method.start, method.head = start, head
     trace = []
 
     def on_step(step: int, steps_per_epoch: int) -> None:
-        if step % every == 0:
+        if every and step % every == 0:
             trace.append((step, accuracy(learner.model, task.name, test_states, test_y)))
 
     model = learner.model
-    with model.training_kernels():
-        states = learner.trunk_states(learner.backbone.tokenize([e.text for e in task.train]))
-        stats = GradientMethod.learn(method, model, task, states, None, on_step=on_step)
+    kept, method.train = method.train, train or method.train  # begin_task seeds the head from it
+    try:
+        with model.training_kernels():
+            stats = GradientMethod.learn(method, model, task, states, None, on_step=on_step)
+    finally:
+        method.train = kept
     final = accuracy(model, task.name, test_states, test_y)
     if not trace or trace[-1][0] != stats["steps"]:
         trace.append((stats["steps"], final))
@@ -86,6 +101,26 @@ def steps_to(trace, target: float) -> int | None:
     return next((step for step, acc in trace if acc >= target - 1e-9), None)
 
 
+def budget_study(learner, method: StartFrom, task, states, starts: dict, test_states, test_y,
+                 epochs: list[int], seeds: list[int]) -> dict:
+    """Each start trained to the end of a shorter schedule (`epochs` each, its warmup and decay
+    fitted to that budget, as a user who trains fewer epochs gets), once per seed (batch order
+    and head initialisation): {kind: {epochs: [accuracy per seed]}}."""
+    out = {}
+    for kind, (start, head) in starts.items():
+        out[kind] = {}
+        for n in epochs:
+            out[kind][n] = []
+            for seed in seeds:
+                train = dataclasses.replace(method.train, epochs=n, seed=seed)
+                final, _ = learn_traced(learner, method, task, states, start, head, 0,
+                                        test_states, test_y, train)
+                learner.model.adapter.remove(task.name)
+                learner.model.heads.remove(task.name)
+                out[kind][n].append(final)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stream", type=Path, default=ROOT / "data/scale/scale_stream.jsonl.gz")
@@ -94,6 +129,11 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--every", type=int, default=2)
+    parser.add_argument("--budget-epochs", default="1,2",
+                        help="shorter schedules (epochs, comma-separated) trained to their end "
+                             "from ones and from the pool's start, against --epochs from ones; "
+                             "'' skips this study")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the budget study")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -114,7 +154,8 @@ def main() -> None:
         index = target.label_index()
         test_states = learner.trunk_states(learner.backbone.tokenize([e.text for e in test]), store=True)
         test_y = torch.tensor([index[e.label] for e in test])
-        train_states = learner.trunk_states(learner.backbone.tokenize([e.text for e in target.train]))
+        with learner.model.training_kernels():  # as `learn` runs it; shared by every run below
+            train_states = learner.trunk_states(learner.backbone.tokenize([e.text for e in target.train]))
         train_y = torch.tensor([index[e.label] for e in target.train])
         ones_rate = transrate(pooled_features(learner.model, train_states, None), train_y)
         source_features = pooled_features(learner.model, train_states, source.name)
@@ -129,8 +170,8 @@ def main() -> None:
         runs = {}
         for kind, (start, head) in (("ones", (None, None)), ("entry", (source.name, None)),
                                     ("pool", pool_start)):
-            final, trace = learn_traced(learner, method, target, start, head, args.every,
-                                        test_states, test_y)
+            final, trace = learn_traced(learner, method, target, train_states, start, head,
+                                        args.every, test_states, test_y)
             learner.model.adapter.remove(target.name)
             learner.model.heads.remove(target.name)
             runs[kind] = {"final": final, "trace": trace}
@@ -143,6 +184,21 @@ def main() -> None:
                "fwt_vs_ones": {kind: run["final"] - reference for kind, run in runs.items()},
                "steps_to_ones_accuracy": steps, "total_steps": runs["ones"]["trace"][-1][0],
                "seconds": round(time.perf_counter() - began, 1), "runs": runs}
+        budgets = sorted({int(n) for n in args.budget_epochs.split(",") if n} | {args.epochs})
+        if len(budgets) > 1 and pool_start != (None, None):  # else the pool's runs are ones' runs
+            seeds = [int(n) for n in args.seeds.split(",")]
+            study = budget_study(learner, method, target, train_states,
+                                 {"ones": (None, None), "pool": pool_start}, test_states, test_y,
+                                 budgets, seeds)
+            medians = {k: {n: statistics.median(a) for n, a in per.items()} for k, per in study.items()}
+            goal = medians["ones"][args.epochs]
+            fewest = {k: next((n for n in budgets if m[n] >= goal - 1e-9), None)
+                      for k, m in medians.items()}
+            per_epoch = row["total_steps"] / args.epochs
+            row["budget"] = {"seeds": seeds, "accuracy": study, "median": medians,
+                             "goal": goal, "fewest_epochs": fewest,
+                             "steps": {k: None if n is None else round(n * per_epoch)
+                                       for k, n in fewest.items()}}
         results.append(row)
 
         def fewer(kind: str) -> str:
@@ -159,6 +215,15 @@ def main() -> None:
               f"{steps['ones']}, entry {fewer('entry')}, pool {fewer('pool')} of "
               f"{row['total_steps']}; after {runs['ones']['trace'][0][0]} steps: "
               + ", ".join(f"{k} {100 * r['trace'][0][1]:.2f}" for k, r in runs.items()), flush=True)
+        if "budget" in row:
+            b = row["budget"]
+            table = "; ".join(f"{k} " + ", ".join(f"{n} ep {100 * m:.2f}" for n, m in per.items())
+                              for k, per in b["median"].items())
+            saved = ("never" if b["steps"]["pool"] is None else
+                     f"{b['steps']['pool']} ({100 * (1 - b['steps']['pool'] / b['steps']['ones']):.0f} % fewer)")
+            print(f"  budget study, median of seeds {b['seeds']}: {table}; steps to ones' "
+                  f"{100 * b['goal']:.2f} at {args.epochs} epochs: ones {b['steps']['ones']}, "
+                  f"pool {saved}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

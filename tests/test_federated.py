@@ -85,6 +85,8 @@ def test_one_client_one_round_is_exactly_learning_the_task(tiny_config):
     central.router.reads_words = False  # nor their words
     central.learn(shard)
     expected = central.task_tensors("kinds")
+    # A task learned by clients has no fingerprint of its texts' features (those stay there).
+    assert expected.pop("router.fingerprint").shape == (32,)
     assert sorted(tensors) == sorted(expected)
     for name in expected:
         assert torch.equal(tensors[name].to(expected[name].dtype), expected[name]), name
