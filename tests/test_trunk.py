@@ -52,7 +52,9 @@ def test_all_layers_reproduce_the_original_method(tiny_config, tasks, precision)
     got = {}
     for owner, named in [(t.name, learner.task_tensors(t.name)) for t in tasks] + [
             ("shared", learner.shared_tensors())]:
-        got.update({f"{precision}/{owner}/{k}": sample(k, v) for k, v in named.items()})
+        # The golden files predate the router's fingerprint of a task's features (32 bytes).
+        got.update({f"{precision}/{owner}/{k}": sample(k, v) for k, v in named.items()
+                    if k != "router.fingerprint"})
     expected = {k: v for k, v in golden.items() if k.startswith(f"{precision}/")}
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
