@@ -28,7 +28,7 @@ from continual_transformer.io.checkpoint import read_manifest
 from continual_transformer.server.app import create_app
 from continual_transformer.server.settings import Settings
 from continual_transformer.training.precision import resolved
-from conftest import WORDS
+from conftest import WORDS, toy_rows, write_jsonl
 
 ADMIN = "admin-key-0123456789abcdef"
 # What the server predicts in by default (CTT_PRECISION=auto), as /readyz reports it.
@@ -48,8 +48,6 @@ BEASTS = {"items": [{"text": "tiger and lion with wolf", "task": "beasts"}]}
 
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory, tiny_config):
-    from conftest import toy_rows, write_jsonl
-
     folder = tmp_path_factory.mktemp("served")
     stream = write_jsonl(folder / "toy.jsonl", toy_rows())
     learner = ContinualLearner(tiny_config, train=TrainConfig(epochs=2, batch_size=8), device="cpu")
@@ -621,6 +619,38 @@ def test_learn_while_serving_then_delete_then_restart(model_dir):
         assert served.predict(BEASTS).json() == beasts_before
 
 
+def test_delete_with_the_training_texts_takes_their_router_share_out_too(model_dir, tiny_config):
+    """DELETE with the task's training texts gives the router that never learned the task;
+    texts that are not the task's are a 422 that deletes nothing."""
+    topics_train = [r["text"] for r in toy_rows() if r["task"] == "topics" and r["split"] == "train"]
+    never = ContinualLearner(tiny_config, train=TrainConfig(epochs=2, batch_size=8), device="cpu")
+    never.learn(load_stream(write_jsonl(model_dir.parent / "kinds.jsonl",
+                                        [r for r in toy_rows() if r["task"] == "kinds"]))[0])
+    with serving(model_dir) as served:
+        before = served.predict(PROBE).json()
+        wrong = served.client.request("DELETE", "/v1/tasks/topics", headers=AS_ADMIN,
+                                      json={"train_texts": topics_train[::-1]})
+        assert wrong.status_code == 422
+        assert wrong.json()["detail"].startswith(
+            f"the {len(topics_train)} texts given are not the ones task 'topics' was learned from")
+        assert served.predict(PROBE).json() == before  # nothing was deleted
+        empty = served.client.request("DELETE", "/v1/tasks/topics", headers=AS_ADMIN,
+                                      json={"train_texts": []})
+        assert empty.status_code == 422
+        deleted = served.client.request("DELETE", "/v1/tasks/topics", headers=AS_ADMIN,
+                                        json={"train_texts": topics_train})
+        assert deleted.status_code == 204
+        router = served.app.state.service.learner.router.classifier
+        kept = {"items": PROBE["items"][:2]}
+        assert served.predict(kept).json()["predictions"] == before["predictions"][:2]
+    expected = never.router.classifier
+    assert router.classes_ == expected.classes_ == ["kinds"]
+    assert torch.equal(router.sums_, expected.sums_) and torch.equal(router.counts_, expected.counts_)
+    assert torch.allclose(router.gram_upper_, expected.gram_upper_, rtol=1e-12, atol=1e-9)
+    reloaded = ContinualLearner.load(model_dir, device="cpu").router.classifier  # saved for readers
+    assert torch.allclose(reloaded.gram_upper_, expected.gram_upper_, rtol=1e-12, atol=1e-9)
+
+
 def test_failed_job_leaves_the_model_exactly_as_it_was(model_dir):
     with serving(model_dir) as served:
         before = served.predict(PROBE).json()
@@ -669,14 +699,20 @@ def test_a_save_that_fails_leaves_the_served_model_as_it_was(model_dir, tmp_path
     with pytest.raises(OSError):
         service.delete_task("kinds")
     assert service.task_names() == ("kinds", "topics") and list(service.learner.tasks) == ["kinds", "topics"]
+    router = service.learner.router.classifier
+    gram, counts = router.gram_upper_.clone(), router.counts_.clone()
+    with pytest.raises(OSError):  # with its texts, the router's shared statistics come back too
+        service.delete_task("kinds", texts=[r["text"] for r in toy_rows()
+                                            if r["task"] == "kinds" and r["split"] == "train"])
+    router = service.learner.router.classifier
+    assert list(service.learner.tasks) == ["kinds", "topics"] and router.classes_ == ["kinds", "topics"]
+    assert torch.equal(router.gram_upper_, gram) and torch.equal(router.counts_, counts)
 
 
 def _write_task(tmp_path: Path) -> Path:
     body = upload_body("beasts", 8, 2)
     rows = [{"task": "beasts", "split": split, **e} for split in ("train", "test") for e in body[split]]
-    path = tmp_path / "beasts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path / "beasts.jsonl", rows)
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -736,8 +772,6 @@ def test_ctt_serve_starts_uvicorn_and_stops_cleanly(model_dir, tmp_path):
 
 
 def test_a_model_whose_method_shares_state_refuses_learning_up_front(tmp_path, tiny_config):
-    from conftest import toy_rows, write_jsonl
-
     stream = write_jsonl(tmp_path / "toy.jsonl", toy_rows())
     learner = ContinualLearner(tiny_config, method="finetune",
                                train=TrainConfig(epochs=1, batch_size=8), device="cpu")

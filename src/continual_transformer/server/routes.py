@@ -17,7 +17,7 @@ from .deps import (DeleterDep, JobsDep, LearnerDep, MetricsDep, MetricsReaderDep
                    ReaderDep, ServiceDep, SettingsDep)
 from .jobs import Job, JobRejected
 from .schemas import (CandidateOut, ErrorOut, Health, JobOut, JobsResponse, PredictionOut, PredictRequest,
-                      PredictResponse, Ready, TaskOut, TasksResponse, TaskUpload)
+                      PredictResponse, Ready, TaskDeletion, TaskOut, TasksResponse, TaskUpload)
 from .security import Caller
 from .serving import PredictionRefused, UnknownTask
 from .settings import Settings
@@ -236,14 +236,25 @@ async def learn_task_file(file: Annotated[UploadFile, File(description="A stream
 
 
 @task_writes.delete("/tasks/{name}", status_code=status.HTTP_204_NO_CONTENT,
-              responses=_errors(*AUTH, 403, 404))
-async def delete_task(name: str, caller: DeleterDep, service: ServiceDep, request: Request) -> Response:
-    """Remove a task exactly (its vectors and head); it stops answering, other tasks are unchanged."""
+              responses=_errors(*AUTH, 400, 403, 404, 413, 422))
+async def delete_task(name: str, caller: DeleterDep, service: ServiceDep, request: Request,
+                      body: TaskDeletion | None = None) -> Response:
+    """Remove a task (its vectors and head); it stops answering, other tasks are unchanged.
+
+    Without a body, the router's shared statistics keep the task's training rows as background
+    data. With `{"train_texts": [...]}` (the task's training texts, in the order it learned
+    them) their share goes too: the router is then the one that never learned the task. The
+    texts are checked first; if they are not the task's, nothing is deleted (422). Their
+    trunk pass runs before the task stops answering, with predictions waiting for it.
+    """
     _involve(request, [name])
+    texts = body.train_texts if body is not None else None
     try:
-        await run_in_threadpool(service.delete_task, name, _sees(caller))
+        await run_in_threadpool(service.delete_task, name, _sees(caller), texts)
     except UnknownTask as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except ValueError as exc:  # texts that are not the task's, or a method without a router
+        raise HTTPException(422, str(exc)) from None
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -92,6 +92,15 @@ class TaskUpload(Strict):
     epochs: int | None = Field(None, ge=1, le=100, description="Overrides the model's epochs for this task.")
 
 
+class TaskDeletion(Strict):
+    train_texts: list[str] = Field(
+        min_length=1,
+        description="The task's training texts, all of them, in the order it learned them: their "
+        "share of the router's shared statistics is taken out too, so the router becomes the one "
+        "that never learned the task. Checked first against the task's fingerprint; if they "
+        "differ, nothing is deleted (422).")
+
+
 # -- jobs --------------------------------------------------------------------------------------
 class JobOut(BaseModel):
     id: str

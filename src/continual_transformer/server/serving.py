@@ -34,7 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..task_free import TaskFreeAnswer
 from ..model.batching import padded
@@ -348,21 +348,35 @@ class ModelService:
             self._publish()
             event("model.learned", f"task {record.name!r} added", tasks=[record.name])
 
-    def delete_task(self, name: str, sees: Callable[[str], bool] | None = None) -> None:
-        """Stop answering for `name` at once, remove its state and save; undone if saving fails."""
+    def delete_task(self, name: str, sees: Callable[[str], bool] | None = None,
+                    texts: Sequence[str] | None = None) -> None:
+        """Stop answering for `name` at once, remove its state and save; undone if saving fails.
+
+        With the task's training `texts`, their share of the router's shared statistics goes
+        too (`ContinualLearner.delete`); texts that are not the task's raise ValueError and
+        nothing changes."""
         with self._write_lock:
             self.check_tasks([name], sees)
             order = list(self.learner.tasks)
             record, tensors = self.learner.task_state(name)
-            self._served = tuple(t for t in self._served if t != name)
-            with self._model_lock:
-                self.learner.delete(name)
+            router = self.learner.router
+            router_before = router.snapshot() if router is not None else None
+            served = self._served
+            self._served = tuple(t for t in served if t != name)
+            try:
+                with self._model_lock:  # the texts' trunk pass shares the backbone with predictions
+                    self.learner.delete(name, texts)
+            except BaseException:  # checked before anything changed: the task answers again
+                self._served = served
+                raise
             try:
                 self._prepare(self.learner)  # outside the model lock; saved for the readers
                 self.learner.save(self.model_dir, self.keep_versions, router_solution=True)
             except BaseException:
                 with self._model_lock:
                     self.learner.import_task(record, tensors)
+                    if router_before is not None:  # the shared statistics, as they were
+                        router.restore(router_before)
                     restored = self.learner.tasks
                     self.learner.tasks = {t: restored[t] for t in order}
                 self._publish()
