@@ -22,8 +22,10 @@ Runs, each in a fresh process, one after another:
 
 For each run it prints the wall time (learner built, stream learned, evaluated after every
 task, saved, report written), its ratio to the sequential runs' and the learning seconds summed
-over tasks. Then, for the parallel runs against `sequential-1t` (the same one thread per task
-as the workers), for `sequential-2t` against `sequential-1t` (what the thread count changes)
+over tasks; where the CPU time went: the run's own process, every process of the machine (from
+`/proc/stat`) and the share of the cores left unused, and for the parallel runs Ray's processes
+(the actors, its idle workers, its services). Then, for the parallel runs against
+`sequential-1t` (the same one thread per task as the workers), for `sequential-2t` against `sequential-1t` (what the thread count changes)
 and for `workers-2` against `sequential-2t`: whether the models are the same bit for bit (every
 tensor of the two checkpoints; how many differ, which, and the largest absolute difference),
 predictions (task given and routed, on `--check-texts` test texts per task; all fields, and
@@ -94,6 +96,9 @@ def kill_once(learner, task, *, victim: str, at_step: int, marker: str):
 
 def child(kind: str, out: Path, args) -> None:
     """One run, in this (fresh) process; writes out/timing.json."""
+    import psutil
+
+    busy_before, own_before = _busy_cpu_seconds(), time.process_time()
     started = time.perf_counter()
     import torch
 
@@ -106,7 +111,7 @@ def child(kind: str, out: Path, args) -> None:
               "stream": "bundled five split into 12"}
     torch.manual_seed(0)
     learner = ContinualLearner(train=TrainConfig(epochs=args.epochs), device="cpu")
-    history = []
+    history, ray_cpu = [], None
     if kind.startswith("workers"):
         from continual_transformer.experiment.ray_pool import RayTaskPool, learn_task
 
@@ -117,10 +122,40 @@ def child(kind: str, out: Path, args) -> None:
         with RayTaskPool(learner, 2, threads=1, learn=learn) as pool:
             run_stream(tasks, learner, out / "run", None, config, pool=pool)
             history = pool.history
+            ray_cpu = _ray_cpu_seconds()
     else:
         run_stream(tasks, learner, out / "run", None, config)
     seconds = time.perf_counter() - started
-    (out / "timing.json").write_text(json.dumps({"seconds": seconds, "history": history}))
+    busy, own = _busy_cpu_seconds() - busy_before, time.process_time() - own_before
+    (out / "timing.json").write_text(json.dumps({
+        "seconds": seconds, "history": history, "run_process_cpu_s": own,
+        "machine_busy_cpu_s": busy, "cpus": psutil.cpu_count(), "ray_cpu_s": ray_cpu}))
+
+
+def _ray_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by the local Ray cluster's processes (all started by this run):
+    the worker actors, Ray's idle workers, and its own services (raylet, GCS, agents)."""
+    import psutil
+
+    used = {"actors": 0.0, "idle workers": 0.0, "services": 0.0}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        kind = ("actors" if "ray::_Worker" in command else
+                "idle workers" if "ray::IDLE" in command or "default_worker" in command else "services")
+        used[kind] += times.user + times.system
+    return {k: round(v, 1) for k, v in used.items()}
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds every process of the machine has used since boot (all but idle and I/O wait)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def run_child(kind: str, out: Path, args) -> dict:
@@ -146,6 +181,9 @@ def finished(kind: str, out: Path) -> dict:
     report = json.loads((out / "run" / "report.json").read_text())
     return {"seconds": timing["seconds"], "history": timing["history"],
             "train_s": sum(e["train_seconds"] for e in report["per_task"]),
+            "run_process_cpu_s": timing.get("run_process_cpu_s"),
+            "machine_busy_cpu_s": timing.get("machine_busy_cpu_s"), "cpus": timing.get("cpus"),
+            "ray_cpu_s": timing.get("ray_cpu_s"),
             "killed_pid": int((out / "killed").read_text()) if (out / "killed").exists() else None}
 
 
@@ -216,11 +254,29 @@ def summarise(args, tasks, results: dict[str, list[dict]]) -> None:
     def ratio(kind, base):
         return f"{median[kind] / median[base]:>8.2f}x" if base in median else f"{'-':>9}"
 
-    print(f"{'run':<18} {'wall s':>7} {'/ seq 1t':>9} {'/ seq 2t':>9} {'learning s':>11}")
+    def cpu(kind, field):
+        values = [r[field] for r in results[kind] if r.get(field) is not None]
+        return statistics.median(values) if values else None
+
+    print(f"{'run':<18} {'wall s':>7} {'/ seq 1t':>9} {'/ seq 2t':>9} {'learning s':>11} "
+          f"{'run CPU s':>10} {'busy CPU s':>11} {'idle':>6}")
     for kind in ran:
         learning = statistics.median(r["train_s"] for r in results[kind])
+        own, busy = cpu(kind, "run_process_cpu_s"), cpu(kind, "machine_busy_cpu_s")
+        cpus = results[kind][0].get("cpus")
+        # CPU time the machine left unused while the run went: waits, stragglers, starts
+        idle = f"{100 * (1 - busy / (cpus * median[kind])):>5.1f}%" if busy and cpus else f"{'-':>6}"
         print(f"{kind:<18} {median[kind]:>7.1f} {ratio(kind, 'sequential-1t')} "
-              f"{ratio(kind, 'sequential-2t')} {learning:>11.1f}")
+              f"{ratio(kind, 'sequential-2t')} {learning:>11.1f} "
+              f"{own if own is None else round(own, 1)!s:>10} "
+              f"{busy if busy is None else round(busy, 1)!s:>11} {idle}")
+    for kind in ran:
+        for r in results[kind]:
+            if r.get("ray_cpu_s"):
+                print(f"{kind}: CPU s of Ray's processes: " +
+                      ", ".join(f"{k} {v}" for k, v in r["ray_cpu_s"].items()))
+    print("run CPU s: the run's own process (learning, for the sequential runs; importing, "
+          "evaluating and saving, for the parallel ones); busy CPU s: every process of the machine")
     print()
     for kind, reference, checks in rows:
         first = checks[0]
