@@ -25,8 +25,8 @@ task, saved, report written), its ratio to the sequential runs' and the learning
 over tasks; where the CPU time went: the run's own process, every process of the machine (from
 `/proc/stat`) and the share of the cores left unused, and for the parallel runs Ray's processes
 (the actors, its idle workers, its services). Then, for the parallel runs against
-`sequential-1t` (the same one thread per task as the workers), for `sequential-2t` against `sequential-1t` (what the thread count changes)
-and for `workers-2` against `sequential-2t`: whether the models are the same bit for bit (every
+`sequential-1t` (the same one thread per task as the workers), for `sequential-2t` against
+`sequential-1t` (what the thread count changes) and for `workers-2` against `sequential-2t`: whether the models are the same bit for bit (every
 tensor of the two checkpoints; how many differ, which, and the largest absolute difference),
 predictions (task given and routed, on `--check-texts` test texts per task; all fields, and
 labels and tasks alone) and the report but for times. `--repeats N` runs the four N times and
