@@ -245,7 +245,7 @@ async def delete_task(name: str, caller: DeleterDep, service: ServiceDep, reques
     data. With `{"train_texts": [...]}` (the task's training texts, in the order it learned
     them) their share goes too: the router is then the one that never learned the task. The
     texts are checked first; if they are not the task's, nothing is deleted (422). Their
-    trunk pass runs before the task stops answering, with predictions waiting for it.
+    trunk pass shares the backbone with predictions, which wait for it.
     """
     _involve(request, [name])
     texts = body.train_texts if body is not None else None
