@@ -360,6 +360,7 @@ class ModelService:
             order = list(self.learner.tasks)
             record, tensors = self.learner.task_state(name)
             router = self.learner.router
+            # Taken for every delete: re-importing the task alone would put its class last.
             router_before = router.snapshot() if router is not None else None
             served = self._served
             self._served = tuple(t for t in served if t != name)
