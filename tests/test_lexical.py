@@ -63,6 +63,40 @@ def test_branch_is_chosen_on_validation_and_lifts_a_word_task(tiny_config, tmp_p
     assert "colours" not in learner.model.lexical and "colours_again" in learner.model.lexical
 
 
+def test_the_branch_reads_the_whole_text_beyond_what_the_encoder_reads(tiny_config, tmp_path):
+    # The deciding word comes after 40 filler words: past the encoder's 32 tokens.
+    rng = random.Random(3)
+    filler = "the a of to and in is it that was for on are with as".split()
+    base = _word_task("late", 0)
+
+    def late(example: Example) -> Example:
+        cue = [w for w in example.text.split() if w not in filler]
+        return Example(" ".join(rng.choices(filler, k=40) + cue), example.label)
+
+    task = Task("late", base.labels, tuple(map(late, base.train)), tuple(map(late, base.test)))
+    learner = _learner(tiny_config)
+    texts = [e.text for e in task.test]
+    whole = learner.backbone.tokenize_whole(texts)
+    assert min(map(len, whole)) > 32
+    assert learner.backbone.encoder_view(whole) == learner.backbone.tokenize(texts)
+    record = learner.learn(task)
+    assert record.stats["lexical"]["mix"] > 0 and learner.model.lexical["late"].whole_text
+    assert learner.evaluate(task) >= 0.95  # the encoder alone never sees the word
+
+    # Saved and loaded, over the one batching path (`predict_ids` with whole ids) and the
+    # task-free path, the answers are the same; a branch saved before whole texts reads the
+    # encoder's part, as it did then.
+    predicted = [p.label for p in learner.predict(texts, task="late")]
+    learner.save(tmp_path / "m")
+    loaded = ContinualLearner.load(tmp_path / "m", precision="fp32")
+    assert [p.label for p in loaded.predict(texts, task="late")] == predicted
+    assert [p.label for p in loaded.predict(texts)] == predicted  # the only task: routed to it
+    tensors = {k: v for k, v in learner.model.lexical["late"].tensors().items() if k != "lexical.whole_text"}
+    loaded.model.lexical["late"] = lexical.LexicalBranch.from_tensors(tensors)
+    assert not loaded.model.lexical["late"].whole_text
+    assert loaded.evaluate(task) < 0.8
+
+
 def test_without_the_branch_every_training_text_trains_the_scales(tiny_config):
     learner = _learner(tiny_config, lexical_on=False)
     record = learner.learn(_word_task("colours", 0))

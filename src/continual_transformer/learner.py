@@ -378,20 +378,21 @@ class ContinualLearner:
         tasks: list[str | None] = list(row_tasks)
         out: list[torch.Tensor | None] = [None] * len(ids)
         chances: list[list[tuple[str, float]] | None] = [None] * len(ids)
+        read = self.backbone.encoder_view(ids)  # the encoder's (and router's) part of each row
         with self.model.inference(self.prediction_precision(precision)):
-            for rows, batch in collated(self.backbone, ids):
+            for rows, batch in collated(self.backbone, read):
                 given = [row_tasks[i] for i in rows]
                 limits = None if among is None else [among[i] for i in rows]
+                batch_read, batch_ids = [read[i] for i in rows], [ids[i] for i in rows]
                 if joint_k > 1 and None in given:  # candidates weighed by their heads
                     if self.router is None:
                         raise ValueError(f"method {self.method.name!r} names tasks itself; the "
                                          "joint decision needs a router")
                     resolved, logits, routed = joint_logits(
                         self.model, self.router, self.method.adapter_key, self.head_logits, batch,
-                        [ids[i] for i in rows], given, limits, joint_k, top_k)
+                        batch_read, batch_ids, given, limits, joint_k, top_k)
                 else:
-                    batch_ids = [ids[i] for i in rows]
-                    resolved, logits, routed = self.row_logits(batch, given, limits, top_k, batch_ids)
+                    resolved, logits, routed = self.row_logits(batch, given, limits, top_k, batch_read)
                     logits = self.model.fused_logits(resolved, batch_ids, logits)
                 for i, name, row, chance in zip(rows, resolved, logits, routed):
                     tasks[i], out[i], chances[i] = name, row.float().cpu(), chance
@@ -403,7 +404,7 @@ class ContinualLearner:
         for all, or one per text): the head's logits, fused with the task's lexical branch
         where it has one (`model/lexical.py`)."""
         row_tasks = self._row_tasks(texts, task)
-        return self._run(self.backbone.tokenize(list(texts)), row_tasks, precision=precision)[1]
+        return self._run(self.backbone.tokenize_whole(list(texts)), row_tasks, precision=precision)[1]
 
     def predict(
         self, texts: Sequence[str], task: str | Sequence[str | None] | None = None,
@@ -426,7 +427,7 @@ class ContinualLearner:
         encoder computes in.
         """
         row_tasks = self._row_tasks(texts, task)
-        return self.predict_ids(self.backbone.tokenize(list(texts)), row_tasks, among, precision,
+        return self.predict_ids(self.backbone.tokenize_whole(list(texts)), row_tasks, among, precision,
                                 top_k=top_k, min_task_confidence=min_task_confidence, joint_k=joint_k)
 
     def predict_ids(
@@ -435,8 +436,10 @@ class ContinualLearner:
         precision: str | None = None, *, top_k: int = 1, min_task_confidence: float | None = None,
         joint_k: int = 1,
     ) -> list[Prediction]:
-        """`predict` for texts already tokenised by `backbone.tokenize` (the server tokenises
-        a request once, to batch it, and predicts from those ids)."""
+        """`predict` for texts already tokenised by `backbone.tokenize_whole` (the server
+        tokenises a request once, to batch it, and predicts from those ids). The encoder and
+        the router read each row's `backbone.encoder_view`; lexical branches fitted on whole
+        texts read all of it (rows from `backbone.tokenize` give them the encoder's part)."""
         row_tasks = self._row_tasks(ids, task)
         answer = TaskFreeAnswer(top_k, min_task_confidence, joint_k)
         tasks, logits, ranked = self._run(ids, row_tasks, self._row_among(row_tasks, among), precision,

@@ -55,7 +55,8 @@ def test_pass(learner: ContinualLearner, task: Task, precision: str | None = Non
     learner.require(task.name)
     if not task.test:
         raise ValueError(f"task {task.name!r} has no test examples")
-    ids = learner.backbone.tokenize([e.text for e in task.test])
+    words = learner.backbone.tokenize_whole([e.text for e in task.test])  # as `predict` reads them
+    ids = learner.backbone.encoder_view(words)
     index = task.label_index()
     correct = [False] * len(ids)
     features = torch.empty(len(ids), learner.backbone.hidden_size) if learner.router is not None else None
@@ -66,7 +67,7 @@ def test_pass(learner: ContinualLearner, task: Task, precision: str | None = Non
             inputs = learner.model.trunk(batch)
             pooled = learner.model.top_pooled(inputs, [key] * len(rows), torch.float32)  # (B, H)
             logits = learner.head_logits(pooled, [task.name] * len(rows))
-            logits = learner.model.fused_logits([task.name] * len(rows), [ids[i] for i in rows], logits)
+            logits = learner.model.fused_logits([task.name] * len(rows), [words[i] for i in rows], logits)
             for i, row in zip(rows, logits):
                 correct[i] = int(row.argmax()) == index[task.test[i].label]
             if features is not None:

@@ -71,11 +71,12 @@ class IA3Method(GradientMethod):
         fit_task = Task(task.name, task.labels, tuple(task.train[i] for i in fit_rows), task.test)
         index = task.label_index()
         candidates = None
-        if self.lexical:
+        if self.lexical:  # the branch reads whole texts, not the encoder's first tokens
+            words = model.backbone.tokenize_whole([e.text for e in task.train])
             candidates = lexical.Candidates(
-                [states.ids[i] for i in fit_rows], [index[task.train[i].label] for i in fit_rows],
-                [states.ids[i] for i in val_rows], [index[task.train[i].label] for i in val_rows],
-                len(task.labels), model.special_ids)
+                [words[i] for i in fit_rows], [index[task.train[i].label] for i in fit_rows],
+                [words[i] for i in val_rows], [index[task.train[i].label] for i in val_rows],
+                len(task.labels), model.special_ids, whole_text=True)
         if self.search:
             val_y = torch.tensor([index[task.train[i].label] for i in val_rows])
             stats, chosen = self._learn_searched(model, fit_task, states.subset(fit_rows),

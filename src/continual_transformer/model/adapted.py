@@ -143,7 +143,8 @@ class AdaptedModel:
     def fused_logits(self, tasks: Sequence[str], ids: Sequence[Sequence[int]],
                      logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each row's head logits, fused with its task's lexical branch where it has one
-        (`ids`: the rows' token ids). Rows of tasks without a branch keep their logits."""
+        (`ids`: the rows' whole token ids; a branch fitted on the encoder's part of texts reads
+        that part). Rows of tasks without a branch keep their logits."""
         out = list(logits)
         for task in dict.fromkeys(tasks):
             branch = self.lexical.get(task)
@@ -151,7 +152,10 @@ class AdaptedModel:
                 continue
             rows = [i for i, t in enumerate(tasks) if t == task]
             neural = torch.stack([out[i].float() for i in rows])  # (R, C)
-            fused = fuse(neural.cpu(), branch.log_probs([ids[i] for i in rows], self.special_ids), branch.mix)
+            words = [ids[i] for i in rows]
+            if not branch.whole_text:
+                words = self.backbone.encoder_view(words)
+            fused = fuse(neural.cpu(), branch.log_probs(words, self.special_ids), branch.mix)
             for i, row in zip(rows, fused.to(neural.device)):
                 out[i] = row
         return out

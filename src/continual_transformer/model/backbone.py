@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -177,10 +179,33 @@ class Backbone(nn.Module):
         return sum(p.numel() for p in self.encoder.parameters())
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids per text, truncated to `max_length`, unpadded (padding is per batch)."""
+        """Token ids per text, truncated to `max_length`, unpadded (padding is per batch):
+        what the encoder reads."""
         return self.tokenizer(
             list(texts), truncation=True, max_length=self.config.max_length, padding=False
         )["input_ids"]
+
+    def tokenize_whole(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of every text as a whole, with the special tokens `tokenize` adds: what
+        a lexical branch reads. `encoder_view` of them is exactly `tokenize`'s."""
+        # verbose=False: a text longer than the encoder's positions is expected here.
+        return self.tokenizer(list(texts), truncation=False, padding=False, verbose=False)["input_ids"]
+
+    def encoder_view(self, ids: Sequence[Sequence[int]]) -> list[Sequence[int]]:
+        """Each row as the encoder reads it: a row longer than `max_length` keeps its first
+        tokens and its closing special tokens, as the tokenizer's truncation does (rows
+        from `tokenize` come back unchanged)."""
+        limit, tail = self.config.max_length, self._closing_tokens
+        return [row if len(row) <= limit else [*row[: limit - tail], *row[len(row) - tail:]]
+                for row in ids]
+
+    @functools.cached_property
+    def _closing_tokens(self) -> int:
+        """How many special tokens the tokenizer puts after a text ([SEP]: 1)."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        built = self.tokenizer("a")["input_ids"]
+        start = next(i for i in range(len(built)) if built[i : i + len(plain)] == plain)
+        return len(built) - start - len(plain)
 
     def collate(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Pad a batch of token id lists to its longest row, rounded up to `length_multiple`."""

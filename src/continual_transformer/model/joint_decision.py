@@ -55,13 +55,15 @@ def certainty(logits: torch.Tensor) -> float:
 def joint_logits(
     model: AdaptedModel, router: Router, adapter_key: Callable[[str], str | None],
     head_logits: Callable[[torch.Tensor, list[str]], list[torch.Tensor]],
-    batch: dict[str, torch.Tensor], ids: Sequence[Sequence[int]],
+    batch: dict[str, torch.Tensor], ids: Sequence[Sequence[int]], whole: Sequence[Sequence[int]],
     tasks: Sequence[str | None], among: Sequence[Collection[str] | None] | None, k: int, top_k: int,
 ) -> tuple[list[str], list[torch.Tensor], list[list[tuple[str, float]] | None]]:
     """Per row: its task (chosen jointly when routed), its fused logits (C,) under that task,
     and for a routed row its candidates, the chosen task first, then the others in the
     router's order (probabilities: the router's). `adapter_key` and `head_logits` are the
-    method's: which scales a task's rows run under, and its head on pooled rows (B, H)."""
+    method's: which scales a task's rows run under, and its head on pooled rows (B, H).
+    `ids`: the rows' token ids as the encoder reads them (the router reads their words);
+    `whole`: the rows' whole token ids, for the candidates' lexical branches."""
     if k < 2:
         raise ValueError(f"the joint decision weighs k >= 2 candidates, got {k!r}")
     inputs = model.trunk(batch)  # (B, T, H)
@@ -86,7 +88,7 @@ def joint_logits(
                         inputs.attention_mask.index_select(0, device_index))  # (B', T, H)
     pooled = model.top_pooled(expanded, [adapter_key(t) for t in row_tasks], torch.float32)  # (B', H)
     logits = head_logits(pooled, row_tasks)
-    logits = model.fused_logits(row_tasks, [ids[i] for i in source], logits)
+    logits = model.fused_logits(row_tasks, [whole[i] for i in source], logits)
     chosen: list[str] = list(tasks)
     out: list[torch.Tensor | None] = [None] * rows
     best: dict[int, float] = {}

@@ -52,7 +52,7 @@ import torch
 HASH_BITS = 18
 COLUMNS = 16384
 C_GRID = (1.0, 10.0, 100.0, 1000.0)  # inverse L2 strength, per example
-MIX_GRID = (0.0, 0.25, 0.5, 0.75)
+MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 PREFIX = "lexical."
 _MASK = (1 << HASH_BITS) - 1
 _BIGRAM = 1_000_003
@@ -110,6 +110,10 @@ class LexicalBranch:
     bias: torch.Tensor  # (C,) float32
     mix: float
     scale: torch.Tensor | None = None  # (C,) float32
+    # Fitted on each text as a whole (`Backbone.tokenize_whole`), so it reads the whole text
+    # at prediction too; branches saved before read the encoder's part (`max_length` tokens)
+    # and keep doing so, so their answers do not change.
+    whole_text: bool = False
 
     def log_probs(self, ids_rows: Sequence[Sequence[int]], skip: frozenset[int]) -> torch.Tensor:
         """(N, C) log-probabilities of the task's labels from the words alone."""
@@ -127,15 +131,18 @@ class LexicalBranch:
                PREFIX + "mix": torch.tensor([self.mix], dtype=torch.float32)}
         if self.scale is not None:
             out[PREFIX + "scale"] = self.scale
+        if self.whole_text:
+            out[PREFIX + "whole_text"] = torch.ones(1, dtype=torch.uint8)
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "LexicalBranch | None":
         if PREFIX + "weight" not in tensors:
             return None  # a task learned without one (or before branches existed)
+        whole = tensors.get(PREFIX + "whole_text")
         return cls(tensors[PREFIX + "columns"], tensors[PREFIX + "idf"], tensors[PREFIX + "weight"],
                    tensors[PREFIX + "bias"], float(tensors[PREFIX + "mix"][0]),
-                   tensors.get(PREFIX + "scale"))
+                   tensors.get(PREFIX + "scale"), whole is not None and bool(whole.any()))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -204,7 +211,8 @@ class Candidates:
 
     def __init__(self, fit_ids: Sequence[Sequence[int]], fit_y: Sequence[int],
                  val_ids: Sequence[Sequence[int]], val_y: Sequence[int], n_labels: int,
-                 skip: frozenset[int]):
+                 skip: frozenset[int], *, whole_text: bool = False):
+        self.whole_text = whole_text  # the ids are whole texts' (the branch will read those)
         self.fit_rows, self.val_rows = _Rows(fit_ids, skip), _Rows(val_ids, skip)
         self.y_fit, self.y_val = np.asarray(fit_y), torch.tensor(list(val_y))
         self.n_labels = n_labels
@@ -242,7 +250,7 @@ class Candidates:
         quantized, scale = quantize(weight)
         return LexicalBranch(torch.from_numpy(columns.astype(np.int32)),
                              torch.from_numpy(idf_kept), quantized, bias.float(), chosen["mix"],
-                             scale)
+                             scale, self.whole_text)
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,7 +78,8 @@ class _Row:
 
     request: _Pending
     index: int  # in the request
-    ids: list[int]
+    ids: list[int]  # the whole text's (`Backbone.tokenize_whole`)
+    width: int  # tokens the encoder reads of them (`Backbone.encoder_view`)
 
 
 def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -228,13 +229,14 @@ class ModelService:
 
     def _admit(self, request: _Pending, pool: list["_Row"]) -> None:
         try:
-            ids = self.learner.backbone.tokenize(request.texts)
+            ids = self.learner.backbone.tokenize_whole(request.texts)
         except Exception as exc:
             self._fail([request], exc)
             return
         request.results = [None] * len(ids)
         request.left = len(ids)
-        pool.extend(_Row(request, i, ids[i]) for i in range(len(ids)))
+        read = self.learner.backbone.encoder_view(ids)
+        pool.extend(_Row(request, i, ids[i], len(read[i])) for i in range(len(ids)))
 
     def _next_pass(self, pool: list["_Row"]) -> list["_Row"]:
         """The pool's oldest row, with the rows nearest its padded length, while the pass stays
@@ -245,9 +247,9 @@ class ModelService:
         multiple = self.learner.backbone.length_multiple
         groups: dict[int, deque[int]] = {}  # padded width -> its rows, oldest first
         for k, row in enumerate(pool):
-            groups.setdefault(padded(len(row.ids), multiple), deque()).append(k)
+            groups.setdefault(padded(row.width, multiple), deque()).append(k)
         sizes = sorted(groups)
-        top = sizes.index(padded(len(pool[0].ids), multiple))  # the pass's width, as an index
+        top = sizes.index(padded(pool[0].width, multiple))  # the pass's width, as an index
         taken = [groups[sizes[top]].popleft()]  # the oldest row
         budget = self.batch_max_tokens
         while (rows := len(taken)) < self._max_rows_per_pass:
