@@ -1,0 +1,96 @@
+"""What the lexical branch reads, measured: refitted beside a model's trained heads.
+
+    ctt run --out /tmp/run                                      # a learned model (DIR/model)
+    python benchmarks/lexical_features.py /tmp/run/model [STREAM]   # ~5 min for the bundled stream
+
+For each task of the stream the model holds, with the split `ia3` learned it on (15 %
+validation held out of the training texts, seed 0), the task's lexical branch is refitted as
+learning does (`lexical.Candidates`: C and mix chosen on validation, refitted on fit +
+validation, int8) beside the model's own trained head, for three featurizations, and the fused
+test accuracy per task and the ACC are printed:
+
+- `encoder part, words` (features version 1): token unigrams and bigrams of the first
+  `max_length` tokens, what branches read before version 2;
+- `whole text, words`: the same n-grams of the whole text;
+- `whole text, words + chars` (version 2, the default): plus each word's character 3-5-grams
+  at half weight (`lexical.Words`).
+
+The heads are the model's, so only the branch changes between rows; the mix grid is today's
+(`lexical.MIX_GRID`). Figures: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from continual_transformer import ContinualLearner
+from continual_transformer.data.split import held_out_positions
+from continual_transformer.data.stream import default_stream_path, load_stream
+from continual_transformer.methods.ia3 import VALIDATION_FRACTION
+from continual_transformer.model import lexical
+from continual_transformer.model.batching import collated
+
+
+def neural_logits(learner: ContinualLearner, task, ids) -> torch.Tensor:
+    """The task's head logits (no lexical branch), (N, C), in float32."""
+    key = learner.method.adapter_key(task.name)
+    out = torch.empty(len(ids), len(task.labels))
+    with learner.model.inference("fp32"):
+        for rows, batch in collated(learner.backbone, ids):
+            pooled = learner.model.top_pooled(learner.model.trunk(batch), [key] * len(rows), torch.float32)
+            out[rows] = torch.stack(learner.head_logits(pooled, [task.name] * len(rows)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("stream", nargs="?", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (its validation split)")
+    args = parser.parse_args()
+    learner = ContinualLearner.load(args.model, device="cpu", precision="fp32")
+    tasks = [t for t in load_stream(args.stream or default_stream_path()) if t.name in learner.tasks]
+    backbone, words = learner.backbone, learner.model.words
+    variants = {"encoder part, words": (False, 1), "whole text, words": (True, 1),
+                "whole text, words + chars": (True, 2)}
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for task in tasks:
+        held = held_out_positions(task, VALIDATION_FRACTION, args.seed)
+        fit = [i for i in range(len(task.train)) if i not in held]
+        val = sorted(held)
+        index = task.label_index()
+        whole = backbone.tokenize_whole([e.text for e in task.train])
+        test_whole = backbone.tokenize_whole([e.text for e in task.test])
+        ids, test_ids = backbone.encoder_view(whole), backbone.encoder_view(test_whole)
+        longer = np.mean([len(a) > len(b) for a, b in zip(test_whole, test_ids)])
+        y_test = torch.tensor([index[e.label] for e in task.test])
+        val_logits = neural_logits(learner, task, [ids[i] for i in val])
+        test_logits = neural_logits(learner, task, test_ids)
+        neural = (test_logits.argmax(-1) == y_test).float().mean().item()
+        for name, (read_whole, features) in variants.items():
+            rows, test_rows = (whole, test_whole) if read_whole else (ids, test_ids)
+            candidates = lexical.Candidates(
+                [rows[i] for i in fit], [index[task.train[i].label] for i in fit],
+                [rows[i] for i in val], [index[task.train[i].label] for i in val],
+                len(task.labels), words, features=features)
+            chosen = candidates.choose(val_logits)
+            branch = candidates.branch(chosen)
+            fused = test_logits if branch is None else \
+                lexical.fuse(test_logits, branch.log_probs(test_rows, words), branch.mix)
+            accuracy = (fused.argmax(-1) == y_test).float().mean().item()
+            results[name].append(accuracy)
+            print(f"{task.name:<22} {name:<26} test {100 * accuracy:6.2f} (head alone "
+                  f"{100 * neural:.2f}); C {chosen['c']:g}, mix {chosen['mix']}, validation "
+                  f"{100 * chosen['val_accuracy']:.2f}; test texts past the encoder's part "
+                  f"{100 * longer:.1f} %", flush=True)
+    for name, accuracies in results.items():
+        print(f"{name:<26} ACC {100 * np.mean(accuracies):.2f}  "
+              + " / ".join(f"{100 * a:.2f}" for a in accuracies))
+
+
+if __name__ == "__main__":
+    main()
