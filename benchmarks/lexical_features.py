@@ -9,11 +9,12 @@ learning does (`lexical.Candidates`: C and mix chosen on validation, refitted on
 validation, int8) beside the model's own trained head, for three featurizations, and the fused
 test accuracy per task and the ACC are printed:
 
-- `encoder part, words` (features version 1): token unigrams and bigrams of the first
-  `max_length` tokens, what branches read before version 2;
-- `whole text, words`: the same n-grams of the whole text;
-- `whole text, words + chars` (version 2, the default): plus each word's character 3-5-grams
-  at half weight (`lexical.Words`).
+- `encoder part, words`: token unigrams and bigrams of the first `max_length` tokens, what
+  branches read before they read whole texts;
+- `whole text, words`: the same n-grams of the whole text (the default);
+- `whole text, words + chars`: plus the character 3-5-grams of each word (WordPiece pieces
+  joined, padded with spaces, as scikit-learn's `char_wb`) at half the words' weight, hashed
+  into the same 2^18 columns (this script's `char_features`; not in the library).
 
 The heads are the model's, so only the branch changes between rows; the mix grid is today's
 (`lexical.MIX_GRID`). Figures: benchmarks/README.md.
@@ -22,6 +23,7 @@ The heads are the model's, so only the branch changes between rows; the mix grid
 from __future__ import annotations
 
 import argparse
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,46 @@ from continual_transformer.data.stream import default_stream_path, load_stream
 from continual_transformer.methods.ia3 import VALIDATION_FRACTION
 from continual_transformer.model import lexical
 from continual_transformer.model.batching import collated
+
+WORDS = lexical.row_features
+
+
+def char_features(vocab: list[str], low: int, high: int, weight: float):
+    """`row_features` plus each word's hashed character n-grams (`low`..`high`), tf x `weight`."""
+    keys_of: dict[str, int] = {}
+
+    def row_features(ids, skip):
+        columns, tf = WORDS(ids, skip)
+        words: list[str] = []
+        for t in ids:
+            if t in skip:
+                continue
+            piece = vocab[t]
+            if piece.startswith("##") and words:
+                words[-1] += piece[2:]
+            else:
+                words.append(piece)
+        keys = []
+        for word in words:
+            if not any(c.isalpha() for c in word):
+                continue
+            padded = f" {word} "
+            for n in range(low, high + 1):
+                for i in range(len(padded) - n + 1):
+                    gram = padded[i : i + n]
+                    if gram not in keys_of:  # crc32: the same column in every process
+                        keys_of[gram] = zlib.crc32(gram.encode()) + (1 << 41)
+                    keys.append(keys_of[gram])
+        if not keys:
+            return columns, tf
+        hashed, counts = np.unique((np.array(keys, dtype=np.int64) * lexical._MULTIPLIER) & lexical._MASK,
+                                   return_counts=True)
+        merged, where = np.unique(np.concatenate([columns, hashed]), return_inverse=True)
+        values = np.zeros(len(merged))
+        np.add.at(values, where, np.concatenate([tf, weight * (1.0 + np.log(counts))]))
+        return merged, values
+
+    return row_features
 
 
 def neural_logits(learner: ContinualLearner, task, ids) -> torch.Tensor:
@@ -54,9 +96,10 @@ def main() -> None:
     args = parser.parse_args()
     learner = ContinualLearner.load(args.model, device="cpu", precision="fp32")
     tasks = [t for t in load_stream(args.stream or default_stream_path()) if t.name in learner.tasks]
-    backbone, words = learner.backbone, learner.model.words
-    variants = {"encoder part, words": (False, 1), "whole text, words": (True, 1),
-                "whole text, words + chars": (True, 2)}
+    backbone, skip = learner.backbone, learner.model.special_ids
+    vocab = backbone.tokenizer.convert_ids_to_tokens(list(range(backbone.tokenizer.vocab_size)))
+    variants = {"encoder part, words": (False, WORDS), "whole text, words": (True, WORDS),
+                "whole text, words + chars": (True, char_features(vocab, 3, 5, 0.5))}
     results: dict[str, list[float]] = {name: [] for name in variants}
     for task in tasks:
         held = held_out_positions(task, VALIDATION_FRACTION, args.seed)
@@ -73,14 +116,18 @@ def main() -> None:
         neural = (test_logits.argmax(-1) == y_test).float().mean().item()
         for name, (read_whole, features) in variants.items():
             rows, test_rows = (whole, test_whole) if read_whole else (ids, test_ids)
-            candidates = lexical.Candidates(
-                [rows[i] for i in fit], [index[task.train[i].label] for i in fit],
-                [rows[i] for i in val], [index[task.train[i].label] for i in val],
-                len(task.labels), words, features=features)
-            chosen = candidates.choose(val_logits)
-            branch = candidates.branch(chosen)
-            fused = test_logits if branch is None else \
-                lexical.fuse(test_logits, branch.log_probs(test_rows, words), branch.mix)
+            lexical.row_features = features  # this process only
+            try:
+                candidates = lexical.Candidates(
+                    [rows[i] for i in fit], [index[task.train[i].label] for i in fit],
+                    [rows[i] for i in val], [index[task.train[i].label] for i in val],
+                    len(task.labels), skip)
+                chosen = candidates.choose(val_logits)
+                branch = candidates.branch(chosen)
+                fused = test_logits if branch is None else \
+                    lexical.fuse(test_logits, branch.log_probs(test_rows, skip), branch.mix)
+            finally:
+                lexical.row_features = WORDS
             accuracy = (fused.argmax(-1) == y_test).float().mean().item()
             results[name].append(accuracy)
             print(f"{task.name:<22} {name:<26} test {100 * accuracy:6.2f} (head alone "

@@ -76,7 +76,7 @@ class IA3Method(GradientMethod):
             candidates = lexical.Candidates(
                 [words[i] for i in fit_rows], [index[task.train[i].label] for i in fit_rows],
                 [words[i] for i in val_rows], [index[task.train[i].label] for i in val_rows],
-                len(task.labels), model.words)
+                len(task.labels), model.special_ids, whole_text=True)
         if self.search:
             val_y = torch.tensor([index[task.train[i].label] for i in val_rows])
             stats, chosen = self._learn_searched(model, fit_task, states.subset(fit_rows),

@@ -19,7 +19,7 @@ import torch
 from ..training.precision import training_autocast, uses_bf16
 from .backbone import Backbone
 from .heads import TaskHeads
-from .lexical import LexicalBranch, Words, fuse
+from .lexical import LexicalBranch, fuse
 from .scaling import IA3
 from .trunk import TopInput, TrunkStates
 
@@ -54,8 +54,7 @@ class AdaptedModel:
         self.heads = TaskHeads(backbone.hidden_size)
         # Per task, optionally: a bag of token n-grams fused with the head (see lexical.py).
         self.lexical: dict[str, LexicalBranch] = {}
-        self.words = Words(backbone.tokenizer)  # token ids -> the branches' features
-        self.special_ids = self.words.skip
+        self.special_ids = frozenset(backbone.tokenizer.all_special_ids)
 
     @property
     def device(self) -> torch.device:
@@ -156,7 +155,7 @@ class AdaptedModel:
             words = [ids[i] for i in rows]
             if not branch.whole_text:
                 words = self.backbone.encoder_view(words)
-            fused = fuse(neural.cpu(), branch.log_probs(words, self.words), branch.mix)
+            fused = fuse(neural.cpu(), branch.log_probs(words, self.special_ids), branch.mix)
             for i, row in zip(rows, fused.to(neural.device)):
                 out[i] = row
         return out

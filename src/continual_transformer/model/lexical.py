@@ -43,8 +43,6 @@ is one of the choices, so a task where words do not help keeps its neural answer
 
 from __future__ import annotations
 
-import functools
-import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -55,9 +53,6 @@ HASH_BITS = 18
 COLUMNS = 16384
 C_GRID = (1.0, 10.0, 100.0, 1000.0)  # inverse L2 strength, per example
 MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
-FEATURES = 2  # the `Words` version new branches are fitted on
-CHAR_GRAMS = (3, 5)  # character n-grams of each word, lengths low..high
-CHAR_WEIGHT = 0.5  # a character gram's weight against a token's
 PREFIX = "lexical."
 _MASK = (1 << HASH_BITS) - 1
 _BIGRAM = 1_000_003
@@ -72,96 +67,11 @@ def row_features(ids: Sequence[int], skip: frozenset[int]) -> tuple[np.ndarray, 
     return columns, 1.0 + np.log(counts)
 
 
-class Words:
-    """A backbone's token ids as a branch's features, in the branch's `features` version:
-
-    1. the hashed token unigrams and bigrams (`row_features`) of the encoder's part of the
-       text (its first `max_length` tokens): branches saved before version 2;
-    2. those of the whole text, plus the character `CHAR_GRAMS`-grams of each of its words
-       (pieces joined as the tokenizer marks them: WordPiece's "##" continues a word,
-       SentencePiece's and byte-level BPE's word-start marks begin one; each word padded with
-       a space on both sides, as scikit-learn's `char_wb`), at `CHAR_WEIGHT` of a token's
-       weight, hashed into the same columns. Words without a letter give no character grams.
-
-    Reading only ids keeps every prediction path able to compute them (the server predicts from
-    ids); the word's grams are computed once per distinct word and kept (at most `CACHE` words).
-    """
-
-    CACHE = 200_000
-
-    def __init__(self, tokenizer):
-        self.skip = frozenset(tokenizer.all_special_ids)
-        self._tokenizer = tokenizer
-        self._grams: dict[str, np.ndarray] = {}
-
-    @functools.cached_property
-    def _vocabulary(self) -> tuple[list[str], str | None, bool]:
-        """(piece of every id, its mark, True when the mark begins a word / False: continues)."""
-        tokenizer = self._tokenizer
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        pieces = [p if isinstance(p, str) else "" for p in pieces]
-        # How this tokenizer cuts two words, the second one rare (so in several pieces):
-        sample = tokenizer.convert_ids_to_tokens(tokenizer("a zqxjv", add_special_tokens=False)["input_ids"])
-        if any(p.startswith("##") for p in sample):
-            return pieces, "##", False
-        for mark in ("\u2581", "\u0120"):  # SentencePiece, byte-level BPE
-            if any(p.startswith(mark) for p in sample):
-                return pieces, mark, True
-        return pieces, None, True  # every piece a word
-
-    def words(self, ids: Sequence[int]) -> list[str]:
-        """The text's words, its pieces joined (special tokens left out)."""
-        pieces, mark, begins = self._vocabulary
-        out: list[str] = []
-        for t in ids:
-            if t in self.skip or not 0 <= t < len(pieces):
-                continue
-            piece = pieces[t]
-            if mark is None:
-                out.append(piece)
-            elif begins:
-                if piece.startswith(mark) or not out:
-                    out.append(piece[len(mark):] if piece.startswith(mark) else piece)
-                else:
-                    out[-1] += piece
-            elif piece.startswith(mark) and out:
-                out[-1] += piece[len(mark):]
-            else:
-                out.append(piece)
-        return out
-
-    def _keys(self, word: str) -> np.ndarray:
-        keys = self._grams.get(word)
-        if keys is None:
-            padded, (low, high) = f" {word} ", CHAR_GRAMS
-            grams = [padded[i : i + n] for n in range(low, high + 1) for i in range(len(padded) - n + 1)]
-            keys = np.array([zlib.crc32(g.encode()) + (1 << 41) for g in grams]
-                            if any(c.isalpha() for c in word) else [], dtype=np.int64)
-            if len(self._grams) >= self.CACHE:
-                self._grams.clear()
-            self._grams[word] = keys
-        return keys
-
-    def row(self, ids: Sequence[int], features: int) -> tuple[np.ndarray, np.ndarray]:
-        """(columns, weights) of one text's features (sorted columns)."""
-        columns, tf = row_features(ids, self.skip)
-        if features < 2:
-            return columns, tf
-        keys = [self._keys(w) for w in self.words(ids)]
-        if not keys or not sum(map(len, keys)):
-            return columns, tf
-        grams, counts = np.unique((np.concatenate(keys) * _MULTIPLIER) & _MASK, return_counts=True)
-        merged, where = np.unique(np.concatenate([columns, grams]), return_inverse=True)
-        weights = np.bincount(where, weights=np.concatenate([tf, CHAR_WEIGHT * (1.0 + np.log(counts))]),
-                              minlength=len(merged))
-        return merged, weights
-
-
 class _Rows:
     """Hashed features of many texts, as flat arrays (a CSR matrix without scipy)."""
 
-    def __init__(self, ids_rows: Sequence[Sequence[int]], words: Words, features: int):
-        parts = [words.row(ids, features) for ids in ids_rows]
+    def __init__(self, ids_rows: Sequence[Sequence[int]], skip: frozenset[int]):
+        parts = [row_features(ids, skip) for ids in ids_rows]
         self.n = len(parts)
         self.row = np.repeat(np.arange(self.n), [len(c) for c, _ in parts])
         self.col = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.int64)
@@ -200,19 +110,16 @@ class LexicalBranch:
     bias: torch.Tensor  # (C,) float32
     mix: float
     scale: torch.Tensor | None = None  # (C,) float32
-    # The `Words` version it was fitted on and reads: 2 reads whole texts (ids from
-    # `Backbone.tokenize_whole`); 1 (branches saved before) the encoder's part, as it did.
-    features: int = 1
+    # Fitted on each text as a whole (`Backbone.tokenize_whole`), so it reads the whole text
+    # at prediction too; branches saved before read the encoder's part (`max_length` tokens)
+    # and keep doing so, so their answers do not change.
+    whole_text: bool = False
 
-    @property
-    def whole_text(self) -> bool:
-        return self.features >= 2
-
-    def log_probs(self, ids_rows: Sequence[Sequence[int]], words: Words) -> torch.Tensor:
+    def log_probs(self, ids_rows: Sequence[Sequence[int]], skip: frozenset[int]) -> torch.Tensor:
         """(N, C) log-probabilities of the task's labels from the words alone."""
         # The int32 columns are searched as they are stored: an int64 copy kept per task
         # would double the branch's resident size for a few microseconds per call.
-        x = _Rows(ids_rows, words, self.features).matrix(self.columns.numpy(), self.idf.float().numpy())
+        x = _Rows(ids_rows, skip).matrix(self.columns.numpy(), self.idf.float().numpy())
         logits = torch.sparse.mm(x, self.weight.float().T)
         if self.scale is not None:  # x @ (q * s).T == (x @ q.T) * s: no dequantized copy
             logits = logits * self.scale
@@ -224,22 +131,18 @@ class LexicalBranch:
                PREFIX + "mix": torch.tensor([self.mix], dtype=torch.float32)}
         if self.scale is not None:
             out[PREFIX + "scale"] = self.scale
-        if self.features > 1:
-            out[PREFIX + "features"] = torch.tensor([self.features], dtype=torch.int32)
+        if self.whole_text:
+            out[PREFIX + "whole_text"] = torch.ones(1, dtype=torch.uint8)
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "LexicalBranch | None":
         if PREFIX + "weight" not in tensors:
             return None  # a task learned without one (or before branches existed)
-        version = tensors.get(PREFIX + "features")
-        features = 1 if version is None else int(version[0])
-        if not 1 <= features <= FEATURES:
-            raise ValueError(f"lexical branch features version {features} is not known to this "
-                             f"version of the library (it reads 1 to {FEATURES}): upgrade it")
+        whole = tensors.get(PREFIX + "whole_text")
         return cls(tensors[PREFIX + "columns"], tensors[PREFIX + "idf"], tensors[PREFIX + "weight"],
                    tensors[PREFIX + "bias"], float(tensors[PREFIX + "mix"][0]),
-                   tensors.get(PREFIX + "scale"), features)
+                   tensors.get(PREFIX + "scale"), whole is not None and bool(whole.any()))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -308,11 +211,9 @@ class Candidates:
 
     def __init__(self, fit_ids: Sequence[Sequence[int]], fit_y: Sequence[int],
                  val_ids: Sequence[Sequence[int]], val_y: Sequence[int], n_labels: int,
-                 words: Words, *, features: int = FEATURES):
-        # Version 2 expects whole texts' ids (`Backbone.tokenize_whole`): the branch reads those.
-        self.features = features
-        self.fit_rows = _Rows(fit_ids, words, features)
-        self.val_rows = _Rows(val_ids, words, features)
+                 skip: frozenset[int], *, whole_text: bool = False):
+        self.whole_text = whole_text  # the ids are whole texts' (the branch will read those)
+        self.fit_rows, self.val_rows = _Rows(fit_ids, skip), _Rows(val_ids, skip)
         self.y_fit, self.y_val = np.asarray(fit_y), torch.tensor(list(val_y))
         self.n_labels = n_labels
         columns, idf_kept = _select(self.fit_rows, self.y_fit, n_labels)
@@ -349,7 +250,7 @@ class Candidates:
         quantized, scale = quantize(weight)
         return LexicalBranch(torch.from_numpy(columns.astype(np.int32)),
                              torch.from_numpy(idf_kept), quantized, bias.float(), chosen["mix"],
-                             scale, self.features)
+                             scale, self.whole_text)
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
