@@ -88,6 +88,23 @@ def neural_logits(learner: ContinualLearner, task, ids) -> torch.Tensor:
     return out
 
 
+def fused_test_accuracy(candidates: lexical.Candidates, val_logits: torch.Tensor,
+                        test_logits: torch.Tensor, test_rows, skip, y_test: torch.Tensor) -> tuple[float, dict]:
+    """The branch chosen on validation with these head logits (as learning chooses it), fused
+    with the head's test logits: (test accuracy, the choice)."""
+    chosen = candidates.choose(val_logits)
+    branch = candidates.branch(chosen)
+    fused = test_logits if branch is None else \
+        lexical.fuse(test_logits, branch.log_probs(test_rows, skip), branch.mix)
+    return (fused.argmax(-1) == y_test).float().mean().item(), chosen
+
+
+def print_acc(results: dict[str, list[float]], width: int) -> None:
+    for name, accuracies in results.items():
+        print(f"{name:<{width}} ACC {100 * np.mean(accuracies):.2f}  "
+              + " / ".join(f"{100 * a:.2f}" for a in accuracies))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -122,21 +139,16 @@ def main() -> None:
                     [rows[i] for i in fit], [index[task.train[i].label] for i in fit],
                     [rows[i] for i in val], [index[task.train[i].label] for i in val],
                     len(task.labels), skip)
-                chosen = candidates.choose(val_logits)
-                branch = candidates.branch(chosen)
-                fused = test_logits if branch is None else \
-                    lexical.fuse(test_logits, branch.log_probs(test_rows, skip), branch.mix)
+                accuracy, chosen = fused_test_accuracy(candidates, val_logits, test_logits,
+                                                       test_rows, skip, y_test)
             finally:
                 lexical.row_features = WORDS
-            accuracy = (fused.argmax(-1) == y_test).float().mean().item()
             results[name].append(accuracy)
             print(f"{task.name:<22} {name:<26} test {100 * accuracy:6.2f} (head alone "
                   f"{100 * neural:.2f}); C {chosen['c']:g}, mix {chosen['mix']}, validation "
                   f"{100 * chosen['val_accuracy']:.2f}; test texts past the encoder's part "
                   f"{100 * longer:.1f} %", flush=True)
-    for name, accuracies in results.items():
-        print(f"{name:<26} ACC {100 * np.mean(accuracies):.2f}  "
-              + " / ".join(f"{100 * a:.2f}" for a in accuracies))
+    print_acc(results, 26)
 
 
 if __name__ == "__main__":

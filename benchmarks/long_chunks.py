@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
-from lexical_features import neural_logits
+from lexical_features import fused_test_accuracy, neural_logits, print_acc
 
 from continual_transformer import ContinualLearner
 from continual_transformer.data.split import held_out_positions
@@ -72,19 +71,13 @@ def main() -> None:
             "every chunk": (chunked(task, [whole[i] for i in val]), chunked(task, test_whole)),
         }
         for name, (val_logits, test_logits) in reads.items():
-            chosen = candidates.choose(val_logits)
-            branch = candidates.branch(chosen)
-            fused = test_logits if branch is None else \
-                lexical.fuse(test_logits, branch.log_probs(test_whole, skip), branch.mix)
+            both, chosen = fused_test_accuracy(candidates, val_logits, test_logits, test_whole, skip, y)
             head = (test_logits.argmax(-1) == y).float().mean().item()
-            both = (fused.argmax(-1) == y).float().mean().item()
             results.setdefault(f"{name}, head", []).append(head)
             results.setdefault(f"{name}, fused", []).append(both)
             print(f"{task.name:<22} {name:<12} head {100 * head:6.2f}  fused {100 * both:6.2f} "
                   f"(C {chosen['c']:g}, mix {chosen['mix']})", flush=True)
-    for name, accuracies in results.items():
-        print(f"{name:<20} ACC {100 * np.mean(accuracies):.2f}  "
-              + " / ".join(f"{100 * a:.2f}" for a in accuracies))
+    print_acc(results, 20)
 
 
 if __name__ == "__main__":

@@ -518,7 +518,7 @@ def test_each_pass_takes_the_oldest_text_and_those_nearest_its_length(model_dir)
     request = _Pending([], [], None, None)
 
     def pool(widths):  # rows in arrival order, each `width` multiples long
-        return [_Row(request, i, [0] * (w * multiple), w * multiple) for i, w in enumerate(widths)]
+        return [_Row(request, i, [0] * (w * multiple)) for i, w in enumerate(widths)]
 
     def chosen(widths):
         rows = pool(widths)

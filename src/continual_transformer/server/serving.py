@@ -79,7 +79,6 @@ class _Row:
     request: _Pending
     index: int  # in the request
     ids: list[int]  # the whole text's (`Backbone.tokenize_whole`)
-    width: int  # tokens the encoder reads of them (`Backbone.encoder_view`)
 
 
 def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -235,8 +234,7 @@ class ModelService:
             return
         request.results = [None] * len(ids)
         request.left = len(ids)
-        read = self.learner.backbone.encoder_view(ids)
-        pool.extend(_Row(request, i, ids[i], len(read[i])) for i in range(len(ids)))
+        pool.extend(_Row(request, i, ids[i]) for i in range(len(ids)))
 
     def _next_pass(self, pool: list["_Row"]) -> list["_Row"]:
         """The pool's oldest row, with the rows nearest its padded length, while the pass stays
@@ -245,11 +243,16 @@ class ModelService:
         less padding (a shorter row pads itself to the pass's width; a longer one pads every
         row already in)."""
         multiple = self.learner.backbone.length_multiple
+        limit = self.learner.backbone.config.max_length  # the encoder reads at most this of a row
+
+        def width(row: _Row) -> int:
+            return padded(min(len(row.ids), limit), multiple)
+
         groups: dict[int, deque[int]] = {}  # padded width -> its rows, oldest first
         for k, row in enumerate(pool):
-            groups.setdefault(padded(row.width, multiple), deque()).append(k)
+            groups.setdefault(width(row), deque()).append(k)
         sizes = sorted(groups)
-        top = sizes.index(padded(pool[0].width, multiple))  # the pass's width, as an index
+        top = sizes.index(width(pool[0]))  # the pass's width, as an index
         taken = [groups[sizes[top]].popleft()]  # the oldest row
         budget = self.batch_max_tokens
         while (rows := len(taken)) < self._max_rows_per_pass:
