@@ -78,3 +78,56 @@ def test_cli_bench_runs_each_method_in_its_own_process(tiny_backbone_dir, toy_st
     assert all(r["peak_rss_mb"] > 50 for r in rows)  # measured in the method's own process
     bad = CliRunner().invoke(app, ["bench", str(toy_stream), "--methods", "ia3,sgd"])
     assert bad.exit_code == 2 and "unknown method(s) ['sgd']" in bad.output
+
+
+def test_bench_over_seeds_gives_each_method_its_spread_and_paired_differences(
+        tiny_backbone_dir, toy_stream, tmp_path):
+    from continual_transformer.experiment.bench import run_seeds
+
+    config = BenchConfig(methods=("ia3", "finetune"), stream=str(toy_stream), epochs=1,
+                         backbone=str(tiny_backbone_dir), max_length=32, device="cpu",
+                         isolate=False)
+    events = Recorder()
+    summary = run_seeds(config, [0, 3], tmp_path / "b", events)
+    out = tmp_path / "b"
+    per_seed = {s: {r["method"]: r for r in json.loads((out / f"seed-{s}" / "bench.json").read_text())["methods"]}
+                for s in (0, 3)}
+    assert [c[1:] for c in events.calls if c[0] == "seed_started"] == [(0, 2, 0), (1, 2, 3)]
+    # each seed's bench is a whole bench with that seed
+    assert json.loads((out / "seed-3" / "bench.json").read_text())["config"]["seed"] == 3
+    assert per_seed[3]["ia3"]["hyperparameters"]["train"]["seed"] == 3
+    rows = {r["method"]: r for r in summary["methods"]}
+    accs = [per_seed[s]["finetune"]["acc"] for s in (0, 3)]
+    assert rows["finetune"]["acc"]["values"] == accs
+    assert rows["finetune"]["acc"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert rows["finetune"]["acc"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    assert rows["finetune"]["acc_minus_first"]["values"] == pytest.approx(
+        [per_seed[s]["finetune"]["acc"] - per_seed[s]["ia3"]["acc"] for s in (0, 3)])
+    assert rows["ia3"]["acc_minus_first"]["values"] == [0.0, 0.0]
+    assert len(rows["ia3"]["final_accuracy"]) == len(summary["tasks"])
+    table = (out / "bench_seeds.md").read_text()
+    assert "| method | ACC % |" in table and "ACC - ia3" in table and " ± " in table
+    assert json.loads((out / "bench_seeds.json").read_text())["seeds"] == [0, 3]
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        run_seeds(config, [1], tmp_path / "c")
+    with pytest.raises(ValueError, match="must not repeat"):
+        run_seeds(config, [1, 1], tmp_path / "c")
+
+
+def test_cli_bench_seeds_prints_the_spread_and_refuses_what_it_cannot_do(
+        tiny_backbone_dir, toy_stream, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "b"
+    result = runner.invoke(app, [
+        "bench", str(toy_stream), "--methods", "ia3,finetune", "--epochs", "1", "--out", str(out),
+        "--backbone", str(tiny_backbone_dir), "--max-length", "32", "--device", "cpu",
+        "--in-process", "--seeds", "0,1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "seed 1 (2/2)" in result.output and "bench over seeds 0, 1" in result.output
+    assert (out / "seed-0" / "bench.md").is_file() and (out / "bench_seeds.md").is_file()
+    for args, message in ((["--seeds", "0,1", "--seed", "2"], "give --seed or --seeds, not both"),
+                          (["--seeds", "0,x"], "--seeds must be comma-separated whole numbers"),
+                          (["--seeds", "4"], "at least 2 different seeds"),
+                          (["--seeds", "0,1", "--track", "mlflow"], "with --seed N --track instead")):
+        result = runner.invoke(app, ["bench", str(toy_stream), "--out", str(tmp_path / "x"), *args])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

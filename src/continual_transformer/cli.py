@@ -64,6 +64,16 @@ def _matrix_table(R, names: list[str], title: str) -> Table:
     return table
 
 
+def _figures_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    """A table of figures: the first column names the row, the others are right-aligned."""
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 class _RichEvents:
     """Progress bars and the accuracy matrix after every task."""
 
@@ -402,6 +412,12 @@ class _BenchProgress:
         self.methods_bar = None
         self.train_bar = None
 
+    def seed_started(self, index, total, seed):
+        if self.methods_bar is not None:  # a bar of this seed's methods
+            self.progress.remove_task(self.methods_bar)
+            self.methods_bar = None
+        self.progress.console.rule(f"seed {seed} ({index + 1}/{total})", characters="=")
+
     def method_started(self, index, total, method):
         if self.methods_bar is None:
             self.methods_bar = self.progress.add_task("methods", total=total, loss="")
@@ -457,6 +473,7 @@ def bench(
     adapt_layers: Optional[str] = typer.Option(None, help="Top layers with scales, for every gradient method (a number or 'all') [default: 3]."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
     seed: int = typer.Option(0, help="Random seed: same seed, same numbers."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (instead of --seed): the whole bench once per seed (OUT/seed-N), then each method's mean ± standard deviation over them (OUT/bench_seeds.md)."),
     backbone: str = typer.Option("default", help="'default' (MiniLM-L6), a model folder or a hub id."),
     max_length: int = typer.Option(128, help="Maximum tokens per text."),
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda[:N]'."),
@@ -467,17 +484,18 @@ def bench(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI [default: ./mlruns, SQLite + files] or TensorBoard log folder [default: OUT/tensorboard]."),
 ):
     """Run every method on the same stream, backbone, seed and epochs; write a comparison."""
-    from .experiment.bench import BenchConfig, BenchError, run_bench, table_rows, task_rows
+    from .experiment.bench import BenchError, run_bench, table_rows, task_rows
 
+    options = dict(stream=stream, data_format=data_format, text_column=text_column,
+                   label_column=label_column, task_column=task_column, split_column=split_column,
+                   task_name=task_name, test_fraction=test_fraction, methods=methods,
+                   epochs=epochs, adapt_layers=adapt_layers, max_train=max_train,
+                   backbone=backbone, max_length=max_length, device=device, isolate=isolate)
+    if seeds is not None:
+        _bench_seeds(seeds, seed, track, out, resume, options)
+        return
     try:
-        config = BenchConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                             stream=str(stream) if stream else None, max_train=max_train,
-                             epochs=epochs, seed=seed, backbone=backbone, max_length=max_length,
-                             device=device, isolate=isolate, adapt_layers=_adapt_layers(adapt_layers),
-                             data=_read_options(None, format=data_format, text_column=text_column,
-                                                label_column=label_column, task_column=task_column,
-                                                split_column=split_column, task_name=task_name,
-                                                test_fraction=test_fraction))
+        config = _bench_config(seed=seed, **options)
     except _user_errors() as exc:
         _fail(str(exc))
     console.print(f"bench: {', '.join(config.methods)} on {stream or 'the bundled stream'}; "
@@ -508,14 +526,61 @@ def bench(
                 tracker.end(ok=False)
     for title, (header, rows) in ((f"bench: {len(result['tasks'])} tasks, seed {seed}", table_rows(result)),
                                   ("accuracy on each task after the last one (%)", task_rows(result))):
-        table = Table(title=title, title_justify="left")
-        for i, column in enumerate(header):
-            table.add_column(column, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        console.print(_figures_table(title, header, rows))
     console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench_final_accuracy.png'}, "
                   f"{out / 'bench_accuracy_matrices.png'}, {out / 'bench_first_task.png'}")
+
+
+def _bench_config(*, seed: int, stream, data_format, text_column, label_column, task_column,
+                  split_column, task_name, test_fraction, methods: str, epochs, adapt_layers,
+                  max_train, backbone, max_length, device, isolate):
+    """`ctt bench`'s options as a `BenchConfig` (raises ValueError on a bad one)."""
+    from .experiment.bench import BenchConfig
+
+    return BenchConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                       stream=str(stream) if stream else None, max_train=max_train,
+                       epochs=epochs, seed=seed, backbone=backbone, max_length=max_length,
+                       device=device, isolate=isolate, adapt_layers=_adapt_layers(adapt_layers),
+                       data=_read_options(None, format=data_format, text_column=text_column,
+                                          label_column=label_column, task_column=task_column,
+                                          split_column=split_column, task_name=task_name,
+                                          test_fraction=test_fraction))
+
+
+def _bench_seeds(seeds: str, seed: int, track: str | None, out: Path, resume: bool,
+                 options: dict) -> None:
+    """`ctt bench --seeds`: the bench once per seed, then the spread table."""
+    from .experiment.bench import BenchError, run_seeds, seed_rows
+
+    try:
+        if seed != 0:
+            raise ValueError("give --seed or --seeds, not both")
+        if track is not None:
+            raise ValueError("--track records one bench; with --seeds, track each seed's bench "
+                             "with --seed N --track instead")
+        try:
+            chosen = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated whole numbers, got {seeds!r}") from None
+        config = _bench_config(seed=0, **options)  # each bench gets its seed (run_seeds)
+        if len(chosen) < 2 or len(set(chosen)) != len(chosen):
+            raise ValueError(f"--seeds must name at least 2 different seeds, got {seeds!r}")
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"bench: {', '.join(config.methods)} on {options['stream'] or 'the bundled stream'}; "
+                  f"seeds {', '.join(map(str, chosen))}, epochs {options['epochs'] or 'default'}, "
+                  f"max-train {options['max_train'] or 'all'}")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            summary = run_seeds(config, chosen, out, _BenchProgress(progress), resume=resume)
+    except (*_user_errors(), BenchError) as exc:
+        _fail(str(exc))
+    console.print(_figures_table(f"bench over seeds {', '.join(map(str, chosen))}: mean ± std (%)",
+                                 *seed_rows(summary)))
+    console.print(f"wrote {out / 'bench_seeds.json'}, {out / 'bench_seeds.md'}; each seed's "
+                  f"bench in {', '.join(str(out / b) for b in summary['benches'])}")
 
 
 @app.command()

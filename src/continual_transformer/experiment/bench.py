@@ -8,6 +8,13 @@
     DIR/bench_first_task.png          accuracy on the first task after each task, per method
     DIR/<method>/                     that method's own run: report.json, heatmaps, model
 
+With several seeds (`ctt bench --seeds 0,1,2`, `run_seeds`), each seed's bench is a whole bench
+in DIR/seed-<s>/, and DIR/bench_seeds.json and DIR/bench_seeds.md give each method's figures
+over the seeds (mean, standard deviation, range) and its ACC minus the first method's, seed by
+seed (paired: both saw the same validation split, batches and initialisation seed). A seed
+changes everything drawn at random (the validation split, batch order, initialisations, the
+training subsample with --max-train), never the stream's test split.
+
 Besides the continual methods, the bench runs reference rows (references.py: `tfidf`,
 `independent`, `lora`): a separate model per task, the floor and ceilings to measure against,
 on the same tasks, splits and seed, with reports of the same shape.
@@ -21,9 +28,11 @@ times are comparable.
 from __future__ import annotations
 
 import json
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 from ..data.source import ReadOptions
 from .workers import Send, Worker, WorkerDied, WorkerFailed
@@ -89,6 +98,8 @@ class BenchConfig:
 class BenchEvents:
     """Hooks a front end overrides to show progress; the defaults do nothing. Arguments are
     plain values: they cross from a method's worker process."""
+
+    def seed_started(self, index: int, total: int, seed: int) -> None: ...  # run_seeds only
 
     def method_started(self, index: int, total: int, method: str) -> None: ...
 
@@ -169,6 +180,89 @@ def run_bench(config: BenchConfig, out: str | Path, events: BenchEvents | None =
 
     write_bench_plots(bench, out)
     return bench
+
+
+def run_seeds(config: BenchConfig, seeds: Sequence[int], out: str | Path,
+              events: BenchEvents | None = None, resume: bool = False) -> dict:
+    """`run_bench` once per seed (`config.seed` is replaced), each into DIR/seed-<s>/; then
+    each method's spread over the seeds, written to DIR/bench_seeds.json and .md, and returned."""
+    seeds = list(seeds)
+    if len(seeds) < 2:
+        raise ValueError(f"seeds must name at least 2 seeds (one seed is --seed), got {seeds}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must not repeat, got {seeds}")
+    out, events = Path(out), events or BenchEvents()
+    benches = []
+    for index, seed in enumerate(seeds):
+        events.seed_started(index, len(seeds), seed)
+        benches.append(run_bench(replace(config, seed=seed), out / f"seed-{seed}", events, resume))
+    summary = seed_summary(benches, seeds)
+    (out / "bench_seeds.json").write_text(json.dumps(summary, indent=2))
+    (out / "bench_seeds.md").write_text(seeds_markdown(summary))
+    return summary
+
+
+def _spread(values: list[float | None]) -> dict | None:
+    """Mean, sample standard deviation, smallest and largest of a figure over the seeds (None
+    when a seed has no value for it, as task-free ACC for the reference rows)."""
+    if any(v is None for v in values):
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values),
+            "min": min(values), "max": max(values), "values": values}
+
+
+def seed_summary(benches: list[dict], seeds: list[int]) -> dict:
+    """Per method, over the seeds' benches (in `seeds` order): ACC, task-free ACC, each task's
+    final accuracy, train seconds, bytes per task; and ACC minus the first method's ACC per seed."""
+    methods = [r["method"] for r in benches[0]["methods"]]
+    rows = {seed: {r["method"]: r for r in b["methods"]} for seed, b in zip(seeds, benches)}
+    first = methods[0]
+    summary = []
+    for method in methods:
+        per_seed = [rows[s][method] for s in seeds]
+        summary.append({
+            "method": method,
+            "acc": _spread([r["acc"] for r in per_seed]),
+            "task_free_acc": _spread([r["task_free_acc"] for r in per_seed]),
+            "final_accuracy": [_spread([r["final_accuracy"][j] for r in per_seed])
+                               for j in range(len(benches[0]["tasks"]))],
+            "acc_minus_first": _spread([r["acc"] - rows[s][first]["acc"]
+                                        for s, r in zip(seeds, per_seed)]),
+            "train_seconds": _spread([r["train_seconds"] for r in per_seed]),
+            "bytes_per_task": _spread([r["bytes_per_task"] for r in per_seed]),
+        })
+    return {"seeds": seeds, "tasks": benches[0]["tasks"], "stream": benches[0]["stream"],
+            "first_method": first, "methods": summary,
+            "benches": [f"seed-{s}" for s in seeds]}
+
+
+def _mean_std(spread: dict | None, scale: float = 100.0, sign: str = "") -> str:
+    if spread is None:
+        return "n/a"
+    return f"{spread['mean'] * scale:{sign}.2f} ± {spread['std'] * scale:.2f}"
+
+
+def seed_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Per method: ACC, each task's final accuracy and ACC minus the first method's, as
+    mean ± standard deviation over the seeds (percent)."""
+    header = ["method", "ACC %", *summary["tasks"], f"ACC - {summary['first_method']}",
+              "task-free ACC %", "ACC per seed"]
+    rows = [[r["method"], _mean_std(r["acc"]), *[_mean_std(t) for t in r["final_accuracy"]],
+             _mean_std(r["acc_minus_first"], sign="+"), _mean_std(r["task_free_acc"]),
+             " / ".join(f"{100 * v:.2f}" for v in r["acc"]["values"])]
+            for r in summary["methods"]]
+    return header, rows
+
+
+def seeds_markdown(summary: dict) -> str:
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines = [f"# ctt bench over seeds {seeds}: {len(summary['tasks'])} tasks", "",
+             f"Stream {summary['stream']}. Mean ± sample standard deviation over the seeds "
+             f"(percent); each seed's whole bench is in {', '.join(summary['benches'])}. "
+             f"`ACC - {summary['first_method']}` is each method's ACC minus "
+             f"{summary['first_method']}'s in the same seed, then averaged.", "",
+             *_markdown_table(*seed_rows(summary))]
+    return "\n".join(lines) + "\n"
 
 
 RESULT = "bench_result.json"  # in DIR/<method>/, written when the method's run has finished
