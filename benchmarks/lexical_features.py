@@ -99,6 +99,17 @@ def fused_test_accuracy(candidates: lexical.Candidates, val_logits: torch.Tensor
     return (fused.argmax(-1) == y_test).float().mean().item(), chosen
 
 
+def task_texts(backbone, task, seed: int):
+    """A task as learning splits it: (fit rows, validation rows, label index, whole training
+    ids, whole test ids, test labels)."""
+    held = held_out_positions(task, VALIDATION_FRACTION, seed)
+    fit = [i for i in range(len(task.train)) if i not in held]
+    index = task.label_index()
+    return (fit, sorted(held), index, backbone.tokenize_whole([e.text for e in task.train]),
+            backbone.tokenize_whole([e.text for e in task.test]),
+            torch.tensor([index[e.label] for e in task.test]))
+
+
 def print_acc(results: dict[str, list[float]], width: int) -> None:
     for name, accuracies in results.items():
         print(f"{name:<{width}} ACC {100 * np.mean(accuracies):.2f}  "
@@ -119,15 +130,9 @@ def main() -> None:
                 "whole text, words + chars": (True, char_features(vocab, 3, 5, 0.5))}
     results: dict[str, list[float]] = {name: [] for name in variants}
     for task in tasks:
-        held = held_out_positions(task, VALIDATION_FRACTION, args.seed)
-        fit = [i for i in range(len(task.train)) if i not in held]
-        val = sorted(held)
-        index = task.label_index()
-        whole = backbone.tokenize_whole([e.text for e in task.train])
-        test_whole = backbone.tokenize_whole([e.text for e in task.test])
+        fit, val, index, whole, test_whole, y_test = task_texts(backbone, task, args.seed)
         ids, test_ids = backbone.encoder_view(whole), backbone.encoder_view(test_whole)
         longer = np.mean([len(a) > len(b) for a, b in zip(test_whole, test_ids)])
-        y_test = torch.tensor([index[e.label] for e in task.test])
         val_logits = neural_logits(learner, task, [ids[i] for i in val])
         test_logits = neural_logits(learner, task, test_ids)
         neural = (test_logits.argmax(-1) == y_test).float().mean().item()

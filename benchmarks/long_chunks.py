@@ -20,12 +20,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from lexical_features import fused_test_accuracy, neural_logits, print_acc
+from lexical_features import fused_test_accuracy, neural_logits, print_acc, task_texts
 
 from continual_transformer import ContinualLearner
-from continual_transformer.data.split import held_out_positions
 from continual_transformer.data.stream import load_stream
-from continual_transformer.methods.ia3 import VALIDATION_FRACTION
 from continual_transformer.model import lexical
 
 
@@ -54,13 +52,7 @@ def main() -> None:
 
     results: dict[str, list[float]] = {}
     for task in [t for t in load_stream(args.stream) if t.name in learner.tasks]:
-        held = held_out_positions(task, VALIDATION_FRACTION, args.seed)
-        fit = [i for i in range(len(task.train)) if i not in held]
-        val = sorted(held)
-        index = task.label_index()
-        whole = backbone.tokenize_whole([e.text for e in task.train])
-        test_whole = backbone.tokenize_whole([e.text for e in task.test])
-        y = torch.tensor([index[e.label] for e in task.test])
+        fit, val, index, whole, test_whole, y = task_texts(backbone, task, args.seed)
         candidates = lexical.Candidates(
             [whole[i] for i in fit], [index[task.train[i].label] for i in fit],
             [whole[i] for i in val], [index[task.train[i].label] for i in val],
