@@ -20,7 +20,7 @@ demo: venv
 	$(VENV)/bin/ctt run --out runs/demo
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not integration and not slow"

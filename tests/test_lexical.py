@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import torch
 
 from continual_transformer import ContinualLearner
@@ -167,3 +168,18 @@ def test_int8_weights_predict_as_the_float_weights_and_old_branches_still_load()
     torch.testing.assert_close(new.log_probs(ids, frozenset()), old.log_probs(ids, frozenset()),
                                rtol=0, atol=0.05)
     assert new.nbytes() == 50 * (4 + 2 + 3) + 3 * 4 * 2 + 4
+
+
+def test_columns_that_tell_labels_apart_weigh_more():
+    # Column 7 occurs in label 0's texts only, column 9 in every text of both labels, both in
+    # half the texts or more: naive Bayes weighting lifts 7 far above its idf and leaves 9 at
+    # its idf (ratio 0 -> weight 0 would drop it; add-one smoothing keeps it small but > 0).
+    ids = [[7, 9, 11] for _ in range(10)] + [[9, 12] for _ in range(10)]
+    y = np.array([0] * 10 + [1] * 10)
+    rows = lexical._Rows(ids, frozenset())
+    columns, weights = lexical._select(rows, y, 2)
+    seen, df = np.unique(rows.col, return_counts=True)
+    idf = dict(zip(seen.tolist(), (np.log(21 / (1 + df)) + 1).tolist()))
+    ratio = dict(zip(columns.tolist(), (weights / [idf[c] for c in columns.tolist()]).tolist()))
+    cue, shared = lexical.row_features([7], frozenset())[0][0], lexical.row_features([9], frozenset())[0][0]
+    assert ratio[cue] > 1.2 and ratio[shared] < 0.5 * ratio[cue]
