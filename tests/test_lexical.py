@@ -171,9 +171,9 @@ def test_int8_weights_predict_as_the_float_weights_and_old_branches_still_load()
 
 
 def test_columns_that_tell_labels_apart_weigh_more():
-    # Column 7 occurs in label 0's texts only, column 9 in every text of both labels, both in
-    # half the texts or more: naive Bayes weighting lifts 7 far above its idf and leaves 9 at
-    # its idf (ratio 0 -> weight 0 would drop it; add-one smoothing keeps it small but > 0).
+    # Token 7 occurs in label 0's texts only, token 9 in every text of both labels: naive
+    # Bayes weighting lifts 7 above its idf and takes 9, which tells the labels nothing,
+    # to a small fraction of 7's weight relative to its idf.
     ids = [[7, 9, 11] for _ in range(10)] + [[9, 12] for _ in range(10)]
     y = np.array([0] * 10 + [1] * 10)
     rows = lexical._Rows(ids, frozenset())
