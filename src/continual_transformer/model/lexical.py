@@ -114,12 +114,16 @@ class _Rows:
         out.tf = np.concatenate([self.tf, other.tf])
         return out
 
-    def matrix(self, columns: np.ndarray, idf: np.ndarray) -> torch.Tensor:
-        """(n, K) sparse tf x idf on the kept `columns` (sorted), each row L2-normalised."""
+    def on(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, position in `columns`, tf) of the entries whose column is kept (`columns` sorted)."""
         position = np.minimum(np.searchsorted(columns, self.col), len(columns) - 1)
         hit = columns[position] == self.col
-        rows, kept = self.row[hit], position[hit]
-        values = self.tf[hit] * idf[kept]
+        return self.row[hit], position[hit], self.tf[hit]
+
+    def matrix(self, columns: np.ndarray, idf: np.ndarray) -> torch.Tensor:
+        """(n, K) sparse tf x idf on the kept `columns` (sorted), each row L2-normalised."""
+        rows, kept, tf = self.on(columns)
+        values = tf * idf[kept]
         norms = np.sqrt(np.bincount(rows, weights=values**2, minlength=self.n))
         values = values / np.maximum(norms[rows], 1e-12)
         index = torch.from_numpy(np.stack([rows, kept]).astype(np.int64))
@@ -196,10 +200,9 @@ def _nb_ratio(rows: _Rows, y: np.ndarray, n_labels: int, columns: np.ndarray) ->
     label's tf against its share of the other labels' tf (naive Bayes log-count ratios, as in
     NB-SVM, Wang and Manning 2012, taken one label against the rest): words that tell labels
     apart weigh more before the logistic regression sees them."""
-    position = np.minimum(np.searchsorted(columns, rows.col), len(columns) - 1)
-    hit = columns[position] == rows.col
+    row, position, tf = rows.on(columns)
     counts = np.zeros((n_labels, len(columns)))
-    np.add.at(counts, (y[rows.row[hit]], position[hit]), rows.tf[hit])
+    np.add.at(counts, (y[row], position), tf)
     rest = counts.sum(0, keepdims=True) - counts
     share = (counts + 1) / (counts + 1).sum(1, keepdims=True)
     rest_share = (rest + 1) / (rest + 1).sum(1, keepdims=True)
