@@ -3,6 +3,7 @@
     python benchmarks/kill_test.py                     # 50 trials (38 took ~10 minutes on 2 cores)
     python benchmarks/kill_test.py --quick             # 7 trials (the slow test in CI)
     python benchmarks/kill_test.py --json results.json
+    python benchmarks/kill_test.py --quick --jobs 2    # two trials at a time
 
 Every trial runs `ctt run` on a small stream (three tasks, a tiny random BERT, so a run takes
 seconds) in a subprocess, kills it with SIGKILL, checks what is on disk at that moment (the
@@ -43,8 +44,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,10 +184,13 @@ def three_states(references: Path) -> list:
     return states
 
 
-def saver(directory: Path, references: Path) -> None:
-    """Save three different models into `directory` in a loop, until killed."""
-    states = three_states(references)
-    log = os.open(references / "saver.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+def saver(directory: Path, references: Path, log_path: Path) -> None:
+    """Save three different models (`references/state<i>`, built by the parent) into
+    `directory` in a loop, until killed."""
+    from continual_transformer import ContinualLearner
+
+    states = [ContinualLearner.load(references / f"state{i}", device="cpu") for i in range(3)]
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.write(log, b"start\n")
     for i in range(10**9):
         os.write(log, f"save {i % 3}\n".encode())
@@ -272,6 +278,13 @@ class Bench:
         self.tiny = build_backbone(work / "tiny")
         self.stream = build_stream(work / "stream.jsonl")
         self.trial = 0
+        self.lock = threading.Lock()
+
+    def next_trial(self) -> int:
+        """A fresh trial number (trials may run at once, in threads)."""
+        with self.lock:
+            self.trial += 1
+            return self.trial
 
     def args(self, out: Path) -> list[str]:
         return ["run", str(self.stream), "--out", str(out), "--backbone", str(self.tiny),
@@ -345,8 +358,8 @@ class Bench:
         return None
 
     def run_trial(self, kind: str, kill: str | None, kills: int = 1) -> dict:
-        self.trial += 1
-        out, log = self.work / f"t{self.trial}", self.work / f"t{self.trial}.log"
+        trial = self.next_trial()
+        out, log = self.work / f"t{trial}", self.work / f"t{trial}.log"
         phases = []
         problem = None
         for k in range(kills):
@@ -393,7 +406,8 @@ class Bench:
         return {"kind": kind, "kill": kill, "phases": phases, "ok": ok, "problem": problem}
 
     def history(self) -> Path:
-        """A model directory whose versions 1, 2, 3 are the three states (built once)."""
+        """A model directory whose versions 1, 2, 3 are the three states (built once, before
+        trials run at once; the states are also `work/state<i>`, which savers load)."""
         directory = self.work / "history"
         if not directory.exists():
             states = three_states(self.work)
@@ -403,11 +417,10 @@ class Bench:
         return directory
 
     def saver_trial(self) -> dict:
-        self.trial += 1
-        directory = self.work / f"saver{self.trial}"
-        log = self.work / "saver.log"
-        log.unlink(missing_ok=True)
-        process = subprocess.Popen([sys.executable, __file__, "saver", str(directory), str(self.work)],
+        trial = self.next_trial()
+        directory = self.work / f"saver{trial}"
+        log = self.work / f"saver{trial}.log"
+        process = subprocess.Popen([sys.executable, __file__, "saver", str(directory), str(self.work), str(log)],
                                    env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while not (log.exists() and "start" in log.read_text()):
             if process.poll() is not None:
@@ -421,7 +434,7 @@ class Bench:
         problem = None
         try:
             tensors = model_tensors(directory)
-            if not any(same_tensors(tensors, model_tensors(self.work / f"state{i}")) for i in range(3)):
+            if not any(same_tensors(tensors, state) for state in self.state_tensors):
                 problem = "loads, but equals none of the three saved states"
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
@@ -461,10 +474,10 @@ def versions_trial(bench: "Bench", operation: str) -> dict:
     prune (prune: the rollbacks between prunes take most of the time)."""
     from continual_transformer.io import versions
 
-    bench.trial += 1
-    directory = bench.work / f"{operation}{bench.trial}"
+    trial = bench.next_trial()
+    directory = bench.work / f"{operation}{trial}"
     shutil.copytree(bench.history(), directory)
-    log = bench.work / f"{operation}{bench.trial}.log"
+    log = bench.work / f"{operation}{trial}.log"
     # a prune here deletes 1-2 manifests, then 0-2 files; past its last: the next prune's first
     kill = f"{bench.rng.randint(0, 5)}:{bench.rng.randint(1, 3)}" if operation == "prune" else None
     process = subprocess.Popen([sys.executable, __file__, "versioner", operation, str(directory), str(log),
@@ -511,6 +524,17 @@ def plan(bench: Bench, random_trials: int, per_phase: int, phases: tuple[str, ..
     return trials
 
 
+def describe(result: dict) -> str:
+    verdict = "ok" if result["ok"] else "FAIL: " + str(result["problem"])
+    kind, kill, phase = result["kind"], str(result["kill"] or ""), result["phases"][0]
+    if kind == "saver":
+        return f"saver{'':19s} {'':22s} killed {phase:14s} after {result['saves_before_kill']} saves: {verdict}"
+    if kind in ("rollback", "prune"):
+        return (f"{kind:24s} {kill:22s} killed {phase:16s} after {result['operations_before_kill']} "
+                f"{kind}s, {result['versions_kept']} versions kept: {verdict}")
+    return f"{kind:24s} {kill:22s} killed in {','.join(result['phases']):32s} {verdict}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--random", type=int, default=12, help="random-moment trials")
@@ -521,6 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--phases", default=",".join(PHASES), help="phases for targeted trials")
     parser.add_argument("--quick", action="store_true", help="7 trials, for CI")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="trials run at once (each in its own processes)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -538,24 +563,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"uninterrupted run: {bench.duration:.1f}s; phase events {dict(bench.counts)}; "
               f"two uninterrupted runs identical: {bench.references_identical} "
               f"(max |diff| {bench.tolerance:g})", flush=True)
+        if args.saver or args.rollback or args.prune:
+            bench.history()  # before trials run at once: savers and versioners read it
+        trials = [(bench.run_trial, (kind, kill, kills))
+                  for kind, kill, kills in plan(bench, args.random, args.per_phase, phases, rng)]
+        trials += [(bench.saver_trial, ())] * args.saver
+        trials += [(versions_trial, (bench, op)) for op in ["rollback"] * args.rollback + ["prune"] * args.prune]
         results = []
-        for kind, kill, kills in plan(bench, args.random, args.per_phase, phases, rng):
-            result = bench.run_trial(kind, kill, kills)
-            results.append(result)
-            print(f"{len(results):3d} {kind:24s} {str(kill or ''):22s} killed in {','.join(result['phases']):32s} "
-                  f"{'ok' if result['ok'] else 'FAIL: ' + str(result['problem'])}", flush=True)
-        for _ in range(args.saver):
-            result = bench.saver_trial()
-            results.append(result)
-            print(f"{len(results):3d} saver{'':19s} {'':22s} killed {result['phases'][0]:14s} after "
-                  f"{result['saves_before_kill']} saves: {'ok' if result['ok'] else 'FAIL: ' + str(result['problem'])}",
-                  flush=True)
-        for operation in ["rollback"] * args.rollback + ["prune"] * args.prune:
-            result = versions_trial(bench, operation)
-            results.append(result)
-            print(f"{len(results):3d} {operation:24s} {str(result['kill'] or ''):22s} killed {result['phases'][0]:16s} after "
-                  f"{result['operations_before_kill']} {operation}s, {result['versions_kept']} versions "
-                  f"kept: {'ok' if result['ok'] else 'FAIL: ' + str(result['problem'])}", flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each trial is its own processes
+            for result in pool.map(lambda trial: trial[0](*trial[1]), trials):
+                results.append(result)
+                print(f"{len(results):3d} {describe(result)}", flush=True)
     by_phase: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for result in results:
         key = (f"{result['kind']} (killed in {result['phases'][0]})"
@@ -584,7 +602,7 @@ if __name__ == "__main__":
         options = parser.parse_args(sys.argv[2:])
         child(options.log, options.out, options.kill, [a for a in options.rest if a != "--"])
     elif len(sys.argv) > 1 and sys.argv[1] == "saver":
-        saver(Path(sys.argv[2]), Path(sys.argv[3]))
+        saver(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     elif len(sys.argv) > 1 and sys.argv[1] == "versioner":
         versioner(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] or None)
     else:

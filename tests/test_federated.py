@@ -309,11 +309,19 @@ def test_real_superlink_and_two_supernodes_learn_the_task(tiny_backbone_dir, tmp
     try:
         start("flower-superlink", "--insecure", "--port", str(link),
               "--disable-runtime-dependency-installation", log="superlink.log")
-        time.sleep(5)
+        deadline = time.monotonic() + 60
+        while True:  # until the SuperLink listens
+            try:
+                socket.create_connection(("127.0.0.1", link), timeout=1).close()
+                break
+            except OSError:
+                assert started[0].poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / "superlink.log").read_text()
+                time.sleep(0.2)
         for i, port in enumerate(nodes):
             start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                   "--port", str(port), "--node-config", f'shard="{shards[i]}"', log=f"supernode-{i}.log")
-        time.sleep(5)
+        # the ServerApp waits (up to round-timeout) until min-available=2 SuperNodes have joined
         run = subprocess.run(
             ["flwr", "run", str(app), "local", "--stream", "--run-config",
              f"model='{model}' task='kinds' rounds=2 backbone='{tiny_backbone_dir}' max-length=32 "

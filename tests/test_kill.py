@@ -1,6 +1,7 @@
 """SIGKILL `ctt run` at random and chosen moments; it must resume to the uninterrupted result.
 
-The full benchmark (50 trials, rollbacks and prunes among them) is `python benchmarks/kill_test.py`; CI runs its quick mode.
+The full benchmark (50 trials, rollbacks and prunes among them) is `python benchmarks/kill_test.py`; CI runs its
+quick mode, two trials at a time (each trial has its own processes and directories).
 """
 
 import json
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     results = tmp_path / "kill.json"
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kill_test.py"), "--quick",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kill_test.py"), "--quick", "--jobs", "2",
                            "--json", str(results)], env=env, capture_output=True, text=True)
     assert results.is_file(), done.stdout + done.stderr
     summary = json.loads(results.read_text())
