@@ -103,6 +103,7 @@ def env() -> dict:
 # -- the child: the real CLI, with phase logging and an optional self-kill ---------------------------
 def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
     from continual_transformer import cli
+    from continual_transformer.experiment.evaluate import StreamEvaluation
     from continual_transformer.io import store
     from continual_transformer.learner import ContinualLearner
     from continual_transformer.methods import GradientMethod
@@ -133,7 +134,7 @@ def child(log: Path, out: Path, kill: str | None, ctt_args: list[str]) -> None:
 
         setattr(owner, attribute, wrapped)
 
-    wrap(ContinualLearner, "evaluate", "evaluate")
+    wrap(StreamEvaluation, "after_task", "evaluate")  # the stream's evaluation after each task
     wrap(ContinualLearner, "evaluate_unlearned", "evaluate")
     original_loss = GradientMethod.loss
 
