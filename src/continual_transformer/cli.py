@@ -12,11 +12,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .cli_output import (BenchProgress, RunProgress, console, figures_table, pool_entry,
+                         print_confused, print_summary, search_choice, setting_error)
 from .config import DEFAULT_SAVE_EVERY
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continual learning of text-classification tasks on a frozen tiny transformer.")
-console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
 
@@ -50,70 +51,6 @@ def _user_errors():
 
     return (ValueError, KeyError, BackboneError, CheckpointError, FileNotFoundError, MissingExtra,
             WriterBusy)
-
-
-def _matrix_table(R, names: list[str], title: str) -> Table:
-    from .experiment.plots import matrix_rows
-
-    table = Table(title=title, title_justify="left")
-    table.add_column("after \\ on", style="bold")
-    for name in names:
-        table.add_column(name, justify="right")
-    for row in matrix_rows(R, names):
-        table.add_row(*row)
-    return table
-
-
-def _figures_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
-    """A table of figures: the first column names the row, the others are right-aligned."""
-    table = Table(title=title, title_justify="left")
-    for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-class _RichEvents:
-    """Progress bars and the accuracy matrix after every task."""
-
-    def __init__(self, progress: Progress, out: Path):
-        self.progress = progress
-        self.out = out
-        self.train_bar = None
-        self.eval_bar = None
-
-    def resumed(self, done, task, step):
-        where = (f"; task {task!r} continues from step {step}" if step is not None
-                 else f"; task {task!r} starts again" if task else "")
-        self.progress.console.print(f"continuing the run in {self.out}: {len(done)} task(s) "
-                                    f"already learned {done}{where}")
-
-    def task_started(self, index, total, task):
-        self.progress.console.rule(f"task {index + 1}/{total}: {task.name} "
-                                   f"({len(task.labels)} labels, {len(task.train)} train, "
-                                   f"{len(task.test)} test)")
-        self.train_bar = self.progress.add_task(f"train {task.name}", total=None, loss="")
-
-    def train_step(self, done, total, loss):
-        self.progress.update(self.train_bar, completed=done, total=total, loss=f"loss {loss:.3f}")
-
-    def evaluation_started(self, index, tasks):
-        self.eval_bar = self.progress.add_task("evaluate", total=len(tasks), loss="")
-
-    def evaluated(self, task, accuracy):
-        self.progress.advance(self.eval_bar)
-
-    def task_finished(self, index, record, matrix, names):
-        self.progress.remove_task(self.train_bar)
-        self.progress.remove_task(self.eval_bar)
-        kib = record.bytes_added / 1024
-        self.progress.console.print(
-            f"learned [bold]{record.name}[/] in {record.train_seconds:.1f}s; added "
-            f"{record.adapter_parameters:,} scale + {record.head_parameters:,} head numbers "
-            f"({kib:.1f} KiB stored, routing statistics included)"
-        )
-        self.progress.console.print(_matrix_table(matrix, names, "accuracy matrix so far (%)"))
 
 
 # How to read a stream file; `ctt run` and `ctt bench` take the same options (data/source.py).
@@ -275,7 +212,7 @@ def run(
     try:
         shown = Progress(*columns, console=console, transient=True) if main else contextlib.nullcontext()
         with shown as progress:
-            events = _RichEvents(progress, out) if main else None
+            events = RunProgress(progress, out) if main else None
             if tracker is not None:
                 from .experiment.tracking import TrackedRun
 
@@ -310,7 +247,7 @@ def run(
                 log_report(tracker, report, out)
             tracker.end(ok=report is not None)
     if main:
-        _print_summary(report, out)
+        print_summary(report, out)
 
 
 def _open_tracker(kind: str | None, name: str, out: Path, uri: str | None, params: dict):
@@ -333,125 +270,6 @@ def _adapt_layers(value: str | int | None) -> int | str | None:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"--adapt-layers must be a number >= 1 or 'all', got {value!r}")
     return int(value)
-
-
-def _percent(value: float | None, spec: str = "{:.2f}") -> str:
-    return "n/a" if value is None else spec.format(100 * value)
-
-
-def _print_pool(rows: list[dict]) -> None:
-    table = Table(title="pool: each task's entry and what it cost earlier tasks (docs/pool.md)",
-                  title_justify="left")
-    for column in ("task", "entry", "decision", "start", "TransRate gain", "LEEP gain",
-                   "entries", "scale numbers", "worst old-task change (points)"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        gain, leep = r["transrate_gain"], r["leep_gain"]
-        table.add_row(r["task"], r["entry"], r["decision"], r["start"] or "-",
-                      "-" if gain is None else f"{gain:+.3f}", "-" if leep is None else f"{leep:+.3f}",
-                      str(r["entries"]), f"{r['scale_numbers']:,}",
-                      f"{100 * r['worst_old_change']:+.2f}")
-    console.print(table)
-
-
-def _print_summary(report: dict, out: Path) -> None:
-    m = report["metrics"]
-    names = report["tasks"]
-    table = Table(title="per task (final model)", title_justify="left")
-    for column in ("task", "acc %", "task-free %", "routed %", "train s", "scale params",
-                   "head params", "bytes", "scales % of backbone", "peak RSS MiB"):
-        table.add_column(column, justify="right")
-    final, free = report["accuracy_matrix"][-1], report["task_free_accuracy_matrix"][-1]
-    routed = report["routing"]["per_task"]
-    for j, row in enumerate(report["per_task"]):
-        table.add_row(row["task"], f"{100 * final[j]:.1f}", f"{100 * free[j]:.1f}",
-                      f"{100 * routed[row['task']]:.1f}", f"{row['train_seconds']:.1f}",
-                      f"{row['adapter_parameters']:,}", f"{row['head_parameters']:,}",
-                      f"{row['bytes_added']:,}", f"{row['adapter_percent_of_backbone']:.4f}",
-                      f"{row['peak_rss_mb']:.0f}")
-    console.print(table)
-    confusion = Table(title="routing: true task (rows) -> predicted task (columns)",
-                      title_justify="left")
-    confusion.add_column("")
-    for name in names:
-        confusion.add_column(name[:12], justify="right")
-    for name, row in zip(names, report["routing"]["confusion"]):
-        confusion.add_row(name, *[str(v) for v in row])
-    console.print(confusion)
-    if report.get("pool"):
-        _print_pool(report["pool"])
-    _print_confused(report["routing"])
-    compared = report.get("precision")
-    if compared and compared["prediction"] != "fp32":
-        used = compared["prediction"]
-        worst = max(compared["per_task"].items(), key=lambda kv: abs(kv[1][used] - kv[1]["fp32"]))
-        console.print(
-            f"predicted in {used}: accuracy within {100 * compared['largest_difference']:.2f} points "
-            f"of fp32 on every task (largest on {worst[0]}: {100 * worst[1][used]:.2f} vs "
-            f"{100 * worst[1]['fp32']:.2f}); --precision fp32 predicts in fp32")
-    fwt, bwt = _percent(m["fwt"], "{:+.2f}"), _percent(m["bwt"], "{:+.2f}")
-    forgetting = _percent(m["forgetting"])
-    console.print(
-        f"ACC {100 * m['acc']:.2f}  BWT {bwt}  forgetting "
-        f"{forgetting}  FWT {fwt}  |  task-free ACC {100 * m['task_free_acc']:.2f}  "
-        f"routing {100 * m['routing_acc']:.2f}%  |  total {report['total_seconds']:.1f}s"
-    )
-    shared = report["shared_state_numbers"]
-    if any(shared.values()):
-        console.print(f"shared state: router {shared['router']:,} numbers, method "
-                      f"{shared['method']:,} numbers (float64; constant in the number of examples)")
-    console.print(f"wrote {out / 'model'}, {out / 'report.json'}, {out / 'accuracy_matrix.png'}, "
-                  f"{out / 'task_free_accuracy_matrix.png'}")
-
-
-class _BenchProgress:
-    """`ctt bench` progress: which method, which task, the training bar, a line per method."""
-
-    def __init__(self, progress: Progress):
-        self.progress = progress
-        self.methods_bar = None
-        self.train_bar = None
-
-    def seed_started(self, index, total, seed):
-        if self.methods_bar is not None:  # a bar of this seed's methods
-            self.progress.remove_task(self.methods_bar)
-            self.methods_bar = None
-        self.progress.console.rule(f"seed {seed} ({index + 1}/{total})", characters="=")
-
-    def method_started(self, index, total, method):
-        if self.methods_bar is None:
-            self.methods_bar = self.progress.add_task("methods", total=total, loss="")
-        self.progress.console.rule(f"method {index + 1}/{total}: {method}")
-
-    def task_started(self, method, index, total, task, train_examples):
-        self._drop_train_bar()
-        self.train_bar = self.progress.add_task(
-            f"{method}: task {index + 1}/{total} {task} ({train_examples} train)", total=None, loss="")
-
-    def train_step(self, done, total, loss):
-        self.progress.update(self.train_bar, completed=done, total=total, loss=f"loss {loss:.3f}")
-
-    def evaluating(self, method, tasks):
-        self.progress.update(self.train_bar, loss=f"evaluating {tasks} task(s)")
-
-    def task_finished(self, method, index, accuracies):
-        cells = " ".join("  -  " if a is None else f"{100 * a:5.1f}" for a in accuracies)
-        self.progress.console.print(f"{method}: after task {index + 1}, accuracy % {cells}")
-
-    def method_finished(self, method, row):
-        self._drop_train_bar()
-        self.progress.advance(self.methods_bar)
-        from .experiment.bench import format_figure
-
-        self.progress.console.print(
-            f"[bold]{method}[/]: ACC {format_figure(row['acc'], '.1f', 100)}  BWT {format_figure(row['bwt'], '+.1f', 100)}  "
-            f"task-free {format_figure(row['task_free_acc'], '.1f', 100)}  train {row['train_seconds']:.0f}s  "
-            f"peak RSS {format_figure(row['peak_rss_mb'], '.0f')} MiB")
-
-    def _drop_train_bar(self):
-        if self.train_bar is not None:
-            self.progress.remove_task(self.train_bar)
-            self.train_bar = None
 
 
 @app.command()
@@ -508,7 +326,7 @@ def bench(
     events, result = None, None
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            events = _BenchProgress(progress)
+            events = BenchProgress(progress)
             if tracker is not None:
                 events = TrackedBench(events, tracker, out)
             result = run_bench(config, out, events, resume=resume)
@@ -526,7 +344,7 @@ def bench(
                 tracker.end(ok=False)
     for title, (header, rows) in ((f"bench: {len(result['tasks'])} tasks, seed {seed}", table_rows(result)),
                                   ("accuracy on each task after the last one (%)", task_rows(result))):
-        console.print(_figures_table(title, header, rows))
+        console.print(figures_table(title, header, rows))
     console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench_final_accuracy.png'}, "
                   f"{out / 'bench_accuracy_matrices.png'}, {out / 'bench_first_task.png'}")
 
@@ -574,10 +392,10 @@ def _bench_seeds(seeds: str, seed: int, track: str | None, out: Path, resume: bo
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            summary = run_seeds(config, chosen, out, _BenchProgress(progress), resume=resume)
+            summary = run_seeds(config, chosen, out, BenchProgress(progress), resume=resume)
     except (*_user_errors(), BenchError) as exc:
         _fail(str(exc))
-    console.print(_figures_table(f"bench over seeds {', '.join(map(str, chosen))}: mean ± std (%)",
+    console.print(figures_table(f"bench over seeds {', '.join(map(str, chosen))}: mean ± std (%)",
                                  *seed_rows(summary)))
     console.print(f"wrote {out / 'bench_seeds.json'}, {out / 'bench_seeds.md'}; each seed's "
                   f"bench in {', '.join(str(out / b) for b in summary['benches'])}")
@@ -679,8 +497,8 @@ def tasks(model: Path = typer.Argument(..., help="Model directory.")):
         stats = t.get("stats") or {}
         lexical = stats.get("lexical")
         mix = "-" if not lexical else f"{lexical['mix']:g}"
-        choice = [_search_choice(stats.get("search"))] if searched else []
-        pool = [_pool_entry(stats["pool"]) if "pool" in stats else "-"] if pooled else []
+        choice = [search_choice(stats.get("search"))] if searched else []
+        pool = [pool_entry(stats["pool"]) if "pool" in stats else "-"] if pooled else []
         table.add_row(t["name"], ", ".join(t["labels"]), *pool, f"{t['adapter_parameters']:,}",
                       f"{t['head_parameters']:,}", mix, *choice, f"{t['bytes_added']:,}",
                       t["learned_at"])
@@ -690,29 +508,7 @@ def tasks(model: Path = typer.Argument(..., help="Model directory.")):
     if report.is_file():
         routing = json.loads(report.read_text()).get("routing") or {}
         console.print(f"routing, from {report}:")
-        _print_confused(routing)
-
-
-def _print_confused(routing: dict) -> None:
-    """The task pairs the router confuses and its calibration error, from a run's report."""
-    if routing.get("ece") is not None:
-        console.print(f"router calibration error (ECE) {routing['ece']:.4f}")
-    pairs = routing.get("confused_pairs")
-    if pairs is None:
-        return
-    share = 100 * routing.get("confused_share", 0.1)
-    if not pairs:
-        console.print(f"no task sends {share:.0f} % or more of its test inputs to another task")
-        return
-    console.print(f"tasks the router confuses (>= {share:.0f} % of one task's test inputs routed to "
-                  "the other; pass the task name for these):")
-    for pair in pairs:
-        console.print(f"  {pair['task']} -> {pair['routed_to']}: {100 * pair['share']:.1f} %")
-
-
-def _pool_entry(pool: dict) -> str:
-    """A task's pool entry and how it got it: "entry1 (merge)"."""
-    return f"{pool['entry']} ({pool['decision']})"
+        print_confused(routing)
 
 
 @app.command()
@@ -810,18 +606,6 @@ def prune(model: Path = typer.Argument(..., help="Model directory."),
                   f"({pruned.bytes_freed:,} bytes)", highlight=False)
 
 
-def _search_choice(search: dict | None) -> str:
-    """A task's searched configuration in one cell of `ctt tasks`."""
-    if not search:
-        return "-"
-    if "best" not in search:
-        return f"none: {search.get('why', '')}"
-    best = search["best"]
-    return (f"lr {best['lr']:.3g}, head_lr {best['head_lr']:.3g}, {best['epochs']} epochs, "
-            f"top {best['top_layers']} layers (val {100 * search['best_score']:.1f}, "
-            f"{search['trials']} trials)")
-
-
 @app.command()
 def serve(
     model: Path = typer.Argument(..., help="Model directory written by `ctt run` (DIR/model)."),
@@ -860,20 +644,13 @@ def serve(
         if settings.writes:  # a second writer stops here, naming the first (the app takes the lock)
             WriterLock(model, "ctt serve").acquire().release()
     except ValidationError as exc:
-        _fail("; ".join(_setting_error(e) for e in exc.errors()))
+        _fail("; ".join(setting_error(e) for e in exc.errors()))
     except _user_errors() as exc:
         _fail(str(exc))
     # The app logs each request itself (request id, caller, tasks; CTT_LOG_FORMAT=json for
     # JSON lines), so uvicorn's own access log is off.
     uvicorn.run(create_app(settings), host=host, port=port, access_log=False,
                 log_level="info", timeout_graceful_shutdown=10)
-
-
-def _setting_error(error: dict) -> str:
-    message = error["msg"].removeprefix("Value error, ")
-    if not error.get("loc"):
-        return message
-    return f"CTT_{str(error['loc'][0]).upper()}: {message}"
 
 
 @app.command()
