@@ -9,10 +9,10 @@ may therefore keep a lexical branch of its own and fuse it with its neural head:
 Features are the backbone tokenizer's token ids (what every prediction path already has: the
 server, bulk scoring and evaluation predict from ids) of the whole text, not only the
 `max_length` tokens the encoder reads, unigrams and bigrams, hashed into 2^18 columns, weighted
-by sublinear tf x idf. Of these, the `COLUMNS` columns with the highest
-chi-squared score on the task's training texts are kept (sorted, int32), with their weight
-(float16: idf x the square root of the column's naive Bayes ratio, below), and a multinomial logistic regression over them (rows kept sparse, so memory follows
-the texts' words, not the columns). Its weights are stored in int8 with one float32 scale per
+by sublinear tf x idf. Of these, the `COLUMNS` columns with the highest chi-squared score on
+the task's training texts are kept (sorted, int32), with their weight (float16: idf x the square
+root of the column's naive Bayes ratio, below), and a multinomial logistic regression over them
+(rows kept sparse, so memory follows the texts' words, not the columns). Its weights are stored in int8 with one float32 scale per
 label (each label's largest weight maps to 127). Against float16 weights, on the bundled stream
 (the same trained heads): 39 % fewer bytes, and 3 of 2,160 test texts changed answer for the
 worse (fused ACC 78.34 against 78.48, with the finer mix grid below):
@@ -65,8 +65,8 @@ alone in brackets; the third stream: long documents):
     g = 1                         78.90 (74.54) / 81.24 (71.43) / 97.31 (96.92)
 
 On the bundled stream g = 0.5 moved State of the Union eras 70.25 -> 73.75 and Austen 78.75 ->
-80.00 (WordNet -0.25); on scale-five it is a tie; on long documents the fused ACC gains 1.0 (Bible books 97.44 ->
-100, the branch now chosen alone).
+80.00 (WordNet -0.25); on scale-five it is a tie; on long documents the fused ACC gains 1.0
+(Bible books 97.44 -> 100, the branch now chosen alone).
 """
 
 from __future__ import annotations
