@@ -9,9 +9,11 @@ learning does (`lexical.Candidates`: C and mix chosen on validation, refitted on
 validation, int8) beside the model's own trained head, for three featurizations, and the fused
 test accuracy per task and the ACC are printed:
 
-- `encoder part, words`: token unigrams and bigrams of the first `max_length` tokens, what
-  branches read before they read whole texts;
-- `whole text, words`: the same n-grams of the whole text (the default);
+- `encoder part, words`: token unigrams and bigrams of the first `max_length` tokens as the
+  encoder reads them (a word the vocabulary lacks is the unknown token), what branches read
+  before they read whole texts;
+- `whole text, words`: the same n-grams of the whole text, each word the vocabulary lacks an
+  id of its own (`Backbone.tokenize_whole`; the default);
 - `whole text, words + chars`: plus the character 3-5-grams of each word (WordPiece pieces
   joined, padded with spaces, as scikit-learn's `char_wb`) at half the words' weight, hashed
   into the same 2^18 columns (this script's `char_features`; not in the library).
@@ -48,6 +50,9 @@ def char_features(vocab: list[str], low: int, high: int, weight: float):
         words: list[str] = []
         for t in ids:
             if t in skip:
+                continue
+            if t >= len(vocab):  # a word the vocabulary lacks (`tokenize_whole`): no pieces
+                words.append("")
                 continue
             piece = vocab[t]
             if piece.startswith("##") and words:

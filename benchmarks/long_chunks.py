@@ -40,7 +40,7 @@ def main() -> None:
     def chunked(task, rows) -> torch.Tensor:
         """(N, C) mean over each row's chunks of the head's label log-probabilities."""
         flat, owner = [], []
-        for k, row in enumerate(rows):
+        for k, row in enumerate(backbone.known_ids(rows)):  # unknown words as the encoder reads them
             body = row[1:-1]  # between the opening and the closing token
             for start in range(0, max(len(body), 1), width):
                 flat.append(row[:1] + body[start : start + width] + row[-1:])

@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from continual_transformer import ContinualLearner
@@ -98,6 +99,41 @@ def test_the_branch_reads_the_whole_text_beyond_what_the_encoder_reads(tiny_conf
     assert loaded.evaluate(task) < 0.8
 
 
+def test_the_branch_tells_apart_words_the_vocabulary_lacks(tiny_config, tmp_path):
+    # Each label's cue is a Chinese character MiniLM's vocabulary lacks: the encoder reads all
+    # three as the one unknown token, the branch reads each as a word of its own.
+    cue = {"red": "这", "blue": "是", "green": "个"}
+    base = _word_task("rare", 0)
+
+    def rare(example: Example) -> Example:
+        words = [cue[example.label] if w in {"crimson", "scarlet", "ruby", "azure", "cobalt", "navy",
+                                             "emerald", "olive", "jade"} else w for w in example.text.split()]
+        return Example(" ".join(words), example.label)
+
+    task = Task("rare", base.labels, tuple(map(rare, base.train)), tuple(map(rare, base.test)))
+    learner = _learner(tiny_config)
+    backbone, texts = learner.backbone, [e.text for e in task.test]
+    whole, unknown = backbone.tokenize_whole(texts), backbone.tokenizer.unk_token_id
+    assert backbone.encoder_view(whole) == backbone.tokenize(texts)  # the encoder reads [UNK]
+    assert all(unknown in row for row in backbone.tokenize(texts)) and not any(unknown in row for row in whole)
+    assert len({backbone.word_id(c) for c in cue.values()}) == 3
+    assert all(backbone.word_id(c) >= backbone.unknown_base for c in cue.values())
+    with pytest.raises(ValueError, match="above the vocabulary"):
+        backbone.collate(whole)  # the encoder never reads them
+    learner.learn(task)
+    assert learner.model.lexical["rare"].unknown_words
+    assert learner.evaluate(task) >= 0.95
+
+    learner.save(tmp_path / "m")
+    loaded = ContinualLearner.load(tmp_path / "m", precision="fp32")
+    assert loaded.model.lexical["rare"].unknown_words and loaded.evaluate(task) >= 0.95
+    # A branch saved before reads those words as the unknown token, as it was fitted on them.
+    tensors = {k: v for k, v in learner.model.lexical["rare"].tensors().items() if k != "lexical.unknown_words"}
+    loaded.model.lexical["rare"] = lexical.LexicalBranch.from_tensors(tensors)
+    assert not loaded.model.lexical["rare"].unknown_words
+    assert loaded.evaluate(task) < 0.8
+
+
 def test_without_the_branch_every_training_text_trains_the_scales(tiny_config):
     learner = _learner(tiny_config, lexical_on=False)
     record = learner.learn(_word_task("colours", 0))
@@ -143,8 +179,6 @@ def test_cli_turns_the_branch_off_and_refuses_it_for_other_methods(tmp_path, tin
 
 
 def test_int8_weights_predict_as_the_float_weights_and_old_branches_still_load():
-    import numpy as np
-
     torch.manual_seed(0)
     weight = torch.randn(3, 50)
     quantized, scale = lexical.quantize(weight)

