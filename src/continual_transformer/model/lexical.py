@@ -17,7 +17,7 @@ label (each label's largest weight maps to 127). Against float16 weights, on the
 (the same trained heads): 39 % fewer bytes, and 3 of 2,160 test texts changed answer for the
 worse (fused ACC 78.34 against 78.48, with the finer mix grid below):
 
-    bytes per task <= COLUMNS x (4 + 2 + labels) + 8 x labels + 4   (5 labels: ~180 KB,
+    bytes per task <= COLUMNS x (4 + 2 + labels) + 8 x labels + 6   (5 labels: ~180 KB,
                                                                      20 labels: ~426 KB)
 
 16,384 columns and C up to 1000, chosen on two streams (the same trained heads, the branch
