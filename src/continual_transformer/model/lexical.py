@@ -188,6 +188,7 @@ class LexicalBranch:
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "LexicalBranch | None":
         if PREFIX + "weight" not in tensors:
             return None  # a task learned without one (or before branches existed)
+
         def flag(name: str) -> bool:
             value = tensors.get(PREFIX + name)
             return value is not None and bool(value.any())
