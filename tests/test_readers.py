@@ -394,14 +394,18 @@ def test_ctt_bench_reads_a_csv_with_its_own_columns(tiny_backbone_dir, tmp_path)
 
 def test_the_bundled_stream_learned_from_csv_and_parquet_gives_the_jsonl_report(
         exported, tiny_backbone_dir, tmp_path):
-    # --max-train keeps it quick; every test example is still evaluated after every task
+    # --max-train and --max-test keep it quick; the same subsamples from every format
     matrices = {}
     for name, path in (("jsonl", default_stream_path()), ("csv", exported["csv"]),
                        ("parquet", exported["parquet"])):
         out = tmp_path / name
-        result = _run(["run", str(path), "--max-train", "20", *_common(tiny_backbone_dir, out)])
+        result = _run(["run", str(path), "--max-train", "20", "--max-test", "40",
+                       *_common(tiny_backbone_dir, out)])
         assert result.exit_code == 0, result.output
         report = json.loads((out / "report.json").read_text())
         matrices[name] = (report["accuracy_matrix"], report["task_free_accuracy_matrix"],
                           report["metrics"])
     assert matrices["csv"] == matrices["jsonl"] == matrices["parquet"]
+    report = json.loads((tmp_path / "csv" / "report.json").read_text())
+    assert report["config"]["max_test"] == 40 and all(
+        t["test"] == 40 for t in report["config"]["stream_summary"]), report["config"]["stream_summary"]

@@ -97,6 +97,7 @@ def run(
     search_budget: Optional[float] = typer.Option(None, help="ia3 with --search: stop a task's study after this many seconds [default: 4x its first trial, which runs the defaults]."),
     pool_size: Optional[int] = typer.Option(None, min=1, help="ia3: tasks share at most P scale entries; a full pool reuses or merges (docs/pool.md) [default: one entry per task]."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
+    max_test: Optional[int] = typer.Option(None, min=1, help="At most N test examples per task (stratified): a quicker evaluation, of that subsample [default: all]."),
     seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same numbers [default: 0]."),
     backbone: Optional[str] = typer.Option(None, help="'default' (MiniLM-L6), a model folder or a hub id [default: default]."),
     max_length: Optional[int] = typer.Option(None, help="Maximum tokens per text [default: 128]."),
@@ -147,12 +148,13 @@ def run(
         stream = stream or (Path(saved["stream"]) if "stream" in saved else default_stream_path())
         method, seed = given(method, "method", "ia3"), given(seed, "seed", 0)
         backbone, max_length = given(backbone, "backbone", "default"), given(max_length, "max_length", 128)
-        max_train = given(max_train, "max_train", None)
+        max_train, max_test = given(max_train, "max_train", None), given(max_test, "max_test", None)
         data = _read_options(saved.get("data"), format=data_format, text_column=text_column,
                              label_column=label_column, task_column=task_column,
                              split_column=split_column, task_name=task_name,
                              test_fraction=test_fraction)
-        tasks = [t.subsample_train(max_train, seed) for t in load_tasks(stream, data, seed=seed)]
+        tasks = [t.subsample_train(max_train, seed).subsample_test(max_test, seed)
+                 for t in load_tasks(stream, data, seed=seed)]
         overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "head_lr": head_lr,
                                        "batch_size": batch_size, "precision": precision}.items()
                      if v is not None}
@@ -201,6 +203,7 @@ def run(
                   **({"lexical": lexical} if lexical is not None else {}),  # runs saved before it resume
                   **searched, **pooled,
                   "max_train": max_train, "train": train.to_dict() if train else None,
+                  **({"max_test": max_test} if max_test is not None else {}),  # as `lexical`
                   "backbone": backbone, "max_length": max_length, "device": device,
                   "save_every": save_every, "stream_summary": describe(tasks),
                   **({"workers": workers, "worker_threads": worker_threads or 1,

@@ -39,23 +39,18 @@ class Task:
             raise ValueError(
                 f"max_train={max_train} is below the {len(self.labels)} labels of task {self.name!r}"
             )
-        rng = random.Random(f"{seed}:{self.name}")
-        by_label: dict[str, list[Example]] = {label: [] for label in self.labels}
-        for example in self.train:
-            by_label[example.label].append(example)
-        for examples in by_label.values():
-            rng.shuffle(examples)
-        # Round-robin over labels keeps the label proportions as even as the data allows.
-        kept: list[Example] = []
-        depth = 0
-        while len(kept) < max_train:
-            for label in self.labels:
-                if depth < len(by_label[label]) and len(kept) < max_train:
-                    kept.append(by_label[label][depth])
-            depth += 1
-        order = {id(e): i for i, e in enumerate(self.train)}
-        kept.sort(key=lambda e: order[id(e)])
-        return Task(self.name, self.labels, tuple(kept), self.test)
+        kept = _stratified(self.train, self.labels, max_train, random.Random(f"{seed}:{self.name}"))
+        return Task(self.name, self.labels, kept, self.test)
+
+    def subsample_test(self, max_test: int | None, seed: int) -> "Task":
+        """At most `max_test` test examples, stratified by label, reproducible by seed (a
+        quicker evaluation; the accuracies are then those of the subsample)."""
+        if max_test is None or len(self.test) <= max_test:
+            return self
+        if max_test < 1:
+            raise ValueError(f"max_test must be >= 1, got {max_test!r}")
+        kept = _stratified(self.test, self.labels, max_test, random.Random(f"{seed}:{self.name}:test"))
+        return Task(self.name, self.labels, self.train, kept)
 
 
 def check_task_name(name: object, where: str = "") -> str:
@@ -107,3 +102,24 @@ class TaskRecord:
         data = dict(data)
         data["labels"] = tuple(data["labels"])
         return cls(**data)
+
+
+def _stratified(examples: tuple[Example, ...], labels: tuple[str, ...], n: int,
+                rng: random.Random) -> tuple[Example, ...]:
+    """n of `examples`, drawn round-robin over `labels` (shuffled within each by `rng`), so the
+    label proportions are as even as the data allows; in their original order."""
+    by_label: dict[str, list[Example]] = {label: [] for label in labels}
+    for example in examples:
+        by_label[example.label].append(example)
+    for group in by_label.values():
+        rng.shuffle(group)
+    kept: list[Example] = []
+    depth = 0
+    while len(kept) < n:
+        for label in labels:
+            if depth < len(by_label[label]) and len(kept) < n:
+                kept.append(by_label[label][depth])
+        depth += 1
+    order = {id(e): i for i, e in enumerate(examples)}
+    kept.sort(key=lambda e: order[id(e)])
+    return tuple(kept)
