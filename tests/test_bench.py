@@ -63,15 +63,21 @@ def test_bench_config_is_validated():
         BenchConfig(methods=("ia3", "ia3"))
     with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
         BenchConfig(epochs=0)
+    with pytest.raises(ValueError, match="max_test must be >= 1, got 0"):
+        BenchConfig(max_test=0)
 
 
 def test_cli_bench_runs_each_method_in_its_own_process(tiny_backbone_dir, toy_stream, tmp_path):
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, [
         "bench", str(toy_stream), "--methods", "ia3,finetune", "--epochs", "1", "--out", str(out),
-        "--backbone", str(tiny_backbone_dir), "--max-length", "32", "--device", "cpu"],
+        "--backbone", str(tiny_backbone_dir), "--max-length", "32", "--device", "cpu", "--max-test", "6"],
         catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["config"]["max_test"] == 6 and "at most 6 test examples per task" in (out / "bench.md").read_text()
+    routed = json.loads((out / "ia3" / "report.json").read_text())["routing"]["confusion"]
+    assert [sum(row) for row in routed] == [6, 6]  # of each task's 8 test texts, 6 were scored
     assert "method 1/2: ia3" in result.output and "method 2/2: finetune" in result.output
     assert "finetune: ACC" in result.output and "peak RSS" in result.output
     rows = json.loads((out / "bench.json").read_text())["methods"]

@@ -293,6 +293,7 @@ def bench(
     epochs: Optional[int] = typer.Option(None, help="Epochs per task, for every gradient method."),
     adapt_layers: Optional[str] = typer.Option(None, help="Top layers with scales, for every gradient method (a number or 'all') [default: 3]."),
     max_train: Optional[int] = typer.Option(None, help="At most N training examples per task (stratified)."),
+    max_test: Optional[int] = typer.Option(None, min=1, help="At most N test examples per task (stratified) [default: all]."),
     seed: int = typer.Option(0, help="Random seed: same seed, same numbers."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (instead of --seed): the whole bench once per seed (OUT/seed-N), then each method's mean ± standard deviation over them (OUT/bench_seeds.md)."),
     backbone: str = typer.Option("default", help="'default' (MiniLM-L6), a model folder or a hub id."),
@@ -310,7 +311,7 @@ def bench(
     options = dict(stream=stream, data_format=data_format, text_column=text_column,
                    label_column=label_column, task_column=task_column, split_column=split_column,
                    task_name=task_name, test_fraction=test_fraction, methods=methods,
-                   epochs=epochs, adapt_layers=adapt_layers, max_train=max_train,
+                   epochs=epochs, adapt_layers=adapt_layers, max_train=max_train, max_test=max_test,
                    backbone=backbone, max_length=max_length, device=device, isolate=isolate)
     if seeds is not None:
         _bench_seeds(seeds, seed, track, out, resume, options)
@@ -354,12 +355,12 @@ def bench(
 
 def _bench_config(*, seed: int, stream, data_format, text_column, label_column, task_column,
                   split_column, task_name, test_fraction, methods: str, epochs, adapt_layers,
-                  max_train, backbone, max_length, device, isolate):
+                  max_train, max_test, backbone, max_length, device, isolate):
     """`ctt bench`'s options as a `BenchConfig` (raises ValueError on a bad one)."""
     from .experiment.bench import BenchConfig
 
     return BenchConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                       stream=str(stream) if stream else None, max_train=max_train,
+                       stream=str(stream) if stream else None, max_train=max_train, max_test=max_test,
                        epochs=epochs, seed=seed, backbone=backbone, max_length=max_length,
                        device=device, isolate=isolate, adapt_layers=_adapt_layers(adapt_layers),
                        data=_read_options(None, format=data_format, text_column=text_column,

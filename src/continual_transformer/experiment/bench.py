@@ -61,6 +61,7 @@ class BenchConfig:
     stream: str | None = None  # None: the bundled default stream
     data: ReadOptions = field(default_factory=ReadOptions)  # how the stream file is read
     max_train: int | None = None
+    max_test: int | None = None  # at most N test examples per task (stratified): a quicker bench
     epochs: int | None = None
     seed: int = 0
     backbone: str = "default"
@@ -85,6 +86,8 @@ class BenchConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs!r}")
         if self.max_train is not None and self.max_train < 1:
             raise ValueError(f"max_train must be >= 1, got {self.max_train!r}")
+        if self.max_test is not None and self.max_test < 1:
+            raise ValueError(f"max_test must be >= 1, got {self.max_test!r}")
         extra = sorted(set(self.hyperparameters) - set(self.methods))
         if extra:
             raise ValueError(f"hyperparameters given for methods not benchmarked: {extra}")
@@ -119,7 +122,7 @@ def load_tasks(config: BenchConfig) -> list:
     from ..data.stream import default_stream_path
 
     stream = config.stream or default_stream_path()
-    return [t.subsample_train(config.max_train, config.seed)
+    return [t.subsample_train(config.max_train, config.seed).subsample_test(config.max_test, config.seed)
             for t in source.load_tasks(stream, config.data, seed=config.seed)]
 
 
@@ -374,6 +377,7 @@ def markdown(bench: dict) -> str:
     config = bench["config"]
     epochs = config["epochs"] or "default (3)"
     train = "all" if config["max_train"] is None else f"at most {config['max_train']}"
+    test = "" if config.get("max_test") is None else f", at most {config['max_test']} test examples"
     backbone = bench["backbone"]["name"] if bench["backbone"] else "none (tfidf only)"
     names = bench["tasks"]
     first_task = [[r["method"], *[format_figure(v, ".1f", 100) for v in r["first_task_accuracy"]]]
@@ -382,8 +386,8 @@ def markdown(bench: dict) -> str:
         f"# ctt bench: {len(bench['tasks'])} tasks ({', '.join(bench['tasks'])})",
         "",
         f"Stream {bench['stream']}; backbone {backbone}; device "
-        f"{bench['device']}; seed {config['seed']}; epochs {epochs}; {train} training examples "
-        f"per task; each method in its own process: {config['isolate']}.",
+        f"{bench['device']}; seed {config['seed']}; epochs {epochs}; {train} training examples"
+        f"{test} per task; each method in its own process: {config['isolate']}.",
         "",
         *_markdown_table(*table_rows(bench)),
         "",
