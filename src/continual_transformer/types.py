@@ -110,15 +110,15 @@ def _stratified(examples: tuple[Example, ...], labels: tuple[str, ...], n: int,
     label proportions are as even as the data allows; in their original order."""
     by_label: dict[str, list[Example]] = {label: [] for label in labels}
     for example in examples:
-        by_label[example.label].append(example)
+        by_label.setdefault(example.label, []).append(example)
     for group in by_label.values():
         rng.shuffle(group)
     kept: list[Example] = []
     depth = 0
     while len(kept) < n:
-        for label in labels:
-            if depth < len(by_label[label]) and len(kept) < n:
-                kept.append(by_label[label][depth])
+        for group in by_label.values():
+            if depth < len(group) and len(kept) < n:
+                kept.append(group[depth])
         depth += 1
     order = {id(e): i for i, e in enumerate(examples)}
     kept.sort(key=lambda e: order[id(e)])
