@@ -3,7 +3,8 @@
     python benchmarks/kill_test.py                     # 50 trials (38 took ~10 minutes on 2 cores)
     python benchmarks/kill_test.py --quick             # 7 trials (the slow test in CI)
     python benchmarks/kill_test.py --json results.json
-    python benchmarks/kill_test.py --quick --jobs 2    # two trials at a time
+    python benchmarks/kill_test.py --quick --jobs 2    # two trials at a time (CI: about 1 minute)
+    python benchmarks/kill_test.py --fresh-processes   # every child exec'd, not forked (slower)
 
 Every trial runs `ctt run` on a small stream (three tasks, a tiny random BERT, so a run takes
 seconds) in a subprocess, kills it with SIGKILL, checks what is on disk at that moment (the
@@ -30,7 +31,9 @@ Kinds of trial:
 
 The child is this file run with `child`: it wraps a few library functions to log the phase
 (and, for targeted trials, to SIGKILL itself at the chosen point) and then runs the real CLI.
-The library has no kill hooks of its own.
+The library has no kill hooks of its own. Children are forked from fork servers that imported
+PyTorch and transformers once ("launching", below): the quick mode with `--jobs 2` took 57 s
+against 109 s with `--fresh-processes` (2026-12-07, 2 cores, one thread per child).
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import io
+import itertools
 import random
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -97,7 +104,228 @@ def build_stream(path: Path, n_train: int = 32, n_test: int = 16) -> Path:
 
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            # One thread per child: trials run side by side (`--jobs`), and two children of two
+            # busy threads each on two cores spend their time waiting for each other (a run
+            # took 30 s beside another against 6 s alone). Every run of a trial, the reference
+            # included, uses the same one thread, so their sums are comparable bit for bit.
+            "OMP_NUM_THREADS": "1"}
+
+
+# -- launching: fresh processes, or forks of a process that imported the library once ----------
+# Every child is a real process, killed with SIGKILL. A fresh Python process spends about half
+# of a small run importing PyTorch and transformers (7 of 13-15 s on 2 cores), so by default
+# children are forked from a fork server that imported them once. There are two servers (two
+# processes, two hash seeds): the reference and the killed runs come from one, the runs that
+# resume them to the end from the other, so whatever two fresh processes would do differently
+# (an order of iteration, say) still shows as a mismatch. `--fresh-processes` starts every child
+# with exec instead, as a shell would.
+
+
+def command_line(command: list[str]) -> list[str]:
+    """The fresh process for `command` (what `run_command` runs in a fork)."""
+    if command[0] == "cli":
+        return [sys.executable, "-m", "continual_transformer.cli", *command[1:]]
+    return [sys.executable, __file__, *command]
+
+
+def run_command(command: list[str]) -> None:
+    """Run `command` in this process: `child ...`, `saver ...`, `versioner ...` or `cli ARGS`."""
+    kind, rest = command[0], command[1:]
+    if kind == "cli":
+        from continual_transformer import cli
+
+        cli.app(args=rest, prog_name="ctt")
+    elif kind == "child":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--log", type=Path, required=True)
+        parser.add_argument("--out", type=Path, required=True)
+        parser.add_argument("--kill")
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        options = parser.parse_args(rest)
+        child(options.log, options.out, options.kill, [a for a in options.rest if a != "--"])
+    elif kind == "saver":
+        saver(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+    elif kind == "versioner":
+        versioner(rest[0], Path(rest[1]), Path(rest[2]), rest[3] or None)
+    else:
+        raise SystemExit(f"unknown command {kind!r}")
+
+
+def read_line(connection: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = connection.recv(1)
+        if not chunk:
+            raise ConnectionError("the fork server closed the connection")
+        data += chunk
+    return data
+
+
+class Forked:
+    """A child of a `ForkServer`, driven as the trials drive a `subprocess.Popen`."""
+
+    def __init__(self, connection: socket.socket, pid: int, stderr_path: Path):
+        self.connection, self.pid, self.stderr_path = connection, pid, stderr_path
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self.connection], [], [], 0)[0]:
+            self._finish()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self.connection], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(f"forked child {self.pid}", timeout)
+            self._finish()
+        return self.returncode
+
+    def _finish(self) -> None:
+        self.returncode = int(read_line(self.connection))  # -N: ended by signal N
+        self.connection.close()
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it ended (and was reaped) a moment ago
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    @property
+    def stderr(self) -> io.BytesIO:
+        return io.BytesIO(self.stderr_path.read_bytes() if self.stderr_path.exists() else b"")
+
+    def communicate(self) -> tuple[None, bytes]:
+        self.wait()
+        return None, self.stderr.read()
+
+
+class ForkServer:
+    """A process that imports the library once, then forks one child per command it is sent
+    over a Unix socket, and answers with the child's pid and, when it ends, its exit status."""
+
+    def __init__(self, work: Path, name: str):
+        self.work, self.name = work, name
+        self.path = work / f"{name}.sock"
+        self.numbers = itertools.count()
+        self.path.unlink(missing_ok=True)  # a server of an earlier run in this folder is gone
+        with open(work / f"{name}.err", "wb") as errors:
+            self.process = subprocess.Popen([sys.executable, __file__, "fork-server", str(self.path)],
+                                            env=env(), stdout=subprocess.DEVNULL, stderr=errors)
+
+    def start(self, command: list[str]) -> Forked:
+        while not self.path.exists():
+            if self.process.poll() is not None:
+                raise SystemExit(f"fork server {self.name!r} failed:\n"
+                                 f"{(self.work / f'{self.name}.err').read_text()}")
+            time.sleep(0.02)
+        stderr_path = self.work / f"{self.name}-{next(self.numbers)}.err"
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.connect(str(self.path))
+        connection.sendall(json.dumps({"command": command, "stderr": str(stderr_path)}).encode() + b"\n")
+        return Forked(connection, int(read_line(connection)), stderr_path)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+def fork_server(path: Path) -> None:
+    """Serve `ForkServer.start` requests until the parent process is gone."""
+    # What every child imports, paid for once here; nothing runs, so no thread pool starts.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (the run's plots)
+    import transformers.models.bert.modeling_bert  # noqa: F401  (the tiny backbone's model: 3.7 s)
+    from transformers import AutoModel, AutoTokenizer, BertTokenizerFast  # noqa: F401
+
+    import continual_transformer.experiment.run  # noqa: F401
+    import continual_transformer.learner  # noqa: F401
+    from continual_transformer import cli  # noqa: F401
+    from continual_transformer.experiment.evaluate import StreamEvaluation  # noqa: F401
+
+    parent = os.getppid()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"{path}.new")
+    server.listen(64)
+    os.rename(f"{path}.new", path)  # clients connect once the path exists: it listens by then
+    waiting: dict[int, socket.socket] = {}  # pid -> the connection awaiting its exit status
+    while os.getppid() == parent:
+        if select.select([server], [], [], 0.005)[0]:
+            connection, _ = server.accept()
+            request = json.loads(read_line(connection))
+            pid = os.fork()
+            if pid == 0:
+                server.close()
+                for other in [connection, *waiting.values()]:
+                    other.close()
+                forked_child(request["command"], Path(request["stderr"]))
+            connection.sendall(f"{pid}\n".encode())
+            waiting[pid] = connection
+        while waiting:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            connection = waiting.pop(pid)
+            try:
+                connection.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+            except OSError:  # its trial is gone
+                pass
+            connection.close()
+
+
+def forked_child(command: list[str], stderr_path: Path) -> None:
+    """In a new fork: stdin and stdout on /dev/null, stderr to its file; run `command`; exit."""
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    code = 1
+    try:
+        sys.argv = [__file__, *command]
+        run_command(command)
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class Launcher:
+    """Starts the trials' commands: forked by two fork servers (`kills`: the reference, the
+    killed runs, savers, versioners; `reruns`: the runs that resume a killed one), or in fresh
+    processes."""
+
+    def __init__(self, work: Path, fork: bool):
+        self.servers = {role: ForkServer(work, role) for role in ("kills", "reruns")} if fork else {}
+
+    def start(self, command: list[str], role: str = "kills"):
+        if self.servers:
+            return self.servers[role].start(command)
+        return subprocess.Popen(command_line(command), env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+
+    def run(self, command: list[str], role: str) -> subprocess.CompletedProcess:
+        process = self.start(command, role)
+        _, err = process.communicate()
+        return subprocess.CompletedProcess(command, process.returncode, "", err.decode(errors="replace"))
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
 
 
 # -- the child: the real CLI, with phase logging and an optional self-kill ---------------------------
@@ -273,8 +501,8 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 class Bench:
-    def __init__(self, work: Path, seed: int):
-        self.work = work
+    def __init__(self, work: Path, seed: int, launcher: Launcher):
+        self.work, self.launcher = work, launcher
         self.rng = random.Random(seed)
         self.tiny = build_backbone(work / "tiny")
         self.stream = build_stream(work / "stream.jsonl")
@@ -292,14 +520,14 @@ class Bench:
                 "--max-length", "32", "--batch-size", "4", "--epochs", "2", "--device", "cpu",
                 "--save-every", "3"]
 
-    def start_child(self, out: Path, log: Path, kill: str | None = None) -> subprocess.Popen:
-        command = [sys.executable, __file__, "child", "--log", str(log), "--out", str(out)]
+    def start_child(self, out: Path, log: Path, kill: str | None = None):
+        command = ["child", "--log", str(log), "--out", str(out)]
         command += (["--kill", kill] if kill else []) + ["--"] + self.args(out)
-        return subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self.launcher.start(command)
 
     def plain_run(self, out: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "continual_transformer.cli", *self.args(out)],
-                              env=env(), capture_output=True, text=True)
+        """`ctt run` to its end (from the other fork server than the killed runs')."""
+        return self.launcher.run(["cli", *self.args(out)], "reruns")
 
     @staticmethod
     def wait_for_start(process: subprocess.Popen, log: Path, skip: int) -> None:
@@ -421,8 +649,7 @@ class Bench:
         trial = self.next_trial()
         directory = self.work / f"saver{trial}"
         log = self.work / f"saver{trial}.log"
-        process = subprocess.Popen([sys.executable, __file__, "saver", str(directory), str(self.work), str(log)],
-                                   env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = self.launcher.start(["saver", str(directory), str(self.work), str(log)])
         while not (log.exists() and "start" in log.read_text()):
             if process.poll() is not None:
                 raise SystemExit(f"saver failed:\n{process.stderr.read().decode()}")
@@ -481,8 +708,7 @@ def versions_trial(bench: "Bench", operation: str) -> dict:
     log = bench.work / f"{operation}{trial}.log"
     # a prune here deletes 1-2 manifests, then 0-2 files; past its last: the next prune's first
     kill = f"{bench.rng.randint(0, 5)}:{bench.rng.randint(1, 3)}" if operation == "prune" else None
-    process = subprocess.Popen([sys.executable, __file__, "versioner", operation, str(directory), str(log),
-                                kill or ""], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = bench.launcher.start(["versioner", operation, str(directory), str(log), kill or ""])
     while not (log.exists() and "start" in log.read_text()):
         if process.poll() is not None:
             raise SystemExit(f"versioner failed:\n{process.stderr.read().decode()}")
@@ -536,6 +762,27 @@ def describe(result: dict) -> str:
     return f"{kind:24s} {kill:22s} killed in {','.join(result['phases']):32s} {verdict}"
 
 
+def trials_run(args, phases: tuple[str, ...], work: Path, launcher: Launcher,
+               rng: random.Random) -> tuple[list[dict], Bench]:
+    bench = Bench(work, args.seed, launcher)
+    bench.reference(twice=not args.quick)
+    print(f"uninterrupted run: {bench.duration:.1f}s; phase events {dict(bench.counts)}; "
+          f"two uninterrupted runs identical: {bench.references_identical} "
+          f"(max |diff| {bench.tolerance:g})", flush=True)
+    if args.saver or args.rollback or args.prune:
+        bench.history()  # before trials run at once: savers and versioners read it
+    trials = [(bench.run_trial, (kind, kill, kills))
+              for kind, kill, kills in plan(bench, args.random, args.per_phase, phases, rng)]
+    trials += [(bench.saver_trial, ())] * args.saver
+    trials += [(versions_trial, (bench, op)) for op in ["rollback"] * args.rollback + ["prune"] * args.prune]
+    results = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each trial is its own processes
+        for result in pool.map(lambda trial: trial[0](*trial[1]), trials):
+            results.append(result)
+            print(f"{len(results):3d} {describe(result)}", flush=True)
+    return results, bench
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--random", type=int, default=12, help="random-moment trials")
@@ -548,6 +795,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="trials run at once (each in its own processes)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--fresh-processes", action="store_true",
+                        help="start every child with exec, not from a fork server (slower)")
     args = parser.parse_args(argv)
     if args.quick:
         args.random, args.per_phase, args.saver, args.rollback, args.prune = 1, 1, 1, 1, 1
@@ -559,22 +808,11 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(args.seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ctt-kill-") as tmp:
-        bench = Bench(Path(tmp), args.seed)
-        bench.reference(twice=not args.quick)
-        print(f"uninterrupted run: {bench.duration:.1f}s; phase events {dict(bench.counts)}; "
-              f"two uninterrupted runs identical: {bench.references_identical} "
-              f"(max |diff| {bench.tolerance:g})", flush=True)
-        if args.saver or args.rollback or args.prune:
-            bench.history()  # before trials run at once: savers and versioners read it
-        trials = [(bench.run_trial, (kind, kill, kills))
-                  for kind, kill, kills in plan(bench, args.random, args.per_phase, phases, rng)]
-        trials += [(bench.saver_trial, ())] * args.saver
-        trials += [(versions_trial, (bench, op)) for op in ["rollback"] * args.rollback + ["prune"] * args.prune]
-        results = []
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each trial is its own processes
-            for result in pool.map(lambda trial: trial[0](*trial[1]), trials):
-                results.append(result)
-                print(f"{len(results):3d} {describe(result)}", flush=True)
+        launcher = Launcher(Path(tmp), fork=not args.fresh_processes)
+        try:
+            results, bench = trials_run(args, phases, Path(tmp), launcher, rng)
+        finally:
+            launcher.close()
     by_phase: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for result in results:
         key = (f"{result['kind']} (killed in {result['phases'][0]})"
@@ -594,18 +832,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "child":
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--log", type=Path, required=True)
-        parser.add_argument("--out", type=Path, required=True)
-        parser.add_argument("--kill")
-        parser.add_argument("rest", nargs=argparse.REMAINDER)
-        options = parser.parse_args(sys.argv[2:])
-        child(options.log, options.out, options.kill, [a for a in options.rest if a != "--"])
-    elif len(sys.argv) > 1 and sys.argv[1] == "saver":
-        saver(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
-    elif len(sys.argv) > 1 and sys.argv[1] == "versioner":
-        versioner(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] or None)
+    if len(sys.argv) > 1 and sys.argv[1] == "fork-server":
+        fork_server(Path(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] in ("child", "saver", "versioner"):
+        run_command(sys.argv[1:])
     else:
         summary = main()
         sys.exit(0 if summary["matched"] == summary["trials"] else 1)

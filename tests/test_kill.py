@@ -1,7 +1,8 @@
 """SIGKILL `ctt run` at random and chosen moments; it must resume to the uninterrupted result.
 
 The full benchmark (50 trials, rollbacks and prunes among them) is `python benchmarks/kill_test.py`; CI runs its
-quick mode, two trials at a time (each trial has its own processes and directories).
+quick mode, two trials at a time (each trial has its own processes and directories), its
+children forked from two fork servers that imported the library once.
 """
 
 import json
