@@ -56,6 +56,18 @@ Branches fitted before read the encoder's part of a text and keep doing so (`who
 False), so their answers do not change. Character n-grams won on two streams and lost 0.68
 points on the third, so they are not in the branch.
 
+Character n-grams chosen per task (measured and left out, 2026-12-07; the same trained heads,
+`char_features` of benchmarks/lexical_features.py): each task's branch fitted three ways (words;
+words + char 3-5-grams at half weight; words + char 2-5-grams at full weight) and the one with
+the best fused validation log-likelihood kept. ACC bundled 79.04 -> 78.92, scale-five 81.13 ->
+80.87, seven tasks in other scripts 61.43 -> 63.73, sixteen in Latin and Cyrillic languages
+60.42 -> 60.74: 12 of 33 tasks gained, 9 lost. The gains were tasks whose words the vocabulary
+splits or lacks (Chinese manual sections 65.33 -> 70.00, Russian fortunes 33.0 -> 36.5, the
+Emacs tutorial's language 92.0 -> 95.5); the losses, English tasks among them, where validation
+preferred characters by a few thousandths of log-likelihood (Austen -0.63, English manual
+sections -1.72, Czech fortunes -3.57). Three fits a task for a choice that lowers both English
+streams: the branch reads words.
+
 Words the vocabulary lacks: the encoder reads such a word (a Chinese character MiniLM's
 vocabulary lacks, a run of Japanese kana) as the one unknown token, and a bag of the encoder's
 ids cannot tell those words apart: half the tokens of a Chinese manual-page task were unknown.
