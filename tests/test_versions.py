@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,7 @@ def test_cli_versions_rollback_prune(model):
 # -- SIGKILL at every step of a rollback and a prune ---------------------------------------------
 CHILD = r"""
 import os, signal, sys, tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from continual_transformer.io import store, versions
 
@@ -276,9 +278,10 @@ def test_a_kill_at_any_step_of_a_rollback_or_prune_leaves_every_version_loadable
     assert steps == (2 if operation == "rollback" else 2 + len((files[1] | files[2]) - files[3]))
     modes = ("torn", "after") if operation == "rollback" else ("after",)
     trials = [(at, mode) for at in range(1, steps + 1) for mode in modes]
-    for at, mode in trials:
-        directory = shutil.copytree(source, tmp_path / f"killed-{at}-{mode}")
-        killed = _child(operation, directory, argument, at, mode)
+    directories = [shutil.copytree(source, tmp_path / f"killed-{at}-{mode}") for at, mode in trials]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two children at a time, each its own copy
+        children = list(pool.map(lambda t: _child(operation, t[1], argument, *t[0]), zip(trials, directories)))
+    for (at, mode), directory, killed in zip(trials, directories, children):
         assert killed.returncode == -9, (at, mode, killed.stderr)
         expected = {**logits, 4: logits[1]}
         current = current_version(directory)
