@@ -214,7 +214,8 @@ class ForkServer:
         self.numbers = itertools.count()
         self.path.unlink(missing_ok=True)  # a server of an earlier run in this folder is gone
         with open(work / f"{name}.err", "wb") as errors:
-            self.process = subprocess.Popen([sys.executable, __file__, "fork-server", str(self.path)],
+            self.process = subprocess.Popen([sys.executable, __file__, "fork-server", str(self.path),
+                                             str(os.getpid())],
                                             env=env(), stdout=subprocess.DEVNULL, stderr=errors)
 
     def start(self, command: list[str]) -> Forked:
@@ -234,8 +235,8 @@ class ForkServer:
         self.process.wait()
 
 
-def fork_server(path: Path) -> None:
-    """Serve `ForkServer.start` requests until the parent process is gone."""
+def fork_server(path: Path, parent: int) -> None:
+    """Serve `ForkServer.start` requests until the `parent` process is gone."""
     # What every child imports, paid for once here; nothing runs, so no thread pool starts.
     import matplotlib
 
@@ -249,14 +250,13 @@ def fork_server(path: Path) -> None:
     from continual_transformer import cli  # noqa: F401
     from continual_transformer.experiment.evaluate import StreamEvaluation  # noqa: F401
 
-    parent = os.getppid()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(f"{path}.new")
     server.listen(64)
     os.rename(f"{path}.new", path)  # clients connect once the path exists: it listens by then
     waiting: dict[int, socket.socket] = {}  # pid -> the connection awaiting its exit status
     while os.getppid() == parent:
-        if select.select([server], [], [], 0.005)[0]:
+        if select.select([server], [], [], 0.02)[0]:
             connection, _ = server.accept()
             request = json.loads(read_line(connection))
             pid = os.fork()
@@ -833,7 +833,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "fork-server":
-        fork_server(Path(sys.argv[2]))
+        fork_server(Path(sys.argv[2]), int(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] in ("child", "saver", "versioner"):
         run_command(sys.argv[1:])
     else:
