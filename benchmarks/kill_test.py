@@ -1,6 +1,6 @@
 """Kill `ctt run` with SIGKILL at random and at chosen moments; check that it always resumes.
 
-    python benchmarks/kill_test.py                     # 50 trials (38 took ~10 minutes on 2 cores)
+    python benchmarks/kill_test.py --jobs 2            # 50 trials (304 s on 2 cores, 2026-12-07)
     python benchmarks/kill_test.py --quick             # 7 trials (the slow test in CI)
     python benchmarks/kill_test.py --json results.json
     python benchmarks/kill_test.py --quick --jobs 2    # two trials at a time (CI: about 1 minute)
