@@ -218,7 +218,6 @@ def test_cli_versions_rollback_prune(model):
 # -- SIGKILL at every step of a rollback and a prune ---------------------------------------------
 CHILD = r"""
 import os, signal, sys, tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from continual_transformer.io import store, versions
 
