@@ -63,23 +63,29 @@ def test_task_order_does_not_change_the_model(solver):
         assert other.predict(X) == reference.predict(X)
 
 
-def test_gcv_picks_the_same_penalty_as_explicit_hat_matrix():
-    X, y = _data(n=120, d=6)
-    clf = AnalyticClassifier(in_dim=6, n_features=20, solver="ridge", seed=3).partial_fit(X, y)
+@pytest.mark.parametrize("solver", ["ridge", "lda"])  # lda: tridiagonal path, no eigenvectors
+@pytest.mark.parametrize("n, features", [(120, 20), (30, 64)])  # fewer examples than features
+def test_gcv_picks_the_same_penalty_as_explicit_hat_matrix(solver, n, features):
+    X, y = _data(n=n, d=6)
+    clf = AnalyticClassifier(in_dim=6, n_features=features, solver=solver, seed=3).partial_fit(X, y)
     clf.solution()
     phi = clf.features(X).numpy()
     Y = np.array([[1.0 if c == k else 0.0 for k in clf.classes_] for c in y])
     Xc, Yc = phi - phi.mean(0), Y - Y.mean(0)
     G = Xc.T @ Xc
     scale = np.linalg.eigvalsh(G).clip(min=0).mean()
-    n = len(y)
     scores = []
     for alpha in GCV_GRID:
         H = Xc @ np.linalg.solve(G + alpha * scale * np.eye(len(G)), Xc.T)
         rss = ((Yc - H @ Yc) ** 2).sum()
         dof = np.trace(H) + 1
-        scores.append((rss / n) / (1 - dof / n) ** 2)
+        scores.append((rss / n) / (1 - dof / n) ** 2 if dof < n else np.inf)
     assert clf.alpha_ == GCV_GRID[int(np.argmin(scores))]
+    ridge = AnalyticClassifier(in_dim=6, n_features=features, solver="ridge", seed=3).partial_fit(X, y)
+    lda = AnalyticClassifier(in_dim=6, n_features=features, solver="lda", seed=3).partial_fit(X, y)
+    gram = lda.gram_
+    # the penalty alone (LDA's) against the eigen-decomposition's criterion (ridge's)
+    assert lda._gcv_penalty(gram) == ridge._gcv()[0] == clf.alpha_
 
 
 def test_state_size_grows_with_classes_not_examples():

@@ -171,33 +171,91 @@ class AnalyticClassifier:
                 self._solution = self._ridge() if self.solver == "ridge" else self._lda()
             return self._solution
 
-    def _gcv(self):
-        """Eigen-decomposition of the centred statistics and the GCV-best relative penalty."""
+    def _centred(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(centred Gram (D, D), made in place in `gram`; centred X^T Y (D, K); the mean (D,);
+        the trace of the centred Y^T Y for one-hot targets)."""
         n_k, n = self.counts_, self.counts_.sum()
         mean = self.sums_.sum(0) / n  # (D,)
         # (D, D) temporaries are 32 MB each at D = 2048: made in place, freed as soon as used.
-        gram_c = self.gram_.sub_(torch.outer(mean, mean).mul_(n))  # centred Gram
-        cross_c = self.sums_.T - torch.outer(mean, n_k)  # (D, K) centred X^T Y
+        gram_c = gram.sub_(torch.outer(mean, mean).mul_(n))
+        cross_c = self.sums_.T - torch.outer(mean, n_k)  # (D, K)
+        return gram_c, cross_c, mean, float((n_k - n_k**2 / n).sum())
+
+    def _best_penalty(self, criterion) -> float:
+        """The relative penalty of `GCV_GRID` with the least GCV; `criterion(alpha)` gives the
+        residual sum of squares and the degrees of freedom (without the intercept) there."""
+        n = float(self.counts_.sum())
+        best = None
+        for alpha in GCV_GRID:
+            rss, dof = criterion(alpha)
+            dof += 1.0  # the intercept
+            if dof >= n:
+                continue
+            gcv = (max(rss, 0.0) / n) / (1.0 - dof / n) ** 2
+            if best is None or gcv < best[0]:
+                best = (gcv, alpha)
+        if best is None:
+            raise ValueError(f"too few examples ({int(n)}) for {self.dim} features")
+        return best[1]
+
+    def _gcv(self):
+        """Eigen-decomposition of the centred statistics and the GCV-best relative penalty
+        (the ridge solver, which needs the eigenvectors for its coefficients)."""
+        gram_c, cross_c, mean, y_ss = self._centred(self.gram_)
         eigvals, eigvecs = torch.linalg.eigh(gram_c)
         del gram_c
         eigvals = eigvals.clamp_min(0.0)
         projected = eigvecs.T @ cross_c  # (D, K)
         energy = (projected**2).sum(1)  # (D,)
-        y_ss = float((n_k - n_k**2 / n).sum())  # trace of centred Y^T Y for one-hot targets
         scale = float(eigvals.mean())
-        best = None
-        for alpha in GCV_GRID:
+
+        def criterion(alpha):
             shrink = 1.0 / (eigvals + alpha * scale)
-            rss = y_ss - float((energy * (2 * shrink - eigvals * shrink**2)).sum())
-            dof = float((eigvals * shrink).sum()) + 1.0
-            if dof >= n:
-                continue
-            gcv = (max(rss, 0.0) / float(n)) / (1.0 - dof / float(n)) ** 2
-            if best is None or gcv < best[0]:
-                best = (gcv, alpha)
-        if best is None:
-            raise ValueError(f"too few examples ({int(n)}) for {gram_c.shape[0]} features")
-        return best[1], mean, eigvals, eigvecs, projected, scale
+            return (y_ss - float((energy * (2 * shrink - eigvals * shrink**2)).sum()),
+                    float((eigvals * shrink).sum()))
+
+        return self._best_penalty(criterion), mean, eigvals, eigvecs, projected, scale
+
+    def _gcv_penalty(self, gram: torch.Tensor) -> float:
+        """The GCV-best relative penalty alone (what LDA needs), without eigenvectors: the
+        centred Gram is reduced to a tridiagonal T = Q^T G Q (LAPACK's dsytrd), and for each
+        penalty t the ridge's residual and degrees of freedom come from the tridiagonal system
+        (T + t) X = Q^T X^T Y and T's eigenvalues, O(D K) each. The same numbers as the eigen-
+        decomposition's (to ~1e-14 relative on the bundled stream's router), 2.2-2.8x faster at
+        D = 2048 (1.1-1.5 s -> 0.44-0.55 s here), and a router refits after every task.
+        `gram` (a fresh unpacked Gram) is overwritten."""
+        from scipy.linalg import eigvalsh_tridiagonal, solve_banded
+        from scipy.linalg.lapack import dormqr, dsytrd, dsytrd_lwork
+
+        gram_c, cross_c, _, y_ss = self._centred(gram)
+        D = gram_c.shape[0]
+        # symmetric: the C-ordered matrix's transpose is the same matrix, in Fortran order
+        lwork, info = dsytrd_lwork(D, lower=1)
+        reflectors, diag, off, tau, info = dsytrd(gram_c.numpy().T, lower=1, lwork=int(lwork),
+                                                  overwrite_a=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"tridiagonal reduction failed (LAPACK dsytrd info {info})")
+        rhs = cross_c.numpy().copy(order="F")  # (D, K) -> Q^T X^T Y
+        if D > 1:  # Q = H(1)...H(D-1): a QR factor of the reflectors below the diagonal
+            sub, taus, tail = reflectors[1:, :D - 1], tau[:D - 1], rhs[1:]
+            _, work, _ = dormqr("L", "T", sub, taus, tail, -1)  # the workspace query
+            rhs[1:], _, info = dormqr("L", "T", sub, taus, tail, max(int(work[0]), tail.shape[1]))
+            if info != 0:
+                raise np.linalg.LinAlgError(f"applying Q failed (LAPACK dormqr info {info})")
+        eigvals = np.clip(eigvalsh_tridiagonal(diag, off, check_finite=False), 0.0, None)
+        scale = float(eigvals.mean())
+        banded = np.zeros((3, D))
+        banded[0, 1:], banded[2, :-1] = off, off
+
+        def criterion(alpha):
+            t = alpha * scale
+            banded[1] = diag + t
+            x = solve_banded((1, 1), banded, rhs, check_finite=False)  # (T + t)^-1 Q^T X^T Y
+            # sum over eigenpairs of energy x (2 s - l s^2), s = 1 / (l + t): = x.rhs + t |x|^2
+            return (y_ss - float((rhs * x).sum()) - t * float((x * x).sum()),
+                    float((eigvals / (eigvals + t)).sum()))
+
+        return self._best_penalty(criterion)
 
     def _ridge(self) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, mean, eigvals, eigvecs, projected, scale = self._gcv()
@@ -209,8 +267,9 @@ class AnalyticClassifier:
     def _lda(self) -> tuple[torch.Tensor, torch.Tensor]:
         n_k, n = self.counts_, self.counts_.sum()
         means = self.sums_ / n_k[:, None]  # (K, D)
-        self.alpha_ = self.shrinkage if self.shrinkage is not None else self._gcv()[0]
-        within = self.gram_.sub_(means.T @ (means * n_k[:, None]))
+        within = self.gram_
+        self.alpha_ = self.shrinkage if self.shrinkage is not None else self._gcv_penalty(within.clone())
+        within.sub_(means.T @ (means * n_k[:, None]))
         within.div_(max(float(n) - len(n_k), 1.0))
         D = within.shape[0]
         ridge = self.alpha_ * float(torch.trace(within)) / D
