@@ -39,10 +39,10 @@ against 109 s with `--fresh-processes` (2026-12-07, 2 cores, one thread per chil
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import io
 import itertools
+import json
+import os
 import random
 import select
 import shutil
