@@ -23,6 +23,18 @@ with those from the test texts themselves; router probability^0.5 x certainty 77
 router probability x top probability x number of labels 77.08. What is left is 51 texts whose
 own task was the router's second choice (its probability there: median 0.23), 45 of them Brown
 genres against State of the Union eras or Austen, and the reverse: sources whose texts overlap.
+
+Also measured and left out (2026-12-07, the same model and texts; k = 2, every head's raw
+evidence on every text): a signal of the candidate head's own added to log(router probability x
+certainty) with a weight w, each signal z-scored by its mean and spread on its task's own
+validation texts. The head's energy (logsumexp of its neural logits, as in energy-based
+out-of-distribution detection): 76.59-77.63 for w from 0.05 to 2 (the best at 0.3); the distance
+of the candidate's pooled top features to its nearest class mean (diagonal variance from its fit
+texts; about 11 KB a task): 75.80-77.47 over the same weights; the share of the text's n-gram
+weight that falls on the lexical branch's kept columns: 75.40-77.49. None reaches the 78.04 that
+the 1-point target needs. Nor could w be chosen on the validation texts: the branches are
+refitted on them, so every head is right on 98.3 % of them and routing's errors there are not
+test's.
 """
 
 from __future__ import annotations
