@@ -217,3 +217,22 @@ def test_columns_that_tell_labels_apart_weigh_more():
     ratio = dict(zip(columns.tolist(), (weights / [idf[c] for c in columns.tolist()]).tolist()))
     cue, shared = lexical.row_features([7], frozenset())[0][0], lexical.row_features([9], frozenset())[0][0]
     assert ratio[cue] > 1.2 and ratio[shared] < 0.5 * ratio[cue]
+
+
+def test_n_grams_of_a_single_text_are_not_kept():
+    # Token 7 (and its bigram) occurs in one text, token 8 in two: both are label 0's alone,
+    # but an n-gram of one text is as likely noise as a cue, so only 8's columns are kept.
+    ids = [[7, 9], [8, 9], [8, 9], [10, 9], [10, 9], [10, 9]]
+    y = np.array([0, 0, 0, 1, 1, 1])
+    columns, _ = lexical._select(lexical._Rows(ids, frozenset()), y, 2)
+    kept = set(columns.tolist())
+
+    def grams(row):
+        return set(lexical.row_features(row, frozenset())[0].tolist())
+
+    assert grams([8, 9]) | grams([10, 9]) <= kept
+    assert not (grams([7, 9]) - grams([9])) & kept  # neither 7 nor its bigram with 9
+    # When no n-gram repeats, every column is kept rather than none.
+    lone = [[1], [2], [3], [4]]
+    columns, _ = lexical._select(lexical._Rows(lone, frozenset()), np.array([0, 0, 1, 1]), 2)
+    assert len(columns) == 4
