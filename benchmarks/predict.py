@@ -25,8 +25,10 @@ shared machine falls on all of them alike, and the ratios are taken within the r
   equal bit for bit.
 - **server**: `ctt serve` on 127.0.0.1 (default precision and batching), 1 and 32 client threads,
   each request `--texts-per-request` (8) texts with their tasks; also 32 clients with 1 and with
-  32 texts per request: requests/s, texts/s, failed requests. The texts are the same shuffled
-  mix of tasks and lengths.
+  32 texts per request: requests/s, texts/s, failed requests, each load `--repeats` times (loads
+  taking turns, medians). The texts are the same shuffled mix of tasks and lengths. Also the
+  share of the time the server's inference thread computed passes, and the clients' own CPU
+  time (they share the server's cores) as a share of one core.
 - **bulk**: `ctt predict MODEL --input rows.jsonl --output out.jsonl --task-column task` on 1,000
   and 10,000 rows (the texts repeated), each in its own process: rows/s as `ctt` reports it (model
   loading excluded), wall seconds and the process's peak resident memory.
@@ -116,7 +118,7 @@ def main() -> None:
     del learner
     with tempfile.TemporaryDirectory(prefix="ctt-predict-bench-") as scratch:
         if "server" not in skip:
-            results["server"] = server(args.model, mixed, args.texts_per_request, Path(scratch))
+            results["server"] = server(args.model, mixed, args.texts_per_request, Path(scratch), args.repeats)
         if "bulk" not in skip:
             results["bulk"] = bulk(args.model, mixed, [int(n) for n in args.bulk_rows.split(",")], Path(scratch))
     summary(results)
@@ -283,14 +285,22 @@ def accuracy(learner, tasks, model: Path, default: str) -> dict:
 
 
 # -- the server -----------------------------------------------------------------------------------
-def server(model: Path, rows, per_request: int, scratch: Path) -> dict:
+def server(model: Path, rows, per_request: int, scratch: Path, repeats: int) -> dict:
+    """Each load `repeats` times, the loads taking turns; medians (every round's figures kept)."""
     served = start_server(model, 32, {}, scratch / "serve.log")
+    loads = ((1, per_request), (32, per_request), (32, 1), (32, 4 * per_request))
     try:
+        rounds: dict[str, list[dict]] = {f"{c} clients x {s} texts": [] for c, s in loads}
+        for repeat in range(repeats):
+            for clients, size in loads:
+                key = f"{clients} clients x {size} texts"
+                rounds[key].append(_load(served, rows, clients, size))
+                print(f"  [{repeat + 1}/{repeats}] server {key}: {rounds[key][-1]}", flush=True)
         out = {}
-        for clients, size in ((1, per_request), (32, per_request), (32, 1), (32, 4 * per_request)):
-            out[f"{clients} clients x {size} texts"] = _load(served, rows, clients, size)
-            print(f"  server {clients} clients, {size} texts/request: {out[f'{clients} clients x {size} texts']}",
-                  flush=True)
+        for key, runs in rounds.items():
+            middle = sorted(runs, key=lambda r: r["texts_per_second"])[len(runs) // 2]
+            out[key] = {**middle, "failed": sum(r["failed"] for r in runs),
+                        "rounds_texts_per_second": [r["texts_per_second"] for r in runs]}
         out["readyz"] = httpx.get(f"{served.url}/readyz").json()
         return out
     finally:
@@ -329,15 +339,31 @@ def _load(served, rows, clients: int, per_request: int) -> dict:
                       json={"items": [{"text": t, "task": n} for n, t in rows[:64]]})
     warm.raise_for_status()
     threads = [threading.Thread(target=client, args=(served.keys[i],)) for i in range(clients)]
-    start = time.perf_counter()
+    busy_before = _inference_seconds(served)
+    cpu_start, start = time.process_time(), time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - start
+    client_cpu = time.process_time() - cpu_start
+    busy = _inference_seconds(served) - busy_before
     return {"requests": len(requests), "texts": done[0], "failed": len(failures),
+            # the clients run on the server's two cores too: their CPU time, as a share of one core;
+            # and the share of the time the server's inference thread was computing a pass
+            "client_cpu_share_of_one_core": round(client_cpu / seconds, 3),
+            "inference_busy_share": round(busy / seconds, 3),
             "requests_per_second": round(len(requests) / seconds, 1),
             "texts_per_second": round(done[0] / seconds, 1), "first_failures": failures[:3]}
+
+
+def _inference_seconds(served) -> float:
+    """The server's summed forward-pass time so far (`ctt_inference_batch_seconds`)."""
+    text = httpx.get(f"{served.url}/metrics", headers={"Authorization": f"Bearer {served.admin_key}"}).text
+    found = re.search(r"^ctt_inference_batch_seconds_sum ([0-9.e+-]+)$", text, re.MULTILINE)
+    if found is None:
+        raise SystemExit("the server's /metrics has no ctt_inference_batch_seconds_sum")
+    return float(found.group(1))
 
 
 # -- bulk scoring ---------------------------------------------------------------------------------
@@ -409,7 +435,10 @@ def summary(results: dict) -> None:
                     f" ({value['texts_per_second'] / speed['texts_per_second'][speed['limit']]:.2f}x "
                     f"{speed['limit']})")
                 print(f"server {name:<22} {value['texts_per_second']:>7.1f} texts/s{ratio}, "
-                      f"{value['requests_per_second']:.1f} requests/s, {value['failed']} failed")
+                      f"{value['requests_per_second']:.1f} requests/s, {value['failed']} failed; "
+                      f"rounds {value['rounds_texts_per_second']}, inference thread busy "
+                      f"{value['inference_busy_share']:.0%}, clients' CPU "
+                      f"{value['client_cpu_share_of_one_core']:.0%} of a core")
     if "bulk" in results:
         for name, value in results["bulk"].items():
             if isinstance(value, dict):
