@@ -11,9 +11,10 @@ server, bulk scoring and evaluation predict from ids) of the whole text, not onl
 `max_length` tokens the encoder reads, unigrams and bigrams, hashed into 2^18 columns, weighted
 by sublinear tf x idf. Of the columns seen in at least `MIN_DF` (2) of the task's training
 texts, the `COLUMNS` with the highest chi-squared score on them are kept (sorted, int32), with
-their weight (float16: idf x the square root of the column's naive Bayes ratio, below), and a multinomial logistic regression over them
-(rows kept sparse, so memory follows the texts' words, not the columns). Its weights are stored in int8 with one float32 scale per
-label (each label's largest weight maps to 127). Against float16 weights, on the bundled stream
+their weight (float16: idf x the square root of the column's naive Bayes ratio, below), and a
+multinomial logistic regression over them (rows kept sparse, so memory follows the texts'
+words, not the columns). Its weights are stored in int8 with one float32 scale per label (each
+label's largest weight maps to 127). Against float16 weights, on the bundled stream
 (the same trained heads): 39 % fewer bytes, and 3 of 2,160 test texts changed answer for the
 worse (fused ACC 78.34 against 78.48, with the finer mix grid below):
 
