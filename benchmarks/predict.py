@@ -13,7 +13,9 @@ shared machine falls on all of them alike, and the ratios are taken within the r
 - **bare forward**: the backbone's encoder alone on the texts, tokenised beforehand, sorted by
   length, in padded batches of 64 rows, in inference mode: float32; bfloat16 with the weights
   cast to bfloat16 (`bf16`, the fastest this hardware does); bfloat16 autocast over the float32
-  weights (`bf16-autocast`).
+  weights (`bf16-autocast`); and the bfloat16 encoder with attention as plain matrix products
+  (`bf16-eager`), as `predict` runs it in bfloat16 (faster on a CPU than the fused kernel the
+  encoder loads with): a second reference, not the limit.
 - **predict** at the default precision (`auto`) and in fp32: `given` (one call per task, the task
   named), `mixed` (one call, the tasks named per row, rows shuffled so batches mix tasks),
   `routed` (one call, no task named). Tokenising, batching, the router, the heads and the
@@ -145,6 +147,8 @@ def speed(learner, tasks, rows, repeats: int, default: str) -> dict:
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk])
         batches.append({"input_ids": input_ids, "attention_mask": mask})
     encoder_bf16 = copy.deepcopy(backbone.encoder).to(torch.bfloat16)
+    encoder_bf16_eager = copy.deepcopy(encoder_bf16)  # attention as plain matrix products
+    encoder_bf16_eager.config._attn_implementation = "eager"
 
     def bare(encoder, autocast: bool):
         def run():
@@ -167,6 +171,7 @@ def speed(learner, tasks, rows, repeats: int, default: str) -> dict:
         "bare fp32": bare(backbone.encoder, False),
         "bare bf16": bare(encoder_bf16, False),
         "bare bf16-autocast": bare(backbone.encoder, True),
+        "bare bf16-eager": bare(encoder_bf16_eager, False),
         f"predict given {default}": given(default),
         f"predict mixed {default}": lambda: learner.predict(mixed_texts, task=mixed_tasks, precision=default),
         f"predict routed {default}": lambda: learner.predict(texts, precision=default),
@@ -182,7 +187,7 @@ def speed(learner, tasks, rows, repeats: int, default: str) -> dict:
             run()
             times[name].append(time.perf_counter() - start)
             print(f"  [{repeat + 1}/{repeats}] {name}: {len(texts) / times[name][-1]:.1f} texts/s", flush=True)
-    del encoder_bf16
+    del encoder_bf16, encoder_bf16_eager
     rates = {name: round(len(texts) / statistics.median(seconds), 1) for name, seconds in times.items()}
     limit = rates["bare bf16"] if default == "bf16" else rates["bare fp32"]
     return {"texts_per_second": rates,
@@ -190,6 +195,9 @@ def speed(learner, tasks, rows, repeats: int, default: str) -> dict:
             "limit": "bare bf16" if default == "bf16" else "bare fp32",
             "ratio_to_limit": {name: round(rate / limit, 3) for name, rate in rates.items()
                                if name.startswith("predict") and name.endswith(default)},
+            "ratio_to_bare_bf16_eager": {
+                name: round(rate / rates["bare bf16-eager"], 3) for name, rate in rates.items()
+                if name.startswith("predict") and name.endswith(default)},
             "ratio_to_bare_bf16_autocast": {
                 name: round(rate / rates["bare bf16-autocast"], 3) for name, rate in rates.items()
                 if name.startswith("predict") and name.endswith(default)}}
@@ -415,6 +423,9 @@ def summary(results: dict) -> None:
         for name, rate in speed["texts_per_second"].items():
             ratio = speed["ratio_to_limit"].get(name)
             extra = f"  ({ratio:.2f}x {speed['limit']})" if ratio is not None else ""
+            eager = speed.get("ratio_to_bare_bf16_eager", {}).get(name)
+            if eager is not None and speed["limit"] == "bare bf16":
+                extra += f", {eager:.2f}x bare bf16-eager"
             print(f"{name:<28} {rate:>8.1f} texts/s{extra}")
     if "threads_compared" in results:
         print(f"predict mixed by threads: {results['threads_compared']['predict_mixed_texts_per_second']}")
@@ -431,9 +442,12 @@ def summary(results: dict) -> None:
         speed = results.get("speed")
         for name, value in results["server"].items():
             if name != "readyz":
+                rates = {} if speed is None else speed["texts_per_second"]
                 ratio = "" if speed is None else (
-                    f" ({value['texts_per_second'] / speed['texts_per_second'][speed['limit']]:.2f}x "
-                    f"{speed['limit']})")
+                    f" ({value['texts_per_second'] / rates[speed['limit']]:.2f}x {speed['limit']}")
+                if speed is not None and speed["limit"] == "bare bf16":
+                    ratio += f", {value['texts_per_second'] / rates['bare bf16-eager']:.2f}x bare bf16-eager"
+                ratio += ")" if speed is not None else ""
                 print(f"server {name:<22} {value['texts_per_second']:>7.1f} texts/s{ratio}, "
                       f"{value['requests_per_second']:.1f} requests/s, {value['failed']} failed; "
                       f"rounds {value['rounds_texts_per_second']}, inference thread busy "

@@ -55,6 +55,27 @@ def test_bf16_prediction_computes_what_the_encoder_cast_to_bf16_computes(learned
         assert parameter.dtype == torch.float32 and torch.equal(parameter, weights[name]), name
 
 
+def test_bf16_prediction_runs_attention_as_matrix_products_and_fp32_keeps_the_encoders(learned, tasks):
+    import copy
+
+    backbone = learned.backbone
+    loaded = backbone.encoder.config._attn_implementation
+    batch = backbone.collate(backbone.tokenize(_texts(tasks)[:12]))
+    eager = copy.deepcopy(backbone.encoder).to(torch.bfloat16)
+    eager.config._attn_implementation = "eager"
+    fused = copy.deepcopy(backbone.encoder).to(torch.bfloat16)
+    with torch.inference_mode():
+        expected = eager(**batch).last_hidden_state
+        with learned.model.inference("bf16"):
+            ours = backbone.encoder(**batch).last_hidden_state
+        with learned.model.inference("fp32"):
+            assert backbone.encoder.config._attn_implementation == loaded
+    assert torch.equal(ours, expected)
+    if loaded != "eager":  # the encoder's own kernel rounds differently in bfloat16
+        assert not torch.equal(ours, fused(**batch).last_hidden_state)
+    assert backbone.encoder.config._attn_implementation == loaded
+
+
 def test_each_precision_is_exact_and_close_to_the_other(learned, tasks, tmp_path):
     texts = _texts(tasks[:1])
     fp32 = torch.stack(learned.logits(texts, "kinds", precision="fp32"))

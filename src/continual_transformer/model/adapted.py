@@ -87,7 +87,12 @@ class AdaptedModel:
         copies of its weights, as the encoder cast to bfloat16 would (the bare forward this
         hardware runs fastest), the scales multiplying in bfloat16 too; callers pool and run
         the heads in float32. Measured against autocast over the float32 weights: 4-10 %
-        faster, the same accuracy on the bundled tasks (benchmarks/predict.py)."""
+        faster, the same accuracy on the bundled tasks (benchmarks/predict.py).
+
+        Attention runs as plain matrix products ("eager") in bf16: on this kind of CPU the
+        fused attention kernel ran the short rows of prediction batches 1.5-3x slower in
+        bfloat16 (32 rows x 64 tokens: 5.5 against 1.8 ms; 20 % of a pass's time against
+        about 10 %). fp32 keeps the encoder's own attention, and so its answers."""
         if precision == "fp32":
             with torch.inference_mode():
                 yield
@@ -97,7 +102,7 @@ class AdaptedModel:
         in_activation_dtype = self.adapter.in_activation_dtype
         self.adapter.in_activation_dtype = True
         try:
-            with torch.inference_mode(), self.backbone.bf16_weights():
+            with torch.inference_mode(), self.backbone.bf16_weights(), self.backbone.attention("eager"):
                 yield
         finally:
             self.adapter.in_activation_dtype = in_activation_dtype
