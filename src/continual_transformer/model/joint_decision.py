@@ -60,8 +60,7 @@ def take_rows(call: LayerCall, index: torch.Tensor, batch_rows: int) -> LayerCal
             return tuple(take(v) for v in value)
         return value
 
-    return LayerCall(tuple(take(a) for a in call.args), {k: take(v) for k, v in call.kwargs.items()},
-                     take(call.attention_mask))
+    return LayerCall(tuple(take(a) for a in call.args), {k: take(v) for k, v in call.kwargs.items()})
 
 
 def certainty(logits: torch.Tensor) -> float:

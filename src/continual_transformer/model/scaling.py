@@ -47,8 +47,6 @@ class _Selection:
 
     keys: list[str] | None = None  # distinct entries in the batch
     rows: torch.Tensor | None = None  # (B,) index into `keys`; None when all rows share keys[0]
-    # Rows packed into tokens (model/packing.py): `rows` then holds one index per token, (N,).
-    per_token: bool = False
     # Multiply in the activations' dtype (bfloat16 under autocast) instead of promoting them
     # to the scales' float32: half the memory and no casts back and forth.
     in_activation_dtype: bool = False
@@ -72,11 +70,9 @@ class ScaledLinear(nn.Module):
         if rows is None:
             return self.scales[keys[0]]  # (D,)
         stacked = torch.stack([self.scales[k] for k in keys])  # (K, D)
-        if self._selection.per_token:
-            return stacked.index_select(0, rows)  # (N, D), for packed tokens x: (1, N, D)
         return stacked[rows].unsqueeze(1)  # (B, 1, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D_in), or packed (1, N, D_in)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D_in)
         scale = self._row_scales()
         if scale is None:
             return self.base(x)
@@ -220,18 +216,10 @@ class IA3(nn.Module):
             self._require(key)
         self._selection.keys = distinct
         self._selection.rows = None
-        self._selection.per_token = False
         if len(distinct) > 1:
             index = {key: i for i, key in enumerate(distinct)}
             device = self._device()
             self._selection.rows = torch.tensor([index[k] for k in row_keys], device=device)
-
-    def spread_over_tokens(self, token_rows: torch.Tensor) -> None:
-        """The routed rows' tokens are packed into one row (model/packing.py): token n, of
-        row `token_rows[n]`, is scaled by that row's entry. Until `clear()`."""
-        if self._selection.rows is not None:
-            self._selection.rows = self._selection.rows[token_rows.to(self._selection.rows.device)]
-            self._selection.per_token = True
 
     def _device(self) -> torch.device:
         layer = next(iter(self.layers.values()), None)
@@ -240,7 +228,6 @@ class IA3(nn.Module):
     def clear(self) -> None:
         self._selection.keys = None
         self._selection.rows = None
-        self._selection.per_token = False
 
     @contextmanager
     def select(self, row_keys: list[str]):
