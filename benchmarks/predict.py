@@ -189,18 +189,18 @@ def speed(learner, tasks, rows, repeats: int, default: str) -> dict:
             print(f"  [{repeat + 1}/{repeats}] {name}: {len(texts) / times[name][-1]:.1f} texts/s", flush=True)
     del encoder_bf16, encoder_bf16_eager
     rates = {name: round(len(texts) / statistics.median(seconds), 1) for name, seconds in times.items()}
-    limit = rates["bare bf16"] if default == "bf16" else rates["bare fp32"]
+    limit = "bare bf16" if default == "bf16" else "bare fp32"
+
+    def ratios(reference: str) -> dict:  # predict at the default precision against `reference`
+        return {name: round(rate / rates[reference], 3) for name, rate in rates.items()
+                if name.startswith("predict") and name.endswith(default)}
+
     return {"texts_per_second": rates,
             "runs_texts_per_second": {n: [round(len(texts) / s, 1) for s in v] for n, v in times.items()},
-            "limit": "bare bf16" if default == "bf16" else "bare fp32",
-            "ratio_to_limit": {name: round(rate / limit, 3) for name, rate in rates.items()
-                               if name.startswith("predict") and name.endswith(default)},
-            "ratio_to_bare_bf16_eager": {
-                name: round(rate / rates["bare bf16-eager"], 3) for name, rate in rates.items()
-                if name.startswith("predict") and name.endswith(default)},
-            "ratio_to_bare_bf16_autocast": {
-                name: round(rate / rates["bare bf16-autocast"], 3) for name, rate in rates.items()
-                if name.startswith("predict") and name.endswith(default)}}
+            "limit": limit,
+            "ratio_to_limit": ratios(limit),
+            "ratio_to_bare_bf16_eager": ratios("bare bf16-eager"),
+            "ratio_to_bare_bf16_autocast": ratios("bare bf16-autocast")}
 
 
 def threads(learner, rows, repeats: int, usual: int) -> dict:
@@ -442,12 +442,11 @@ def summary(results: dict) -> None:
         speed = results.get("speed")
         for name, value in results["server"].items():
             if name != "readyz":
-                rates = {} if speed is None else speed["texts_per_second"]
-                ratio = "" if speed is None else (
-                    f" ({value['texts_per_second'] / rates[speed['limit']]:.2f}x {speed['limit']}")
-                if speed is not None and speed["limit"] == "bare bf16":
-                    ratio += f", {value['texts_per_second'] / rates['bare bf16-eager']:.2f}x bare bf16-eager"
-                ratio += ")" if speed is not None else ""
+                references = [] if speed is None else [speed["limit"]] + (
+                    ["bare bf16-eager"] if speed["limit"] == "bare bf16" else [])
+                ratio = ", ".join(f"{value['texts_per_second'] / speed['texts_per_second'][r]:.2f}x {r}"
+                                  for r in references)
+                ratio = f" ({ratio})" if ratio else ""
                 print(f"server {name:<22} {value['texts_per_second']:>7.1f} texts/s{ratio}, "
                       f"{value['requests_per_second']:.1f} requests/s, {value['failed']} failed; "
                       f"rounds {value['rounds_texts_per_second']}, inference thread busy "
