@@ -536,6 +536,42 @@ def test_each_pass_takes_the_oldest_text_and_those_nearest_its_length(model_dir)
     assert chosen([1] * 100) == list(range(64))
 
 
+def test_memory_is_handed_back_when_the_server_falls_idle_not_after_each_pass(model_dir, monkeypatch):
+    """Freed memory goes back to the system once no request has come for a moment, once per
+    idle spell; the passes themselves hand nothing back (the next pass would fault the pages
+    right back in)."""
+    import asyncio
+
+    import continual_transformer.learner as learner_module
+    from continual_transformer.server import serving
+    from continual_transformer.server.prometheus import Metrics
+
+    learner = ContinualLearner.load(model_dir, device="cpu")
+    service = serving.ModelService(learner, model_dir, batch_max_items=4, batch_max_wait_s=0.0,
+                                   metrics=Metrics())
+    handed_back, by_predictions = [], []
+    monkeypatch.setattr(serving, "release_freed_memory", lambda: handed_back.append(time.monotonic()))
+    monkeypatch.setattr(learner_module, "release_freed_memory_at_most_every",
+                        lambda seconds: by_predictions.append(seconds))
+    texts, tasks = [i["text"] for i in PROBE["items"]], [i["task"] for i in PROBE["items"]]
+
+    async def burst():  # several passes back to back (4 rows each), then silence
+        answers = await asyncio.gather(*(service.predict(texts, tasks) for _ in range(3)))
+        finished = time.monotonic()
+        await asyncio.sleep(10 * serving.IDLE_HAND_BACK_SECONDS)
+        return answers, finished
+
+    service.start()
+    try:
+        (answers, first_done), (_, second_done) = asyncio.run(burst()), asyncio.run(burst())
+    finally:
+        service.stop()
+    assert by_predictions == []
+    assert [p.label for p in answers[0]] == [p.label for p in learner.predict(texts, task=tasks)]
+    assert len(handed_back) == 2  # one per idle spell, after it began
+    assert first_done <= handed_back[0] <= second_done <= handed_back[1]
+
+
 def _sample(metrics_text: str, name: str, labels: str = "") -> float:
     """The value of the first sample called `name` whose labels contain `labels`."""
     for line in metrics_text.splitlines():

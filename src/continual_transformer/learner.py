@@ -434,19 +434,22 @@ class ContinualLearner:
         self, ids: Sequence[Sequence[int]], task: str | Sequence[str | None] | None = None,
         among: Collection[str] | Sequence[Collection[str] | None] | None = None,
         precision: str | None = None, *, top_k: int = 1, min_task_confidence: float | None = None,
-        joint_k: int = 1,
+        joint_k: int = 1, hand_back_memory: bool = True,
     ) -> list[Prediction]:
         """`predict` for texts already tokenised by `backbone.tokenize_whole` (the server
         tokenises a request once, to batch it, and predicts from those ids). The encoder and
         the router read each row's `backbone.encoder_view`; lexical branches fitted on whole
-        texts read all of it (rows from `backbone.tokenize` give them the encoder's part)."""
+        texts read all of it (rows from `backbone.tokenize` give them the encoder's part).
+        `hand_back_memory=False`: the caller hands freed memory back itself (the server does
+        it when it falls idle: under load, the next pass would take the pages right back)."""
         row_tasks = self._row_tasks(ids, task)
         answer = TaskFreeAnswer(top_k, min_task_confidence, joint_k)
         tasks, logits, ranked = self._run(ids, row_tasks, self._row_among(row_tasks, among), precision,
                                           answer.candidates_needed, joint_k)
         predictions = [answer.prediction(name, self.tasks[name].labels, row, candidates)
                        for name, row, candidates in zip(tasks, logits, ranked)]
-        release_freed_memory_at_most_every(RELEASE_SECONDS)  # a serving process stays flat
+        if hand_back_memory:
+            release_freed_memory_at_most_every(RELEASE_SECONDS)  # a predicting process stays flat
         return predictions
 
     def evaluate(self, task: Task, precision: str | None = None) -> float:
