@@ -33,7 +33,8 @@ shared machine falls on all of them alike, and the ratios are taken within the r
   time (they share the server's cores) as a share of one core.
 - **bulk**: `ctt predict MODEL --input rows.jsonl --output out.jsonl --task-column task` on 1,000
   and 10,000 rows (the texts repeated), each in its own process: rows/s as `ctt` reports it (model
-  loading excluded), wall seconds and the process's peak resident memory.
+  loading excluded), wall seconds and the process's peak resident memory; each file `--repeats`
+  times, the files taking turns, medians.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def main() -> None:
         if "server" not in skip:
             results["server"] = server(args.model, mixed, args.texts_per_request, Path(scratch), args.repeats)
         if "bulk" not in skip:
-            results["bulk"] = bulk(args.model, mixed, [int(n) for n in args.bulk_rows.split(",")], Path(scratch))
+            results["bulk"] = bulk(args.model, mixed, [int(n) for n in args.bulk_rows.split(",")], Path(scratch),
+                                   args.repeats)
     summary(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -384,35 +386,53 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def bulk(model: Path, rows, sizes: list[int], scratch: Path) -> dict:
-    out = {}
+def bulk(model: Path, rows, sizes: list[int], scratch: Path, repeats: int) -> dict:
+    """Each file `repeats` times, the files taking turns; medians (every round's figures kept).
+    One 1,000-row file is one chunk of `ctt predict`, so its peak is that of one chunk's passes,
+    which moved by 100 MiB between runs; a larger file's is the highest of many chunks'."""
+    sources = {}
     for size in sizes:
-        source = scratch / f"rows-{size}.jsonl"
-        with source.open("w") as handle:
+        sources[size] = scratch / f"rows-{size}.jsonl"
+        with sources[size].open("w") as handle:
             for i in range(size):
                 task, text = rows[i % len(rows)]
                 handle.write(json.dumps({"text": text, "task": task}) + "\n")
-        target = scratch / f"out-{size}.jsonl"
-        command = [sys.executable, "-m", "continual_transformer.cli", "predict", str(model),
-                   "--input", str(source), "--output", str(target), "--task-column", "task"]
-        start = time.perf_counter()
-        # Through a small interpreter that starts `ctt` and reports its peak RSS: a child
-        # started from this large process would count this process's pages in its own peak.
-        process = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True,
-                                 env={**os.environ, "COLUMNS": "200"})
-        wall = time.perf_counter() - start
-        output, _, peak_kib = process.stdout.rpartition("peak-rss-kib ")
-        if process.returncode != 0 or not peak_kib.strip().isdigit():
-            raise SystemExit(f"ctt predict --input failed ({process.returncode}):\n{process.stdout}{process.stderr}")
-        written = sum(1 for _ in target.open())
-        reported = re.search(r"\(([\d,]+) rows/s\)", output)
+    rounds: dict[int, list[dict]] = {size: [] for size in sizes}
+    for repeat in range(repeats):
+        for size in sizes:
+            rounds[size].append(_bulk_once(model, sources[size], scratch / f"out-{size}.jsonl"))
+            print(f"  [{repeat + 1}/{repeats}] bulk {size:,} rows: {rounds[size][-1]}", flush=True)
+    out = {}
+    for size, runs in rounds.items():
         out[f"{size} rows"] = {
-            "rows_written": written, "rows_per_second": int(reported.group(1).replace(",", "")) if reported else None,
-            "wall_seconds_with_loading": round(wall, 1), "peak_rss_mib": round(int(peak_kib) / 1024, 1)}
-        print(f"  bulk {size:,} rows: {out[f'{size} rows']}", flush=True)
+            "rows_written": runs[-1]["rows_written"],
+            "rows_per_second": statistics.median(r["rows_per_second"] for r in runs),
+            "wall_seconds_with_loading": statistics.median(r["wall_seconds_with_loading"] for r in runs),
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+            "rounds_peak_rss_mib": [r["peak_rss_mib"] for r in runs]}
     peaks = [v["peak_rss_mib"] for v in out.values()]
     out["peak_rss_largest_over_smallest"] = round(max(peaks) / min(peaks), 3)
     return out
+
+
+def _bulk_once(model: Path, source: Path, target: Path) -> dict:
+    command = [sys.executable, "-m", "continual_transformer.cli", "predict", str(model),
+               "--input", str(source), "--output", str(target), "--task-column", "task"]
+    start = time.perf_counter()
+    # Through a small interpreter that starts `ctt` and reports its peak RSS: a child
+    # started from this large process would count this process's pages in its own peak.
+    process = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "200"})
+    wall = time.perf_counter() - start
+    output, _, peak_kib = process.stdout.rpartition("peak-rss-kib ")
+    if process.returncode != 0 or not peak_kib.strip().isdigit():
+        raise SystemExit(f"ctt predict --input failed ({process.returncode}):\n{process.stdout}{process.stderr}")
+    reported = re.search(r"\(([\d,]+) rows/s\)", output)
+    if reported is None:
+        raise SystemExit(f"ctt predict --input printed no rows/s:\n{output}")
+    return {"rows_written": sum(1 for _ in target.open()),
+            "rows_per_second": int(reported.group(1).replace(",", "")),
+            "wall_seconds_with_loading": round(wall, 1), "peak_rss_mib": round(int(peak_kib) / 1024, 1)}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -455,7 +475,8 @@ def summary(results: dict) -> None:
     if "bulk" in results:
         for name, value in results["bulk"].items():
             if isinstance(value, dict):
-                print(f"bulk {name:<12} {value['rows_per_second']} rows/s, peak RSS {value['peak_rss_mib']} MiB")
+                print(f"bulk {name:<12} {value['rows_per_second']} rows/s, peak RSS {value['peak_rss_mib']} MiB; "
+                      f"rounds {value['rounds_peak_rss_mib']}")
         print(f"bulk peak RSS, largest / smallest file: {results['bulk']['peak_rss_largest_over_smallest']}")
 
 
