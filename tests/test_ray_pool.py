@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -72,12 +73,34 @@ def learner(tiny_config, method="ia3"):
 CONFIG = {"seed": 0, "epochs": 2, "device": "cpu"}
 
 
-def run_parallel(tiny_config, tasks, out, learn=learn_task, events=None, resume=False):
-    """A parallel run on 2 workers; returns its report and where each task was learned."""
+def run_parallel(tiny_config, tasks, out, learn=learn_task, events=None, resume=False,
+                 released: list | None = None):
+    """A parallel run on 2 workers; returns its report and where each task was learned. With
+    `released`, appends whether the workers ended before the pool was closed."""
     model = learner(tiny_config)
     with RayTaskPool(model, 2, threads=1, learn=learn) as pool:
         report = run_stream(tasks, model, out, events, CONFIG, resume=resume, pool=pool)
+        if released is not None:
+            released.append(ended({h["pid"] for h in pool.history}))
         return report, list(pool.history)
+
+
+def ended(pids: set[int], within: float = 30.0) -> bool:
+    """Whether the processes `pids` end (exit, or wait as zombies) within `within` seconds."""
+    import psutil
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + within
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @contextlib.contextmanager
@@ -132,8 +155,10 @@ def assert_same_model(a: Path, b: Path, tasks) -> None:
 def test_parallel_run_is_the_sequential_run_bit_for_bit(tiny_config, tasks, cluster, sequential,
                                                         tmp_path):
     seq_out, seq_report = sequential
-    report, history = run_parallel(tiny_config, tasks, tmp_path / "run")
+    released = []
+    report, history = run_parallel(tiny_config, tasks, tmp_path / "run", released=released)
 
+    assert released == [True]  # the last task back, the run let the workers go before closing
     assert_same_model(tmp_path / "run" / "model", seq_out / "model", tasks)
     assert any(e["train_stats"]["lexical"] and e["train_stats"]["lexical"]["mix"] > 0
                for e in report["per_task"])  # a lexical branch was learned apart, and compared
@@ -156,10 +181,17 @@ def test_tasks_go_out_in_stream_order_and_the_run_keeps_to_the_cpus_the_workers_
         with RayTaskPool(model, 1, threads=1) as pool:  # one worker: it learns in dispatch order
             pool.submit(list(tasks))
             assert torch.get_num_threads() == 1  # 2 CPUs, 1 for the worker, while it learns
+            with pytest.raises(ValueError, match=r"tasks \['kinds', 'topics', 'mixed', 'meals'\] "
+                                                 "are not learned yet"):
+                pool.release()  # not while tasks are learning: `close` stops those
             for task in tasks:
                 pool.learned(task.name)
             assert torch.get_num_threads() == 2  # nothing left to learn: the threads come back
             order = [h["task"] for h in pool.history]
+            pool.release()  # the workers end in the background, before `close`
+            assert ended({h["pid"] for h in pool.history})
+            with pytest.raises(ValueError, match="workers were released; start a new pool"):
+                pool.submit(list(tasks))
     finally:
         torch.set_num_threads(threads)
     # the order the run imports and evaluates them in, so evaluating overlaps learning

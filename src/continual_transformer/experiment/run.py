@@ -54,11 +54,14 @@ class RunEvents:
 
 class TaskPool(Protocol):
     """Learns tasks in other processes (`experiment.ray_pool`): `submit` them all, then
-    `learned(name)` gives each, once done, as `ContinualLearner.import_task` takes it."""
+    `learned(name)` gives each, once done, as `ContinualLearner.import_task` takes it;
+    `release()` once the last is taken lets the workers go while the run finishes."""
 
     def submit(self, tasks: list[Task]) -> None: ...
 
     def learned(self, task: str) -> LearnedTask: ...
+
+    def release(self) -> None: ...
 
 
 def run_stream(
@@ -140,6 +143,8 @@ def run_stream(
             if pool is not None:  # a training state saved by a sequential session is not needed
                 learner.import_task(*pool.learned(task.name))
                 record = learner.tasks[task.name]
+                if i == T - 1:
+                    pool.release()
             else:
                 resume_from = train_state if current is not None else None
                 checkpointing = Checkpointing(save_every if out is not None else 0, write, resume_from)
