@@ -119,10 +119,19 @@ def child(kind: str, out: Path, args) -> None:
         if kind == "workers-2-killed":
             learn = partial(kill_once, victim=tasks[args.kill_task].name, at_step=args.kill_step,
                             marker=str(out / "killed"))
-        with RayTaskPool(learner, 2, threads=1, learn=learn) as pool:
+        class AccountedPool(RayTaskPool):
+            """Takes the Ray processes' CPU time when the run lets the workers go (they end
+            in the background while the run finishes)."""
+            ray_cpu = None
+
+            def release(self):
+                self.ray_cpu = _ray_cpu_seconds()
+                super().release()
+
+        with AccountedPool(learner, 2, threads=1, learn=learn) as pool:
             run_stream(tasks, learner, out / "run", None, config, pool=pool)
             history = pool.history
-            ray_cpu = _ray_cpu_seconds()
+            ray_cpu = pool.ray_cpu
     else:
         run_stream(tasks, learner, out / "run", None, config)
     seconds = time.perf_counter() - started
