@@ -87,13 +87,13 @@ def run_parallel(tiny_config, tasks, out, learn=learn_task, events=None, resume=
 
 def ended(pids: set[int], within: float = 30.0) -> bool:
     """Whether the processes `pids` end (exit, or wait as zombies) within `within` seconds."""
-    import psutil
 
     def alive(pid):
         try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
             return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state, after the command's name
 
     deadline = time.monotonic() + within
     while any(alive(p) for p in pids):
